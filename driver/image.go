@@ -1,0 +1,269 @@
+package driver
+
+import (
+	"context"
+	"io"
+	"log/slog"
+)
+
+// State is what a byte range of one image holds.
+type State uint8
+
+const (
+	// Unallocated: the image holds nothing here; reads fall through to the
+	// parent, or read as zeros in an image without a parent.
+	Unallocated State = iota
+	// Data: the image holds data here (which may happen to be zeros).
+	Data
+	// Zero: the image records that the range reads as zeros.
+	Zero
+)
+
+func (s State) String() string {
+	switch s {
+	case Unallocated:
+		return "unallocated"
+	case Data:
+		return "data"
+	case Zero:
+		return "zero"
+	}
+	return "invalid"
+}
+
+// Extent is a run of one state starting at the offset passed to Status.
+type Extent struct {
+	State  State
+	Length int64
+	// Offset is the byte offset in the image file where the data of the run
+	// starts (for Data runs stored contiguously), or -1.
+	Offset int64
+	// Compressed marks data stored compressed.
+	Compressed bool
+}
+
+// ParentRef is the parent (backing) reference an image records.
+type ParentRef struct {
+	// Name is the parent file name as recorded (relative names resolve
+	// against the child's directory). May be empty when only UUID is known.
+	Name string
+	// Format is the parent's recorded format name; empty when not recorded.
+	Format string
+	// UUID and ModUUID identify the parent where the format records them.
+	UUID    string
+	ModUUID string
+}
+
+// ParentView gives a driver the content of the chain below its image (the VD
+// PARENTSTATE interface): copy-on-write fills of partially written blocks and
+// compaction against the parent use it. It reads zeros past the parent's end
+// and everywhere when the image has no parent.
+type ParentView interface {
+	io.ReaderAt
+	// Status reports the chain's state at off: Unallocated only where no
+	// layer below holds anything.
+	Status(off, n int64) (Extent, error)
+	// Size is the parent's virtual size (0 without parent).
+	Size() int64
+	// Present reports whether there is a parent at all.
+	Present() bool
+}
+
+// Image is one open image (one layer of a chain).
+//
+// Concurrency: an Image must be safe for concurrent use. The container never
+// issues a WriteAt concurrently with another request overlapping the same
+// cluster (see Info.ClusterSize) but issues non-overlapping requests in
+// parallel; drivers protect their shared metadata themselves.
+//
+// Offsets and lengths are bytes; requests lie within [0, Size()).
+type Image interface {
+	// Size is the virtual size in bytes.
+	Size() int64
+	// Status reports the run starting at off, at most n bytes long (n > 0).
+	Status(off, n int64) (Extent, error)
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	// Flush makes every completed write durable.
+	Flush() error
+	Close() error
+	// Info describes the image for `info`.
+	Info() Info
+	// Parent returns the recorded parent reference, or nil.
+	Parent() *ParentRef
+}
+
+// Info is what `info` shows about one image.
+type Info struct {
+	Format      string
+	VirtualSize int64
+	// ClusterSize is the allocation unit (0 for none, e.g. raw).
+	ClusterSize int64
+	Dirty       bool
+	// Specific is format-specific information, JSON-marshalable; shown as
+	// qemu-img's "format-specific": {"type": Format, "data": Specific}.
+	Specific any
+}
+
+// Zeroer writes zeros efficiently. With unmap the driver may deallocate
+// (still reading zeros afterwards, also in a diff image).
+type Zeroer interface {
+	WriteZeroes(off, n int64, unmap bool) error
+}
+
+// Discarder deallocates a range. Afterwards the range reads as zeros, as its
+// old content or (in a diff image) as the parent's content: the driver picks.
+// Callers needing zeros use WriteZeroes.
+type Discarder interface {
+	Discard(off, n int64) error
+}
+
+// Resizer changes the virtual size. Growing reads zeros in the new range.
+type Resizer interface {
+	Resize(ctx context.Context, size int64, prealloc string) error
+}
+
+// RepairMode selects what Check fixes.
+type RepairMode int
+
+const (
+	RepairNone RepairMode = iota
+	RepairLeaks
+	RepairAll
+)
+
+// CheckResult reports consistency, with qemu-img check's fields.
+type CheckResult struct {
+	Corruptions        int      `json:"corruptions,omitempty"`
+	Leaks              int      `json:"leaks,omitempty"`
+	CheckErrors        int      `json:"check-errors,omitempty"`
+	CorruptionsFixed   int      `json:"corruptions-fixed,omitempty"`
+	LeaksFixed         int      `json:"leaks-fixed,omitempty"`
+	AllocatedClusters  int64    `json:"allocated-clusters,omitempty"`
+	TotalClusters      int64    `json:"total-clusters,omitempty"`
+	FragmentedClusters int64    `json:"fragmented-clusters,omitempty"`
+	CompressedClusters int64    `json:"compressed-clusters,omitempty"`
+	ImageEndOffset     int64    `json:"image-end-offset,omitempty"`
+	Messages           []string `json:"-"`
+}
+
+// Checker checks (and optionally repairs) the image's metadata.
+type Checker interface {
+	Check(ctx context.Context, mode RepairMode) (*CheckResult, error)
+}
+
+// Progress reports done out of total units of work.
+type Progress func(done, total int64)
+
+// Compacter drops blocks that are all zeros or equal to the parent's content
+// and shrinks the file.
+type Compacter interface {
+	Compact(ctx context.Context, parent ParentView, progress Progress) error
+}
+
+// Snapshot is an internal snapshot.
+type Snapshot struct {
+	ID          string `json:"id"`
+	Name        string `json:"name"`
+	VMStateSize int64  `json:"vm-state-size"`
+	DateSec     int64  `json:"date-sec"`
+	DateNsec    int64  `json:"date-nsec"`
+	VMClockNsec int64  `json:"vm-clock-nsec"`
+	VMClockSec  int64  `json:"vm-clock-sec"`
+	ICount      int64  `json:"icount,omitempty"`
+}
+
+// Snapshotter manages internal snapshots.
+type Snapshotter interface {
+	Snapshots() ([]Snapshot, error)
+	CreateSnapshot(name string) error
+	ApplySnapshot(name string) error
+	DeleteSnapshot(name string) error
+}
+
+// Identifier exposes the image's UUIDs. Empty strings mean "not recorded".
+type Identifier interface {
+	UUID() string
+	ModificationUUID() string
+	ParentUUID() string
+	ParentModificationUUID() string
+	SetUUID(u string) error
+	SetModificationUUID(u string) error
+	SetParentUUID(u string) error
+	SetParentModificationUUID(u string) error
+}
+
+// CHS is a cylinder/head/sector geometry.
+type CHS struct {
+	Cylinders uint32 `json:"cylinders"`
+	Heads     uint32 `json:"heads"`
+	Sectors   uint32 `json:"sectors"`
+}
+
+// Geometry exposes physical and logical CHS geometry; ok is false when the
+// image records none.
+type Geometry interface {
+	PCHS() (g CHS, ok bool)
+	LCHS() (g CHS, ok bool)
+	SetPCHS(g CHS) error
+	SetLCHS(g CHS) error
+}
+
+// Commenter exposes a free-text image comment.
+type Commenter interface {
+	Comment() string
+	SetComment(s string) error
+}
+
+// Reparenter rewrites the recorded parent reference (rebase -u, commit,
+// merge); nil makes the image standalone.
+type Reparenter interface {
+	SetParent(ref *ParentRef) error
+}
+
+// OpenParams is what a driver's Open receives.
+type OpenParams struct {
+	Storage Storage
+	Name    string
+	// ReadOnly opens without write access; InfoOnly may skip loading data
+	// structures not needed by Info/Parent.
+	ReadOnly bool
+	InfoOnly bool
+	// Direct asks for O_DIRECT where supported.
+	Direct bool
+	// Options are the format's declared options, validated.
+	Options Values
+	Logger  *slog.Logger
+	// Parent is the view of the chain below this image (never nil). It is
+	// bound after Open returns, before any ReadAt or WriteAt; drivers must
+	// not use it during Open.
+	Parent ParentView
+}
+
+// CreateParams is what a driver's Create receives. The driver creates the
+// file Name in Storage (failing if it exists unless Overwrite), and returns
+// the image open read-write.
+type CreateParams struct {
+	Storage   Storage
+	Name      string
+	Size      int64
+	Options   Values
+	Logger    *slog.Logger
+	Overwrite bool
+	// ParentRef is recorded as the parent reference for a diff image (nil
+	// for a base image); ParentInfo describes the opened parent.
+	ParentRef  *ParentRef
+	ParentInfo *ParentInfo
+	// Parent is the view of the chain below (never nil; empty for a base).
+	Parent ParentView
+}
+
+// ParentInfo describes the opened parent of a diff image being created.
+type ParentInfo struct {
+	Format  string
+	Size    int64
+	UUID    string // empty when the parent's format records none
+	ModUUID string
+	// Path is the parent's name as resolved (for absolute locators).
+	Path string
+}

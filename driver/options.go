@@ -247,27 +247,18 @@ func ParseSize(s string) (int64, error) {
 	return int64(n << shift), nil
 }
 
-// FormatSize prints n the way qemu-img does: "1 GiB", "1.5 MiB", "512 B".
+// FormatSize prints n the way qemu-img does: three significant digits in
+// the largest binary unit that keeps the number under 1000 ("0.977 GiB",
+// "192 KiB", "11.8 MiB").
 func FormatSize(n int64) string {
 	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	if n < 1024 {
+	if n <= 0 {
 		return fmt.Sprintf("%d B", n)
 	}
-	f := float64(n)
-	u := 0
-	for f >= 1024 && u < len(units)-1 {
-		f /= 1024
-		u++
+	_, exp := math.Frexp(float64(n) / (1000.0 / 1024.0))
+	i := (exp - 1) / 10
+	if i >= len(units) {
+		i = len(units) - 1
 	}
-	s := strconv.FormatFloat(f, 'f', 3, 64)
-	// qemu prints up to 3 significant digits, trailing zeros trimmed.
-	s = strings.TrimRight(strings.TrimRight(s, "0"), ".")
-	if f >= 100 {
-		s = strconv.FormatFloat(math.Round(f), 'f', 0, 64)
-	} else if f >= 10 {
-		s = strings.TrimRight(strings.TrimRight(strconv.FormatFloat(f, 'f', 1, 64), "0"), ".")
-	} else {
-		s = strings.TrimRight(strings.TrimRight(strconv.FormatFloat(f, 'f', 2, 64), "0"), ".")
-	}
-	return s + " " + units[u]
+	return fmt.Sprintf("%0.3g %s", float64(n)/math.Ldexp(1, 10*i), units[i])
 }

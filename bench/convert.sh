@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Times `vdisk convert` against `qemu-img convert` side by side on the same
+# inputs and prints the median wall time, peak RSS and the ratio vdisk/qemu.
+#
+#   bench/convert.sh [RUNS]        (default 5 runs of each, alternating)
+#
+# Pairs: raw->raw (2 GiB sparse source, every other 1 MiB chunk filled).
+# Later formats add their pairs to PAIRS below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-5}
+if [ ! -x /usr/bin/time ]; then
+	apt-get install -y -qq time >/dev/null
+fi
+command -v qemu-img >/dev/null || { echo "qemu-img missing: run ./test.sh first" >&2; exit 1; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-bench.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+go build -o "$work/vdisk" ./cmd/vdisk
+VDISK=$work/vdisk
+
+# Source: 2 GiB sparse raw, even-numbered 1 MiB chunks filled with random data.
+src=$work/src.raw
+truncate -s 2G "$src"
+head -c $((1 << 20)) /dev/urandom >"$work/chunk"
+for ((i = 0; i < 2048; i += 2)); do
+	dd if="$work/chunk" of="$src" bs=1M seek=$i conv=notrunc status=none
+done
+sync
+
+# PAIRS: "name|src|srcfmt|dstfmt|extra vdisk/qemu args"
+PAIRS=(
+	"raw->raw|$src|raw|raw|"
+)
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+# run TOOL OUT -> prints "seconds maxrss_kib"
+run() {
+	local out=$1; shift
+	rm -f "$out"
+	sync
+	/usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
+	cat "$work/time"
+}
+
+printf '%-12s %10s %10s %10s %10s %8s %8s\n' pair vdisk_s qemu_s vdisk_MiB qemu_MiB ratio rss_ratio
+for pair in "${PAIRS[@]}"; do
+	IFS='|' read -r name s sf df extra <<<"$pair"
+	: >"$work/v" ; : >"$work/q"
+	for ((r = 0; r < RUNS; r++)); do
+		run "$work/out.v" "$VDISK" convert -f "$sf" -O "$df" $extra "$s" "$work/out.v" >>"$work/v"
+		run "$work/out.q" qemu-img convert -f "$sf" -O "$df" $extra "$s" "$work/out.q" >>"$work/q"
+	done
+	qemu-img compare -q -f "$df" -F "$df" "$work/out.v" "$work/out.q" || { echo "$name: outputs differ" >&2; exit 1; }
+	vt=$(cut -d' ' -f1 "$work/v" | median); qt=$(cut -d' ' -f1 "$work/q" | median)
+	vm=$(cut -d' ' -f2 "$work/v" | median); qm=$(cut -d' ' -f2 "$work/q" | median)
+	awk -v n="$name" -v vt="$vt" -v qt="$qt" -v vm="$vm" -v qm="$qm" 'BEGIN {
+		printf "%-12s %10.3f %10.3f %10.1f %10.1f %7.2fx %7.2fx\n", n, vt, qt, vm/1024, qm/1024, (qt > 0 ? vt/qt : 0), (qm > 0 ? vm/qm : 0) }'
+	printf '%-12s allocated: vdisk %s KiB, qemu %s KiB\n' "" "$(du -k "$work/out.v" | cut -f1)" "$(du -k "$work/out.q" | cut -f1)"
+done

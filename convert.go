@@ -1,0 +1,250 @@
+package vdisk
+
+import (
+	"context"
+
+	"sync"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+// ConvertOptions tunes Convert.
+type ConvertOptions struct {
+	// Workers is the number of parallel read/write workers (qemu-img -m);
+	// default 8.
+	Workers int
+	// ChunkSize is the largest single read/write; default 2 MiB.
+	ChunkSize int64
+	// ZeroDetect is qemu-img's -S: runs of at least this many zero bytes
+	// (aligned to it) in data are not written. 0 means the default (4 KiB);
+	// a negative value disables sparse handling: everything is written, and
+	// the target ends up fully allocated (qemu-img -S 0).
+	ZeroDetect int64
+	// TargetNotZero says the target does not already read as zeros (an
+	// existing target, qemu-img -n): zero runs are written as zeroes
+	// instead of skipped.
+	TargetNotZero bool
+	// Sequential makes writes reach the target in increasing offset order
+	// (stream-optimised formats need it); reading and zero detection still
+	// run in parallel.
+	Sequential bool
+	// Progress is called with bytes of virtual size processed.
+	Progress Progress
+}
+
+type convJob struct {
+	seq  int64
+	off  int64
+	n    int64
+	data bool // read from source; otherwise a zero run
+}
+
+// Convert copies the content of src (the whole chain, flattened) into dst.
+// Unallocated and zero runs stay holes on the target: cost grows with the
+// allocated data, not the virtual size. dst must be at least as large as src.
+func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
+	if o == nil {
+		o = &ConvertOptions{}
+	}
+	workers := o.Workers
+	if workers <= 0 {
+		workers = 8
+	}
+	chunk := o.ChunkSize
+	if chunk <= 0 {
+		chunk = 2 << 20
+	}
+	zd := o.ZeroDetect
+	if zd == 0 {
+		zd = 4096
+	}
+	size := src.Size()
+	if dst.Size() < size {
+		return driver.Errorf(ErrInvalidOption, dst.name(), -1, "target is smaller (%d bytes) than the source (%d bytes)", dst.Size(), size)
+	}
+	if err := dst.writable(); err != nil {
+		return err
+	}
+
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	jobs := make(chan convJob, workers)
+
+	var progMu sync.Mutex
+	var done int64
+	report := func(n int64) {
+		if o.Progress == nil {
+			return
+		}
+		progMu.Lock()
+		done += n
+		o.Progress(done, size)
+		progMu.Unlock()
+	}
+	if o.Progress != nil {
+		o.Progress(0, size)
+	}
+
+	// Ordering for sequential targets.
+	var seqMu sync.Mutex
+	seqCond := sync.NewCond(&seqMu)
+	var nextSeq int64
+	waitTurn := func(seq int64) bool {
+		seqMu.Lock()
+		defer seqMu.Unlock()
+		for nextSeq != seq {
+			if ctx.Err() != nil {
+				return false
+			}
+			seqCond.Wait()
+		}
+		return true
+	}
+	finishTurn := func() {
+		seqMu.Lock()
+		nextSeq++
+		seqCond.Broadcast()
+		seqMu.Unlock()
+	}
+	context.AfterFunc(ctx, func() {
+		seqMu.Lock()
+		seqCond.Broadcast()
+		seqMu.Unlock()
+	})
+
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, chunk)
+			for j := range jobs {
+				if ctx.Err() != nil {
+					continue
+				}
+				if err := convertJob(ctx, dst, src, j, buf[:j.n], zd, o, waitTurn); err != nil {
+					cancel(err)
+				}
+				if o.Sequential {
+					finishTurn()
+				}
+				report(j.n)
+			}
+		}()
+	}
+
+	// Producer: walk the source's status runs.
+	var seq int64
+	err := func() error {
+		defer close(jobs)
+		off := int64(0)
+		for off < size {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var e Extent
+			var err error
+			if zd < 0 {
+				e = Extent{Start: off, Length: size - off, Data: true}
+			} else {
+				e, err = src.Status(off, size-off)
+				if err != nil {
+					return err
+				}
+			}
+			isData := e.Data
+			if !isData && !o.TargetNotZero {
+				report(e.Length)
+				off += e.Length
+				continue
+			}
+			end := off + e.Length
+			for off < end {
+				n := min(chunk-off%chunk, end-off)
+				select {
+				case jobs <- convJob{seq: seq, off: off, n: n, data: isData}:
+					seq++
+				case <-ctx.Done():
+					return nil
+				}
+				off += n
+			}
+		}
+		return nil
+	}()
+	wg.Wait()
+	if err != nil {
+		return err
+	}
+	if cerr := context.Cause(ctx); cerr != nil {
+		return cerr
+	}
+	return nil
+}
+
+func convertJob(ctx context.Context, dst, src *Disk, j convJob, buf []byte, zd int64, o *ConvertOptions, waitTurn func(int64) bool) error {
+	if !j.data {
+		if o.Sequential && !waitTurn(j.seq) {
+			return ctx.Err()
+		}
+		return dst.WriteZeroes(j.off, j.n, true)
+	}
+	if _, err := src.ReadAt(buf, j.off); err != nil {
+		return err
+	}
+	if o.Sequential && !waitTurn(j.seq) {
+		return ctx.Err()
+	}
+	if zd < 0 {
+		_, err := dst.WriteAt(buf, j.off)
+		return err
+	}
+	// Write the non-zero pieces; zero pieces (aligned runs of zd bytes) are
+	// skipped on a zeroed target or written as zeroes otherwise.
+	var runStart int64 = -1 // start of the pending non-zero run (relative)
+	var zeroStart int64 = -1
+	flushData := func(end int64) error {
+		if runStart < 0 {
+			return nil
+		}
+		_, err := dst.WriteAt(buf[runStart:end], j.off+runStart)
+		runStart = -1
+		return err
+	}
+	flushZero := func(end int64) error {
+		if zeroStart < 0 {
+			return nil
+		}
+		var err error
+		if o.TargetNotZero {
+			err = dst.WriteZeroes(j.off+zeroStart, end-zeroStart, true)
+		}
+		zeroStart = -1
+		return err
+	}
+	for p := int64(0); p < j.n; {
+		// piece ends at the next zd-aligned virtual offset
+		abs := j.off + p
+		q := min(j.n, p+zd-abs%zd)
+		if q-p == zd && driver.IsZero(buf[p:q]) {
+			if err := flushData(p); err != nil {
+				return err
+			}
+			if zeroStart < 0 {
+				zeroStart = p
+			}
+		} else {
+			if err := flushZero(p); err != nil {
+				return err
+			}
+			if runStart < 0 {
+				runStart = p
+			}
+		}
+		p = q
+	}
+	if err := flushData(j.n); err != nil {
+		return err
+	}
+	return flushZero(j.n)
+}

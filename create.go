@@ -1,0 +1,139 @@
+package vdisk
+
+import (
+	"context"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+// CreateOptions configures Create.
+type CreateOptions struct {
+	// Format is the new image's format (required).
+	Format string
+	// Size is the virtual size; 0 with a Backing takes the backing's size.
+	Size int64
+	// Options are the format's create options (key=value), validated
+	// against its declared options.
+	Options []driver.KV
+	// Backing makes a differencing image on top of this image (and its
+	// chain). It is recorded as given; relative names resolve against the
+	// new image's directory.
+	Backing string
+	// BackingFormat is the backing image's format; "" probes it (never
+	// guessing raw).
+	BackingFormat string
+	// Overwrite replaces an existing file.
+	Overwrite bool
+	// AllowUnsafeBacking follows absolute or ".." backing chains.
+	AllowUnsafeBacking bool
+	Storage            driver.Storage
+	Logger             *slog.Logger
+}
+
+// Create makes a new image and returns it open read-write (with its backing
+// chain, for a differencing image). The caller closes it. On failure no file
+// is left behind.
+func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
+	if o == nil || o.Format == "" {
+		return nil, driver.OptionErrorf("create %s: no format given", name)
+	}
+	oo := &OpenOptions{Storage: o.Storage, Logger: o.Logger}
+	st, log := oo.storage(), oo.logger()
+	f, err := driver.Lookup(o.Format)
+	if err != nil {
+		return nil, driver.WithFile(err, "create", name)
+	}
+	if f.Create == nil {
+		return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s cannot create images", f.Name)
+	}
+	vals, err := driver.ParseOptions(f.Name, f.CreateOptions, o.Options)
+	if err != nil {
+		return nil, driver.WithFile(err, "create", name)
+	}
+	if o.Size < 0 {
+		return nil, driver.Errorf(ErrInvalidOption, name, -1, "negative size %d", o.Size)
+	}
+	existed := false
+	if fi, err := st.Stat(name); err == nil {
+		existed = true
+		if fi.IsDir {
+			return nil, driver.Errorf(ErrInvalidOption, name, -1, "is a directory")
+		}
+		if !o.Overwrite {
+			// qemu-img create overwrites; the library does so only when asked.
+			return nil, driver.Errorf(ErrInvalidOption, name, -1, "file exists")
+		}
+	}
+
+	var parent *Disk
+	var ref *driver.ParentRef
+	var pinfo *driver.ParentInfo
+	view := &chainView{} // bound to the new disk by newDisk
+	size := o.Size
+	if o.Backing != "" {
+		if f.Caps&driver.CapDiff == 0 {
+			return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s does not support backing files", f.Name)
+		}
+		bpath, err := resolveParent(name, o.Backing, o.AllowUnsafeBacking || filepath.IsAbs(o.Backing))
+		if err != nil {
+			return nil, err
+		}
+		parent, err = openParentDisk(ctx, bpath, o.BackingFormat, st, log, o.AllowUnsafeBacking)
+		if err != nil {
+			return nil, err
+		}
+		pt := parent.Top()
+		ref = &driver.ParentRef{Name: o.Backing, Format: pt.Format.Name}
+		pinfo = &driver.ParentInfo{Format: pt.Format.Name, Size: parent.Size(), Path: bpath}
+		if id, ok := pt.Image.(driver.Identifier); ok {
+			ref.UUID, ref.ModUUID = id.UUID(), id.ModificationUUID()
+			pinfo.UUID, pinfo.ModUUID = ref.UUID, ref.ModUUID
+		}
+		if size == 0 {
+			size = parent.Size()
+		}
+	}
+	img, err := f.Create(ctx, &driver.CreateParams{
+		Storage:    st,
+		Name:       name,
+		Size:       size,
+		Options:    vals,
+		Logger:     log.With("image", name),
+		Overwrite:  o.Overwrite,
+		ParentRef:  ref,
+		ParentInfo: pinfo,
+		Parent:     view,
+	})
+	if err != nil {
+		if parent != nil {
+			parent.Close()
+		}
+		if !existed {
+			if _, serr := st.Stat(name); serr == nil {
+				st.Remove(name)
+			}
+		}
+		return nil, driver.WithFile(err, "create", name)
+	}
+	top := &Layer{Name: name, Format: f, Image: img, view: view}
+	layers := []*Layer{top}
+	if parent != nil {
+		layers = append(layers, parent.layers...)
+	}
+	return newDisk(layers, false, st, log), nil
+}
+
+// openParentDisk opens a backing chain read-only for a new diff image.
+func openParentDisk(ctx context.Context, name, format string, st driver.Storage, log *slog.Logger, allowUnsafe bool) (*Disk, error) {
+	if format == "" {
+		// Probe, but never guess raw for a backing file.
+		f, err := probe(st, log, name, false)
+		if err != nil {
+			return nil, err
+		}
+		format = f.Name
+	}
+	return Open(ctx, name, &OpenOptions{Format: format, ReadOnly: true, Storage: st, Logger: log, AllowUnsafeBacking: allowUnsafe})
+}

@@ -1,0 +1,9 @@
+// Package all registers every vdisk format driver; import it for its side
+// effect:
+//
+//	import _ "github.com/vdisk/vdisk/format/all"
+package all
+
+import (
+	_ "github.com/vdisk/vdisk/format/raw"
+)

@@ -1,0 +1,235 @@
+// Package raw is the raw image format: the file is the disk, byte for byte.
+// Holes in the file (SEEK_HOLE) are reported as zero runs, so copies stay
+// sparse. Raw is never chosen by probing except as the fallback for a
+// top-level image.
+//
+// Size: like qemu, the virtual size is the file size rounded up to a whole
+// 512-byte sector; the missing tail reads as zeros, and writing into it
+// extends the file.
+package raw
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+func init() { driver.Register(Format) }
+
+// Format is the raw format descriptor.
+var Format = &driver.Format{
+	Name:        "raw",
+	Extensions:  []string{"raw", "img", "bin", "iso"},
+	Description: "raw disk image",
+	Caps: driver.CapCreateFixed | driver.CapCreateDynamic | driver.CapDiscard |
+		driver.CapZero | driver.CapResize | driver.CapWrite,
+	CreateOptions: []driver.Option{
+		{Name: "preallocation", Type: driver.TypeEnum, Default: "off", Values: []string{"off", "falloc", "full"},
+			Doc: "preallocation mode: off (sparse), falloc (reserve blocks), full (write zeros)"},
+	},
+	Create: create,
+	Open:   open,
+}
+
+type image struct {
+	f        driver.File
+	name     string
+	readOnly bool
+	mu       sync.RWMutex // guards size
+	size     int64        // virtual size (multiple of 512)
+	fileSize int64
+}
+
+func roundUp(n int64) int64 { return (n + 511) &^ 511 }
+
+func open(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
+	flag := driver.ReadOnly
+	if !p.ReadOnly {
+		flag = driver.ReadWrite
+	}
+	if p.Direct {
+		flag |= driver.Direct
+	}
+	f, err := p.Storage.Open(p.Name, flag)
+	if err != nil {
+		return nil, err
+	}
+	sz, err := f.Size()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &image{f: f, name: p.Name, readOnly: p.ReadOnly, size: roundUp(sz), fileSize: sz}, nil
+}
+
+func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
+	if p.ParentRef != nil {
+		return nil, driver.Unsupportedf(p.Name, "raw images cannot have a backing file")
+	}
+	flag := driver.ReadWrite | driver.Create | driver.Truncate
+	if !p.Overwrite {
+		flag |= driver.Excl
+	}
+	f, err := p.Storage.Open(p.Name, flag)
+	if err != nil {
+		return nil, err
+	}
+	img := &image{f: f, name: p.Name}
+	if err := img.setSize(ctx, 0, p.Size, p.Options.String("preallocation")); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return img, nil
+}
+
+// setSize truncates to size and preallocates [from, size) as asked.
+func (im *image) setSize(ctx context.Context, from, size int64, prealloc string) error {
+	if err := im.f.Truncate(size); err != nil {
+		return err
+	}
+	im.size, im.fileSize = roundUp(size), size
+	if size <= from {
+		return nil
+	}
+	switch prealloc {
+	case "", "off":
+	case "falloc":
+		a, ok := im.f.(driver.Allocator)
+		if !ok {
+			return driver.Unsupportedf(im.name, "the storage cannot preallocate (preallocation=falloc); use full")
+		}
+		if err := a.Allocate(from, size-from); err != nil {
+			return err
+		}
+	case "full":
+		buf := make([]byte, 1<<20)
+		for off := from; off < size; {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			n := min(int64(len(buf)), size-off)
+			if _, err := im.f.WriteAt(buf[:n], off); err != nil {
+				return err
+			}
+			off += n
+		}
+	default:
+		return driver.OptionErrorf("invalid preallocation mode %q (off, falloc, full)", prealloc)
+	}
+	return nil
+}
+
+func (im *image) Size() int64 {
+	im.mu.RLock()
+	defer im.mu.RUnlock()
+	return im.size
+}
+
+func (im *image) Status(off, n int64) (driver.Extent, error) {
+	im.mu.RLock()
+	fsize := im.fileSize
+	im.mu.RUnlock()
+	if off >= fsize {
+		return driver.Extent{State: driver.Zero, Length: n, Offset: off}, nil
+	}
+	n = min(n, fsize-off)
+	hs, ok := im.f.(driver.HoleSeeker)
+	if !ok {
+		return driver.Extent{State: driver.Data, Length: n, Offset: off}, nil
+	}
+	data, err := hs.SeekData(off)
+	if errors.Is(err, io.EOF) {
+		return driver.Extent{State: driver.Zero, Length: n, Offset: off}, nil
+	}
+	if err != nil {
+		return driver.Extent{}, err
+	}
+	if data > off {
+		return driver.Extent{State: driver.Zero, Length: min(n, data-off), Offset: off}, nil
+	}
+	hole, err := hs.SeekHole(off)
+	if err != nil {
+		return driver.Extent{}, err
+	}
+	if hole <= off { // should not happen; be safe
+		hole = off + n
+	}
+	return driver.Extent{State: driver.Data, Length: min(n, hole-off), Offset: off}, nil
+}
+
+func (im *image) ReadAt(p []byte, off int64) (int, error) {
+	n, err := im.f.ReadAt(p, off)
+	if n < len(p) && (err == nil || errors.Is(err, io.EOF)) {
+		// The tail past the file's end (sector rounding) reads as zeros.
+		clear(p[n:])
+		return len(p), nil
+	}
+	return n, err
+}
+
+func (im *image) WriteAt(p []byte, off int64) (int, error) {
+	if im.readOnly {
+		return 0, driver.Errorf(driver.ErrReadOnly, im.name, off, "image opened read-only")
+	}
+	n, err := im.f.WriteAt(p, off)
+	if end := off + int64(n); err == nil {
+		im.mu.Lock()
+		if end > im.fileSize {
+			im.fileSize = end
+		}
+		im.mu.Unlock()
+	}
+	return n, err
+}
+
+func (im *image) Flush() error {
+	if im.readOnly {
+		return nil
+	}
+	return im.f.Sync()
+}
+
+func (im *image) Close() error { return im.f.Close() }
+
+func (im *image) Info() driver.Info {
+	return driver.Info{Format: "raw", VirtualSize: im.Size()}
+}
+
+func (im *image) Parent() *driver.ParentRef { return nil }
+
+// WriteZeroes punches a hole (unmap) or zeroes the range in place.
+func (im *image) WriteZeroes(off, n int64, unmap bool) error {
+	if im.readOnly {
+		return driver.Errorf(driver.ErrReadOnly, im.name, off, "image opened read-only")
+	}
+	im.mu.RLock()
+	fsize := im.fileSize
+	im.mu.RUnlock()
+	if off >= fsize {
+		return nil // the tail past the file reads zeros already
+	}
+	n = min(n, fsize-off)
+	if unmap {
+		return im.f.PunchHole(off, n)
+	}
+	if z, ok := im.f.(driver.ZeroRanger); ok {
+		return z.ZeroRange(off, n)
+	}
+	return driver.ErrUnsupported
+}
+
+// Discard punches a hole: a raw image has no parent, so it reads zeros.
+func (im *image) Discard(off, n int64) error { return im.WriteZeroes(off, n, true) }
+
+// Resize truncates or extends the file; growing preallocates as asked.
+func (im *image) Resize(ctx context.Context, size int64, prealloc string) error {
+	if im.readOnly {
+		return driver.Errorf(driver.ErrReadOnly, im.name, -1, "image opened read-only")
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.setSize(ctx, im.fileSize, size, prealloc)
+}

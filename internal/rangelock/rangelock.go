@@ -1,0 +1,60 @@
+// Package rangelock serialises access to byte ranges: any number of readers
+// may hold overlapping ranges, a writer excludes every overlapping holder.
+package rangelock
+
+import "sync"
+
+// Locker is a range lock. The zero value is ready to use.
+type Locker struct {
+	mu      sync.Mutex
+	cond    *sync.Cond
+	held    map[*Range]struct{}
+	waiting int
+}
+
+// Range is a held lock; release it with Unlock.
+type Range struct {
+	off, end int64
+	write    bool
+}
+
+func (l *Locker) init() {
+	if l.cond == nil {
+		l.cond = sync.NewCond(&l.mu)
+		l.held = map[*Range]struct{}{}
+	}
+}
+
+func (l *Locker) conflicts(r *Range) bool {
+	for h := range l.held {
+		if h.off < r.end && r.off < h.end && (h.write || r.write) {
+			return true
+		}
+	}
+	return false
+}
+
+// Lock acquires [off, off+n) for reading (write=false) or writing.
+func (l *Locker) Lock(off, n int64, write bool) *Range {
+	r := &Range{off: off, end: off + n, write: write}
+	l.mu.Lock()
+	l.init()
+	for l.conflicts(r) {
+		l.waiting++
+		l.cond.Wait()
+		l.waiting--
+	}
+	l.held[r] = struct{}{}
+	l.mu.Unlock()
+	return r
+}
+
+// Unlock releases r.
+func (l *Locker) Unlock(r *Range) {
+	l.mu.Lock()
+	delete(l.held, r)
+	if l.waiting > 0 {
+		l.cond.Broadcast()
+	}
+	l.mu.Unlock()
+}

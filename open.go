@@ -1,0 +1,371 @@
+package vdisk
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"path"
+	"path/filepath"
+	"strings"
+
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/storage/osfs"
+)
+
+// MaxChainDepth bounds the number of layers a chain may have.
+const MaxChainDepth = 256
+
+// OpenOptions configures Open. The zero value opens read-write on the local
+// file system, probing the format.
+type OpenOptions struct {
+	// Format of the top image; "" probes it (raw is the fallback, with a
+	// warning on the logger).
+	Format string
+	// Options are the top format's open options (key=value).
+	Options []driver.KV
+	// ReadOnly opens every layer read-only.
+	ReadOnly bool
+	// InfoOnly opens for `info`: read-only, drivers may skip loading data
+	// structures.
+	InfoOnly bool
+	// NoBacking opens only the top image, ignoring its parent reference.
+	NoBacking bool
+	// Parents, when set, names the parent images explicitly (the parent of
+	// the top first); a layer whose parent is not listed is still resolved
+	// from its recorded reference.
+	Parents []string
+	// ParentFormats optionally gives the formats of Parents (same order).
+	ParentFormats []string
+	// AllowUnsafeBacking follows parent references that are absolute or
+	// leave the child's directory through "..". Without it such a reference
+	// is an error.
+	AllowUnsafeBacking bool
+	// Direct opens the top image with O_DIRECT where supported.
+	Direct bool
+	// Storage holds the images; nil means the local file system.
+	Storage driver.Storage
+	// Logger receives notices and warnings; nil discards them.
+	Logger *slog.Logger
+}
+
+func (o *OpenOptions) storage() driver.Storage {
+	if o.Storage != nil {
+		return o.Storage
+	}
+	return osfs.New()
+}
+
+func (o *OpenOptions) logger() *slog.Logger {
+	if o.Logger != nil {
+		return o.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// Open opens the image name and the chain of parents it records.
+func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
+	if o == nil {
+		o = &OpenOptions{}
+	}
+	st, log := o.storage(), o.logger()
+	ro := o.ReadOnly || o.InfoOnly
+	top, err := openLayer(ctx, st, log, name, o.Format, o.Options, !ro, o.InfoOnly, o.Direct, true)
+	if err != nil {
+		return nil, err
+	}
+	layers := []*Layer{top}
+	cleanup := func() {
+		for _, l := range layers {
+			l.Image.Close()
+		}
+	}
+	if !o.NoBacking {
+		seen := map[string]bool{canonical(name): true}
+		for i := 0; ; i++ {
+			child := layers[len(layers)-1]
+			ref := child.Image.Parent()
+			if ref == nil {
+				break
+			}
+			if len(layers) >= MaxChainDepth {
+				cleanup()
+				return nil, driver.Errorf(ErrUnsupported, name, -1, "backing chain is deeper than %d images", MaxChainDepth)
+			}
+			var explicit, explicitFmt string
+			if i < len(o.Parents) {
+				explicit = o.Parents[i]
+				if i < len(o.ParentFormats) {
+					explicitFmt = o.ParentFormats[i]
+				}
+			}
+			pname, pformat, err := parentName(ctx, st, log, child, ref, explicit, explicitFmt, o.AllowUnsafeBacking)
+			if err != nil {
+				cleanup()
+				return nil, err
+			}
+			if seen[canonical(pname)] {
+				cleanup()
+				return nil, driver.Corruptf(child.Name, -1, "backing chain loops back to %s", pname)
+			}
+			seen[canonical(pname)] = true
+			p, err := openParent(ctx, st, log, child, ref, pname, pformat, o.InfoOnly)
+			if err != nil {
+				cleanup()
+				return nil, err
+			}
+			layers = append(layers, p)
+		}
+	}
+	return newDisk(layers, ro, st, log), nil
+}
+
+func canonical(name string) string {
+	if a, err := filepath.Abs(name); err == nil {
+		return a
+	}
+	return path.Clean(name)
+}
+
+// LayerSpec names one image of an explicitly assembled chain.
+type LayerSpec struct {
+	Name   string
+	Format string // "" probes
+}
+
+// OpenChain assembles a chain from explicit layers, top first, ignoring the
+// parent references the images record. Only the top is opened writable
+// (unless o.ReadOnly).
+func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, error) {
+	if o == nil {
+		o = &OpenOptions{}
+	}
+	if len(specs) == 0 {
+		return nil, driver.OptionErrorf("an empty chain")
+	}
+	if len(specs) > MaxChainDepth {
+		return nil, driver.OptionErrorf("a chain of %d layers exceeds the limit of %d", len(specs), MaxChainDepth)
+	}
+	st, log := o.storage(), o.logger()
+	ro := o.ReadOnly || o.InfoOnly
+	var layers []*Layer
+	for i, s := range specs {
+		l, err := openLayer(ctx, st, log, s.Name, s.Format, nil, i == 0 && !ro, o.InfoOnly, o.Direct && i == 0, i == 0)
+		if err != nil {
+			for _, l := range layers {
+				l.Image.Close()
+			}
+			return nil, err
+		}
+		layers = append(layers, l)
+	}
+	return newDisk(layers, ro, st, log), nil
+}
+
+// openLayer opens one image. topLevel allows the raw fallback when probing.
+func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, format string, kvs []driver.KV, writable, infoOnly, direct, topLevel bool) (*Layer, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var f *driver.Format
+	var err error
+	if format != "" {
+		f, err = driver.Lookup(format)
+		if err != nil {
+			return nil, driver.WithFile(err, "open", name)
+		}
+	} else {
+		f, err = probe(st, log, name, topLevel)
+		if err != nil {
+			return nil, err
+		}
+	}
+	vals, err := driver.ParseOptions(f.Name, f.OpenOptions, kvs)
+	if err != nil {
+		return nil, driver.WithFile(err, "open", name)
+	}
+	view := &chainView{}
+	img, err := f.Open(ctx, &driver.OpenParams{
+		Storage:  st,
+		Name:     name,
+		ReadOnly: !writable,
+		InfoOnly: infoOnly,
+		Direct:   direct,
+		Options:  vals,
+		Logger:   log.With("image", name),
+		Parent:   view,
+	})
+	if err != nil {
+		return nil, driver.WithFile(err, "open", name)
+	}
+	return &Layer{Name: name, Format: f, Image: img, ReadOnly: !writable, view: view}, nil
+}
+
+// probe finds the format of name. For a top-level image raw is the fallback
+// (with a warning); for a parent whose format is not recorded it is an error.
+func probe(st driver.Storage, log *slog.Logger, name string, topLevel bool) (*driver.Format, error) {
+	fi, err := st.Stat(name)
+	if err != nil {
+		return nil, driver.WithFile(err, "open", name)
+	}
+	if fi.IsDir {
+		return nil, &Error{Op: "open", File: name, Offset: -1, Err: ErrUnsupported, Reason: "is a directory, not an image file"}
+	}
+	file, err := st.Open(name, driver.ReadOnly|driver.NoLock)
+	if err != nil {
+		return nil, driver.WithFile(err, "open", name)
+	}
+	size, err := file.Size()
+	if err != nil {
+		file.Close()
+		return nil, driver.WithFile(err, "open", name)
+	}
+	res := driver.ProbeAll(file, size)
+	file.Close()
+	if len(res) > 0 {
+		return res[0].Format, nil
+	}
+	if !topLevel {
+		return nil, driver.Errorf(ErrUnsupported, name, -1,
+			"backing file has no recorded format and is not a known image format; it is not opened as raw by guessing (record its format with 'vdisk rebase -u -F raw -b NAME IMAGE')")
+	}
+	raw, err := driver.Lookup("raw")
+	if err != nil {
+		return nil, driver.WithFile(err, "open", name)
+	}
+	log.Warn("image format was not specified and probing guessed raw; pass the format (-f raw) to silence this", "file", name)
+	return raw, nil
+}
+
+// resolveParent turns a recorded parent name into a storage name relative to
+// the child's directory, refusing escapes unless allowed.
+func resolveParent(childName, ref string, allowUnsafe bool) (string, error) {
+	if strings.Contains(ref, "://") {
+		return "", driver.Errorf(ErrUnsupported, childName, -1, "backing file %q is a URL; network backing files are not supported", ref)
+	}
+	if filepath.IsAbs(ref) {
+		if !allowUnsafe {
+			return "", driver.Errorf(ErrInvalidOption, childName, -1, "backing file %q is an absolute path; refusing to follow it (allow unsafe backing files to open it)", ref)
+		}
+		return ref, nil
+	}
+	clean := filepath.Clean(ref)
+	if (clean == ".." || strings.HasPrefix(clean, "../")) && !allowUnsafe {
+		return "", driver.Errorf(ErrInvalidOption, childName, -1, "backing file %q leaves the image's directory; refusing to follow it (allow unsafe backing files to open it)", ref)
+	}
+	return filepath.Join(filepath.Dir(childName), clean), nil
+}
+
+// parentName finds the name and format of child's parent.
+func parentName(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, ref *driver.ParentRef, explicit, explicitFmt string, allowUnsafe bool) (string, string, error) {
+	format := ref.Format
+	var name string
+	switch {
+	case explicit != "":
+		name = explicit
+		if explicitFmt != "" {
+			format = explicitFmt
+		}
+	case ref.Name != "":
+		var err error
+		name, err = resolveParent(child.Name, ref.Name, allowUnsafe)
+		if err != nil {
+			return "", "", err
+		}
+	case ref.UUID != "":
+		var err error
+		name, format, err = findByUUID(ctx, st, log, child, ref.UUID, format)
+		if err != nil {
+			return "", "", err
+		}
+	default:
+		return "", "", driver.Corruptf(child.Name, -1, "the image records a parent but neither its name nor its UUID")
+	}
+	return name, format, nil
+}
+
+func openParent(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, infoOnly bool) (*Layer, error) {
+	p, err := openLayer(ctx, st, log, name, format, nil, false, infoOnly, false, false)
+	if err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return nil, driver.Errorf(ErrNotFound, child.Name, -1, "cannot open backing file %s: %v", name, err)
+		}
+		return nil, err
+	}
+	if err := checkParentIdentity(log, child, p, ref); err != nil {
+		p.Image.Close()
+		return nil, err
+	}
+	return p, nil
+}
+
+func checkParentIdentity(log *slog.Logger, child, p *Layer, ref *driver.ParentRef) error {
+	id, ok := p.Image.(driver.Identifier)
+	if !ok {
+		return nil
+	}
+	if ref.UUID != "" && id.UUID() != "" && !strings.EqualFold(ref.UUID, id.UUID()) {
+		return driver.Corruptf(child.Name, -1, "parent %s has UUID %s but the image expects parent UUID %s", p.Name, id.UUID(), ref.UUID)
+	}
+	if ref.ModUUID != "" && id.ModificationUUID() != "" && !strings.EqualFold(ref.ModUUID, id.ModificationUUID()) {
+		log.Warn("the parent was modified after the differencing image was created; its content may no longer match",
+			"image", child.Name, "parent", p.Name, "expected-modification-uuid", ref.ModUUID, "parent-modification-uuid", id.ModificationUUID())
+	}
+	return nil
+}
+
+// findByUUID looks in the child's directory for an image whose UUID is u.
+func findByUUID(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, u, format string) (string, string, error) {
+	dir := filepath.Dir(child.Name)
+	names, err := st.List(dir)
+	if err != nil {
+		return "", "", driver.WithFile(err, "find parent", child.Name)
+	}
+	var candidates []*driver.Format
+	if format != "" {
+		f, err := driver.Lookup(format)
+		if err != nil {
+			return "", "", driver.WithFile(err, "find parent", child.Name)
+		}
+		candidates = []*driver.Format{f}
+	} else {
+		candidates = []*driver.Format{child.Format}
+	}
+	const maxTried = 4096
+	tried := 0
+	for _, n := range names {
+		full := filepath.Join(dir, n)
+		if canonical(full) == canonical(child.Name) {
+			continue
+		}
+		for _, f := range candidates {
+			if !hasExt(n, f.Extensions) {
+				continue
+			}
+			tried++
+			if tried > maxTried {
+				break
+			}
+			l, err := openLayer(ctx, st, log, full, f.Name, nil, false, true, false, false)
+			if err != nil {
+				continue
+			}
+			id, ok := l.Image.(driver.Identifier)
+			match := ok && strings.EqualFold(id.UUID(), u)
+			l.Image.Close()
+			if match {
+				return full, f.Name, nil
+			}
+		}
+	}
+	return "", "", driver.Errorf(ErrNotFound, child.Name, -1, "no image with the parent UUID %s found in %s; name the parent explicitly", u, dir)
+}
+
+func hasExt(name string, exts []string) bool {
+	ext := strings.TrimPrefix(strings.ToLower(filepath.Ext(name)), ".")
+	for _, e := range exts {
+		if ext == strings.ToLower(e) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what the tests need (the real qemu tools are the oracles) and runs
+# vet and the whole test suite under the race detector.
+#
+# Environment:
+#   VDISK_FUZZTIME   run every fuzz target for this long (default 2s; 0 skips)
+#   VDISK_LONG=1     longer model and soak runs
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=()
+for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio; do
+	cmd=${pair%%:*} pkg=${pair#*:}
+	command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+# qemu-block-extra has no command of its own; check the package.
+dpkg-query -W -f='${Status}' qemu-block-extra 2>/dev/null | grep -q "ok installed" || need+=(qemu-block-extra)
+if ((${#need[@]})); then
+	echo "test.sh: installing ${need[*]}" >&2
+	SUDO=""
+	[ "$(id -u)" = 0 ] || SUDO=sudo
+	$SUDO apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+fi
+
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$unformatted" ]; then
+	echo "test.sh: gofmt needed:" $unformatted >&2
+	exit 1
+fi
+go vet ./...
+go test -race -timeout 20m ./...
+
+fuzztime=${VDISK_FUZZTIME:-2s}
+if [ "$fuzztime" != 0 ]; then
+	# Every fuzz target, briefly (longer with VDISK_FUZZTIME=5m).
+	for pkg in $(go list ./...); do
+		dir=$(go list -f '{{.Dir}}' "$pkg")
+		for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //'); do
+			echo "fuzz $pkg $target ($fuzztime)"
+			go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg" >/dev/null
+		done
+	done
+fi

@@ -30,6 +30,11 @@ type ConvertOptions struct {
 	Sequential bool
 	// Progress is called with bytes of virtual size processed.
 	Progress Progress
+	// Above, when > 0, copies only the runs held by the source's layers
+	// 0..Above-1: the target is a diff whose backing already provides the
+	// content of the source's layers from Above down (an incremental copy,
+	// VDCopyEx onto an existing chain). Runs held lower are skipped.
+	Above int
 }
 
 type convJob struct {
@@ -45,6 +50,12 @@ type convJob struct {
 func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 	if o == nil {
 		o = &ConvertOptions{}
+	}
+	if o.Above > 0 {
+		// The target has a backing: zeros must be written, not skipped.
+		oc := *o
+		oc.TargetNotZero = true
+		o = &oc
 	}
 	workers := o.Workers
 	if workers <= 0 {
@@ -153,6 +164,11 @@ func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 				}
 			}
 			isData := e.Data
+			if o.Above > 0 && e.Depth >= o.Above {
+				report(e.Length)
+				off += e.Length
+				continue
+			}
 			if !isData && !o.TargetNotZero {
 				report(e.Length)
 				off += e.Length

@@ -83,6 +83,28 @@ type Format struct {
 	Probe  Probe
 	Create func(ctx context.Context, p *CreateParams) (Image, error)
 	Open   func(ctx context.Context, p *OpenParams) (Image, error)
+	// Measure computes the file size a new image needs (qemu-img measure);
+	// nil when the format cannot tell.
+	Measure func(p *MeasureParams) (MeasureResult, error)
+}
+
+// MeasureParams describes the content a new image would hold.
+type MeasureParams struct {
+	// Size is the virtual size.
+	Size int64
+	// Options are the format's create options, validated.
+	Options Values
+	// Allocated returns how many bytes of the source's data fall into
+	// distinct aligned units of unit bytes (data runs rounded out to unit
+	// boundaries, zero and unallocated runs not counted). Nil when
+	// measuring by size alone: then every unit counts.
+	Allocated func(unit int64) (int64, error)
+}
+
+// MeasureResult is qemu-img measure's answer, in bytes.
+type MeasureResult struct {
+	Required       int64 `json:"required"`
+	FullyAllocated int64 `json:"fully-allocated"`
 }
 
 var (

@@ -221,6 +221,12 @@ type Reparenter interface {
 	SetParent(ref *ParentRef) error
 }
 
+// Emptier makes every cluster of the image unallocated (reads fall through
+// to the parent again), as qemu's make-empty does after a commit.
+type Emptier interface {
+	MakeEmpty() error
+}
+
 // OpenParams is what a driver's Open receives.
 type OpenParams struct {
 	Storage Storage

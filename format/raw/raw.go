@@ -32,6 +32,11 @@ var Format = &driver.Format{
 	},
 	Create: create,
 	Open:   open,
+	// A raw image needs its whole virtual size, as qemu-img measure says.
+	Measure: func(p *driver.MeasureParams) (driver.MeasureResult, error) {
+		s := roundUp(p.Size)
+		return driver.MeasureResult{Required: s, FullyAllocated: s}, nil
+	},
 }
 
 type image struct {

@@ -342,3 +342,49 @@ func (im *image) Info() driver.Info {
 func (im *image) Parent() *driver.ParentRef { return im.parent }
 
 func (im *image) String() string { return fmt.Sprintf("testdiff(%s)", im.name) }
+
+// SetParent rewrites the parent reference in the header.
+func (im *image) SetParent(ref *driver.ParentRef) error {
+	if im.ro {
+		return driver.ErrReadOnly
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	var name, format string
+	if ref != nil {
+		name, format = ref.Name, ref.Format
+	}
+	if len(name) > 200 || len(format) > 32 {
+		return driver.OptionErrorf("parent name too long")
+	}
+	buf := make([]byte, hdrSize-24)
+	buf[0] = byte(len(name))
+	copy(buf[1:], name)
+	buf[240-24] = byte(len(format))
+	copy(buf[241-24:], format)
+	if _, err := im.f.WriteAt(buf, 24); err != nil {
+		return err
+	}
+	if ref == nil {
+		im.parent = nil
+	} else {
+		r := *ref
+		im.parent = &r
+	}
+	return nil
+}
+
+// MakeEmpty frees every block.
+func (im *image) MakeEmpty() error {
+	if im.ro {
+		return driver.ErrReadOnly
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	clear(im.table)
+	if _, err := im.f.WriteAt(make([]byte, len(im.table)*8), hdrSize); err != nil {
+		return err
+	}
+	im.end = tableEnd(int64(len(im.table)), im.bs)
+	return im.f.Truncate(im.end)
+}

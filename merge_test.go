@@ -1,0 +1,243 @@
+package vdisk_test
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/model"
+	"github.com/vdisk/vdisk/storage/faultfs"
+	"github.com/vdisk/vdisk/storage/memfs"
+)
+
+const chainSize = 2 << 20
+
+// buildChain makes /c/base.raw <- /c/l1.tdf <- /c/l2.tdf with random
+// writes, zeroes and discards in every layer, and returns the model of the
+// chain's content as seen from l2 (and from l1).
+func buildChain(t *testing.T, st driver.Storage, seed uint64) (top, mid *model.Model) {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(seed, 1))
+	m := model.New(chainSize)
+	scribble := func(d *vdisk.Disk, ops int) {
+		for i := 0; i < ops; i++ {
+			n := rng.Int64N(100<<10) + 1
+			off := rng.Int64N(chainSize - n)
+			switch rng.IntN(5) {
+			case 0:
+				if err := d.WriteZeroes(off, n, rng.IntN(2) == 0); err != nil {
+					t.Fatal(err)
+				}
+				m.Zero(off, n)
+			default:
+				p := make([]byte, n)
+				for k := range p {
+					p[k] = byte(rng.Uint32())
+				}
+				if _, err := d.WriteAt(p, off); err != nil {
+					t.Fatal(err)
+				}
+				m.Write(p, off)
+			}
+		}
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	scribble(mustCreate(t, st, "/c/base.raw", "raw", chainSize, ""), 30)
+	d, err := vdisk.Create(ctx, "/c/l1.tdf", &vdisk.CreateOptions{Format: "testdiff", Backing: "base.raw", BackingFormat: "raw", Storage: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	scribble(d, 30)
+	mid = &model.Model{Data: bytes.Clone(m.Data)}
+	d, err = vdisk.Create(ctx, "/c/l2.tdf", &vdisk.CreateOptions{Format: "testdiff", Backing: "l1.tdf", BackingFormat: "testdiff", Storage: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	scribble(d, 30)
+	return m, mid
+}
+
+func verifyChain(t *testing.T, st driver.Storage, name string, m *model.Model, layers int) {
+	t.Helper()
+	d, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if layers > 0 && len(d.Layers()) != layers {
+		t.Fatalf("%s: chain has %d layers, want %d", name, len(d.Layers()), layers)
+	}
+	(&model.Harness{}).Verify(t, d, m)
+}
+
+func TestCommit(t *testing.T) {
+	for _, c := range []struct {
+		base       int
+		keep       bool
+		wantLayers int
+	}{{1, false, 3}, {1, true, 3}, {2, false, 2}} {
+		t.Run(fmt.Sprintf("base%d-keep%v", c.base, c.keep), func(t *testing.T) {
+			st := memfs.New()
+			m, _ := buildChain(t, st, 1)
+			if err := vdisk.Commit(ctx, "/c/l2.tdf", c.base, c.keep, &vdisk.MergeOptions{Storage: st}); err != nil {
+				t.Fatal(err)
+			}
+			verifyChain(t, st, "/c/l2.tdf", m, c.wantLayers)
+			// The commit target alone now holds the whole content.
+			target := "/c/l1.tdf"
+			if c.base == 2 {
+				target = "/c/base.raw"
+			}
+			verifyChain(t, st, target, m, 0)
+			if !c.keep {
+				d, _ := vdisk.Open(ctx, "/c/l2.tdf", &vdisk.OpenOptions{Storage: st, ReadOnly: true, NoBacking: true})
+				e, err := d.Status(0, chainSize)
+				d.Close()
+				if err != nil || e.Present || e.Length != chainSize {
+					t.Fatalf("top not emptied: %+v %v", e, err)
+				}
+			}
+		})
+	}
+}
+
+func TestMerge(t *testing.T) {
+	for _, c := range []struct {
+		from, to   int
+		wantLayers int
+		check      string
+	}{
+		{0, 1, 2, "/c/l1.tdf"}, // top merged into its parent
+		{1, 2, 2, "/c/l2.tdf"}, // middle merged into base; top reparented
+		{0, 2, 1, "/c/base.raw"},
+		{2, 1, 2, "/c/l2.tdf"}, // base into l1 (backward): l1 standalone
+		{1, 0, 2, "/c/l2.tdf"}, // l1 into top (backward)
+		{2, 0, 1, "/c/l2.tdf"}, // everything into top
+	} {
+		t.Run(fmt.Sprintf("%d-%d", c.from, c.to), func(t *testing.T) {
+			st := memfs.New()
+			m, _ := buildChain(t, st, 2)
+			dropped, err := vdisk.Merge(ctx, "/c/l2.tdf", c.from, c.to, &vdisk.MergeOptions{Storage: st})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(dropped) != abs(c.from-c.to) {
+				t.Errorf("dropped %v", dropped)
+			}
+			verifyChain(t, st, c.check, m, c.wantLayers)
+		})
+	}
+}
+
+func abs(x int) int {
+	if x < 0 {
+		return -x
+	}
+	return x
+}
+
+func TestRebase(t *testing.T) {
+	st := memfs.New()
+	m, mid := buildChain(t, st, 3)
+	_ = mid
+	// Safe rebase of l2 straight onto base: content unchanged.
+	if err := vdisk.Rebase(ctx, "/c/l2.tdf", "base.raw", "raw", false, &vdisk.MergeOptions{Storage: st}); err != nil {
+		t.Fatal(err)
+	}
+	verifyChain(t, st, "/c/l2.tdf", m, 2)
+	// Safe rebase onto nothing: standalone, content unchanged.
+	if err := vdisk.Rebase(ctx, "/c/l2.tdf", "", "", false, &vdisk.MergeOptions{Storage: st}); err != nil {
+		t.Fatal(err)
+	}
+	verifyChain(t, st, "/c/l2.tdf", m, 1)
+	// Unsafe rebase only rewrites the reference: l1 now reads through l1's
+	// chain wherever l1 itself is unallocated... so content changes.
+	if err := vdisk.Rebase(ctx, "/c/l1.tdf", "", "", true, &vdisk.MergeOptions{Storage: st}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := vdisk.Open(ctx, "/c/l1.tdf", &vdisk.OpenOptions{Storage: st, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(d.Layers()) != 1 {
+		t.Fatalf("unsafe rebase left %d layers", len(d.Layers()))
+	}
+	d.Close()
+}
+
+// TestMergeCrash interrupts merges and commits at every few writes: the
+// chain must still open and read the same content.
+func TestMergeCrash(t *testing.T) {
+	base := memfs.New()
+	m, _ := buildChain(t, base, 4)
+	crashes := 0
+	for _, op := range []string{"commit", "merge-back"} {
+		for n := 1; n < 400; n += 7 {
+			fs := faultfs.New(base.Clone())
+			fs.CrashAfterWrites(n)
+			var err error
+			switch op {
+			case "commit":
+				err = vdisk.Commit(ctx, "/c/l2.tdf", 2, false, &vdisk.MergeOptions{Storage: fs})
+			case "merge-back":
+				_, err = vdisk.Merge(ctx, "/c/l2.tdf", 2, 0, &vdisk.MergeOptions{Storage: fs})
+			}
+			if err == nil && !fs.Crashed() {
+				break // the operation finished before the crash point
+			}
+			if err != nil && !errors.Is(err, faultfs.ErrCrashed) {
+				t.Fatalf("%s crash at write %d: unexpected error %v", op, n, err)
+			}
+			crashes++
+			verifyChain(t, fs.Durable(), "/c/l2.tdf", m, 0)
+		}
+	}
+	if crashes < 10 {
+		t.Fatalf("only %d crash points were exercised", crashes)
+	}
+	t.Logf("%d crash points", crashes)
+}
+
+// TestIncrementalCopy copies only the top layer of a chain into a new diff
+// on the same backing: the new chain reads the same as the old one.
+func TestIncrementalCopy(t *testing.T) {
+	st := memfs.New()
+	m, _ := buildChain(t, st, 5)
+	src, err := vdisk.Open(ctx, "/c/l2.tdf", &vdisk.OpenOptions{Storage: st, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	dst, err := vdisk.Create(ctx, "/c/inc.tdf", &vdisk.CreateOptions{Format: "testdiff", Backing: "l1.tdf", BackingFormat: "testdiff", Storage: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vdisk.Convert(ctx, dst, src, &vdisk.ConvertOptions{Above: 1}); err != nil {
+		t.Fatal(err)
+	}
+	// Only the top's runs were written.
+	var topBytes, incBytes int64
+	src.Map(ctx, 0, chainSize, func(e vdisk.Extent) error {
+		if e.Depth == 0 {
+			topBytes += e.Length
+		}
+		return nil
+	})
+	dst.Map(ctx, 0, chainSize, func(e vdisk.Extent) error {
+		if e.Depth == 0 {
+			incBytes += e.Length
+		}
+		return nil
+	})
+	if incBytes > topBytes+64<<10 {
+		t.Errorf("incremental copy wrote %d bytes, the source top holds %d", incBytes, topBytes)
+	}
+	dst.Close()
+	verifyChain(t, st, "/c/inc.tdf", m, 3)
+}

@@ -28,8 +28,12 @@ type CreateOptions struct {
 	Overwrite bool
 	// AllowUnsafeBacking follows absolute or ".." backing chains.
 	AllowUnsafeBacking bool
-	Storage            driver.Storage
-	Logger             *slog.Logger
+	// NoBackingOpen records Backing without opening it (qemu-img create
+	// -u): Size and BackingFormat are then required, and no parent UUIDs
+	// are recorded.
+	NoBackingOpen bool
+	Storage       driver.Storage
+	Logger        *slog.Logger
 }
 
 // Create makes a new image and returns it open read-write (with its backing
@@ -55,6 +59,8 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 	if o.Size < 0 {
 		return nil, driver.Errorf(ErrInvalidOption, name, -1, "negative size %d", o.Size)
 	}
+	// Like qemu, virtual sizes are whole 512-byte sectors.
+	size := (o.Size + 511) &^ 511
 	existed := false
 	if fi, err := st.Stat(name); err == nil {
 		existed = true
@@ -71,8 +77,15 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 	var ref *driver.ParentRef
 	var pinfo *driver.ParentInfo
 	view := &chainView{} // bound to the new disk by newDisk
-	size := o.Size
-	if o.Backing != "" {
+	if o.Backing != "" && o.NoBackingOpen {
+		if size == 0 || o.BackingFormat == "" {
+			return nil, driver.Errorf(ErrInvalidOption, name, -1, "creating without opening the backing file needs a size and the backing format")
+		}
+		if f.Caps&driver.CapDiff == 0 {
+			return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s does not support backing files", f.Name)
+		}
+		ref = &driver.ParentRef{Name: o.Backing, Format: o.BackingFormat}
+	} else if o.Backing != "" {
 		if f.Caps&driver.CapDiff == 0 {
 			return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s does not support backing files", f.Name)
 		}
@@ -122,14 +135,19 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 	if parent != nil {
 		layers = append(layers, parent.layers...)
 	}
-	return newDisk(layers, false, st, log), nil
+	d := newDisk(layers, false, st, log)
+	if ref != nil && parent == nil {
+		// The backing was not opened: no parent view below the top.
+		d.layers[0].view.depth = len(d.layers)
+	}
+	return d, nil
 }
 
 // openParentDisk opens a backing chain read-only for a new diff image.
 func openParentDisk(ctx context.Context, name, format string, st driver.Storage, log *slog.Logger, allowUnsafe bool) (*Disk, error) {
 	if format == "" {
 		// Probe, but never guess raw for a backing file.
-		f, err := probe(st, log, name, false)
+		f, err := probe(st, log, name, false, false)
 		if err != nil {
 			return nil, err
 		}

@@ -174,7 +174,7 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 			return nil, driver.WithFile(err, "open", name)
 		}
 	} else {
-		f, err = probe(st, log, name, topLevel)
+		f, err = probe(st, log, name, topLevel, writable)
 		if err != nil {
 			return nil, err
 		}
@@ -202,7 +202,7 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 
 // probe finds the format of name. For a top-level image raw is the fallback
 // (with a warning); for a parent whose format is not recorded it is an error.
-func probe(st driver.Storage, log *slog.Logger, name string, topLevel bool) (*driver.Format, error) {
+func probe(st driver.Storage, log *slog.Logger, name string, topLevel, writable bool) (*driver.Format, error) {
 	fi, err := st.Stat(name)
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
@@ -232,7 +232,11 @@ func probe(st driver.Storage, log *slog.Logger, name string, topLevel bool) (*dr
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
 	}
-	log.Warn("image format was not specified and probing guessed raw; pass the format (-f raw) to silence this", "file", name)
+	if writable {
+		log.Warn("image format was not specified and probing guessed raw; writes to block 0 could turn it into another format's image: pass the format (-f raw)", "file", name)
+	} else {
+		log.Debug("image format was not specified; probing guessed raw", "file", name)
+	}
 	return raw, nil
 }
 

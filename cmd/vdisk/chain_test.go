@@ -1,0 +1,168 @@
+package main
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/storage/osfs"
+)
+
+// TestChain runs the commands over a backing chain of the test-only vdtest
+// format: create -b, convert into a non-raw format and with -B, info
+// --backing-chain, map across layers, compare across formats.
+func TestChain(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.raw")
+	sparseRaw(t, src, 4<<20, map[int64][]byte{
+		0:       pattern(1, 64<<10),
+		1 << 20: pattern(2, 64<<10),
+	})
+	base := filepath.Join(dir, "base.vdtest")
+	mustRun(t, "convert", "-f", "raw", "-O", "vdtest", "-o", "label=base", src, base)
+
+	top := filepath.Join(dir, "top.vdtest")
+	r := mustRun(t, "create", "-f", "vdtest", "-b", "base.vdtest", "-F", "vdtest", top)
+	if want := "Formatting '" + top + "', fmt=vdtest size=4194304 backing_file=base.vdtest backing_fmt=vdtest\n"; r.stdout != want {
+		t.Errorf("create -b: %q, want %q", r.stdout, want)
+	}
+
+	for _, tc := range []struct {
+		golden string
+		args   []string
+	}{
+		{"info_vdtest.golden", []string{"info", "--output", "json", top}},
+		{"info_vdtest_chain.golden", []string{"info", "--output", "json", "--backing-chain", top}},
+		{"info_vdtest_chain_human.golden", []string{"info", "--backing-chain", top}},
+		{"map_vdtest_chain.golden", []string{"map", "--output", "json", top}},
+		{"map_vdtest_chain_human.golden", []string{"map", top}},
+	} {
+		t.Run(tc.golden, func(t *testing.T) {
+			r := mustRun(t, tc.args...)
+			got := normalize(r.stdout, dir)
+			lines := strings.Split(got, "\n")
+			for i, l := range lines {
+				if strings.HasPrefix(l, "disk size: ") {
+					lines[i] = "disk size: <ALLOCATED>"
+				}
+			}
+			golden(t, tc.golden, strings.Join(lines, "\n"))
+		})
+	}
+
+	if r := vdiskRun(t, "compare", "-f", "vdtest", "-F", "raw", top, src); r.code != 0 || r.stdout != "Images are identical.\n" {
+		t.Errorf("compare top with its source: exit %d %q %q", r.code, r.stdout, r.stderr)
+	}
+
+	// A source that differs from the backing file, also where it reads
+	// zeros over the backing's data: convert -B must write those zeros.
+	src2 := filepath.Join(dir, "src2.raw")
+	sparseRaw(t, src2, 4<<20, map[int64][]byte{
+		1 << 20: pattern(2, 64<<10),
+		2 << 20: pattern(3, 4096),
+	})
+	top2 := filepath.Join(dir, "top2.vdtest")
+	mustRun(t, "convert", "-f", "raw", "-O", "vdtest", "-B", "base.vdtest", "-F", "vdtest", src2, top2)
+	if r := vdiskRun(t, "compare", "-f", "vdtest", "-F", "raw", top2, src2); r.code != 0 {
+		t.Errorf("convert -B: result differs from its source: %q %q", r.stdout, r.stderr)
+	}
+	if r := mustRun(t, "info", "--output", "json", top2); !strings.Contains(r.stdout, `"backing-filename": "base.vdtest"`) {
+		t.Errorf("convert -B: target has no backing file:\n%s", r.stdout)
+	}
+	flat := filepath.Join(dir, "flat.raw")
+	mustRun(t, "convert", "-O", "raw", top2, flat)
+	if out, code := runQemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", flat, src2); code != 0 {
+		t.Errorf("flattened chain differs from the source (qemu-img compare): %s", out)
+	}
+}
+
+func TestSnapshots(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "snap.vdtest")
+	mustRun(t, "create", "-q", "-f", "vdtest", img, "1M")
+	// Record a snapshot in the header, as a format with snapshots would.
+	st := mustOpenFile(t, img)
+	im, err := vdtLoad(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im.meta.Snapshots = []driver.Snapshot{{ID: "1", Name: "s1", VMStateSize: 0, DateSec: 1700000000, VMClockSec: 3723, VMClockNsec: 4000000}}
+	if err := im.writeHeader(); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+
+	r := mustRun(t, "info", img)
+	if !strings.Contains(r.stdout, "Snapshot list:\nID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n1         s1                    0 B ") ||
+		!strings.Contains(r.stdout, " 01:02:03.004           \n") {
+		t.Errorf("snapshot list:\n%s", r.stdout)
+	}
+	if r := mustRun(t, "info", "--output", "json", img); !strings.Contains(r.stdout, `"snapshots": [`) {
+		t.Errorf("JSON has no snapshots:\n%s", r.stdout)
+	}
+	out := filepath.Join(dir, "out.raw")
+	for _, tc := range []struct{ param, want string }{
+		{"snapshot.name=s1", "not yet supported"},
+		{"1", "not yet supported"},
+		{"snapshot.name=nosuch", "no snapshot"},
+		{"bogus=1", "snapshot.name"},
+	} {
+		r := vdiskRun(t, "convert", "-l", tc.param, img, out)
+		oneErrorLine(t, r, "vdisk convert")
+		if !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("-l %s: %q lacks %q", tc.param, r.stderr, tc.want)
+		}
+		if exists(out) {
+			t.Errorf("-l %s: target left behind", tc.param)
+		}
+	}
+}
+
+// mustOpenFile opens a file read-write through the storage the CLI uses.
+func mustOpenFile(t *testing.T, name string) driver.File {
+	t.Helper()
+	f, err := osfs.New().Open(name, driver.ReadWrite)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// TestConvertSourceErrorMidway: the source fails while its data is copied
+// (clusters recorded as allocated lie past the end of the file): convert
+// fails with one line and removes the target it created.
+func TestConvertSourceErrorMidway(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "broken.vdtest")
+	mustRun(t, "create", "-q", "-f", "vdtest", src, "4M")
+	f := mustOpenFile(t, src)
+	im, err := vdtLoad(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Clusters recorded as allocated but never written: the file ends
+	// after the header, so reading them fails.
+	im.alloc[20], im.alloc[40] = true, true
+	if err := im.writeHeader(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	for _, args := range [][]string{
+		{"convert", "-O", "raw", src},
+		{"convert", "-m", "1", "-p", "-O", "vdtest", src},
+	} {
+		dst := filepath.Join(dir, "out.img")
+		r := vdiskRun(t, append(args, dst)...)
+		// With -p the progress line ends before the error line.
+		last := strings.TrimSuffix(r.stderr, "\n")
+		r.stderr = last[strings.LastIndex(last, "\n")+1:] + "\n"
+		oneErrorLine(t, r, "vdisk convert")
+		if !strings.Contains(r.stderr, "unexpected EOF") {
+			t.Errorf("%v: %q is not the read error", args, r.stderr)
+		}
+		if exists(dst) {
+			t.Errorf("%v: failed convert left its target behind", args)
+		}
+	}
+}

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vdisk/vdisk"
+)
+
+// Main runs the vdisk command line with args (without the program name)
+// and returns the process exit code. Every call builds its own command
+// tree, so it can run many times in one process (tests do).
+func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return run(ctx, args, stdin, stdout, stderr, nil)
+}
+
+// hooks lets tests interpose at points of a command's run. Nil in
+// production.
+type hooks struct {
+	// afterCreate runs right after convert created its target.
+	afterCreate func()
+}
+
+// app is the state of one run of the command line.
+type app struct {
+	ctx    context.Context
+	stdin  io.Reader
+	stdout io.Writer
+	stderr io.Writer
+	hooks  *hooks
+
+	debug bool
+	// name is "vdisk <command>", the prefix of every diagnostic line.
+	name string
+	log  *slog.Logger
+}
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, h *hooks) int {
+	if h == nil {
+		h = &hooks{}
+	}
+	a := &app{ctx: ctx, stdin: stdin, stdout: stdout, stderr: stderr, hooks: h, name: "vdisk"}
+	a.log = slog.New(newLineHandler(stderr, a.name, slog.LevelWarn))
+	root := a.newRootCmd()
+	if args == nil {
+		args = []string{} // cobra would read os.Args for nil
+	}
+	root.SetArgs(args)
+	cmd, err := root.ExecuteC()
+	if err == nil {
+		return 0
+	}
+	return a.fail(root, cmd, err)
+}
+
+func (a *app) newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "vdisk",
+		Short: "vdisk is a virtual disk image toolkit compatible with qemu-img",
+		Long: `vdisk inspects, creates, converts, maps and compares virtual disk images.
+Its commands take the same names and flags as qemu-img's.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return usageErrorf("missing command")
+		},
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			a.name = "vdisk"
+			if cmd != cmd.Root() {
+				a.name = "vdisk " + cmd.Name()
+			}
+			level := slog.LevelWarn
+			if a.debug {
+				level = slog.LevelDebug
+			}
+			a.log = slog.New(newLineHandler(a.stderr, a.name, level))
+			return nil
+		},
+	}
+	root.CompletionOptions.DisableDefaultCmd = true
+	root.SetIn(a.stdin)
+	root.SetOut(a.stdout)
+	root.SetErr(a.stderr)
+	root.PersistentFlags().BoolVar(&a.debug, "debug", false, "print debug messages of the library on stderr")
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.AddCommand(
+		a.newInfoCmd(),
+		a.newCreateCmd(),
+		a.newConvertCmd(),
+		a.newMapCmd(),
+		a.newCompareCmd(),
+		a.newFormatsCmd(),
+	)
+	return root
+}
+
+// usageError is a mistake in the command line: it is reported with a hint
+// to the command's help.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usageErrorf(format string, args ...any) error {
+	return usageError{fmt.Errorf(format, args...)}
+}
+
+// exitError ends a command with a given exit code. A nil err means the
+// command already said what it had to (compare's "Content mismatch").
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string {
+	if e.err == nil {
+		return fmt.Sprintf("exit status %d", e.code)
+	}
+	return e.err.Error()
+}
+
+func (e *exitError) Unwrap() error { return e.err }
+
+// fail reports err as one line on stderr and returns the exit code.
+func (a *app) fail(root, cmd *cobra.Command, err error) int {
+	name := "vdisk"
+	if cmd != nil && cmd != root {
+		name = "vdisk " + cmd.Name()
+	}
+	code := 1
+	if cmd != nil && cmd.Name() == "compare" && cmd != root {
+		code = 2 // qemu-img compare: 2 on errors
+	}
+	var ee *exitError
+	if errors.As(err, &ee) {
+		if ee.err != nil {
+			fmt.Fprintf(a.stderr, "%s: %s\n", name, a.message(ee.err))
+		}
+		return ee.code
+	}
+	var ue usageError
+	if errors.As(err, &ue) || cmd == nil || cmd == root {
+		fmt.Fprintf(a.stderr, "%s: %s\n", name, a.message(err))
+		fmt.Fprintf(a.stderr, "Try '%s --help' for more information.\n", name)
+		return 1
+	}
+	fmt.Fprintf(a.stderr, "%s: %s\n", name, a.message(err))
+	return code
+}
+
+// message renders err on one line.
+func (a *app) message(err error) string {
+	if errors.Is(err, context.Canceled) && a.ctx.Err() != nil {
+		return "interrupted"
+	}
+	s := strings.TrimSpace(err.Error())
+	s = strings.ReplaceAll(s, "\r", "")
+	return strings.ReplaceAll(s, "\n", "; ")
+}
+
+// exactArgs requires n positional arguments, with qemu-img's wording.
+func exactArgs(n int, msg string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageErrorf("%s", msg)
+		}
+		return nil
+	}
+}
+
+// rangeArgs requires between lo and hi positional arguments.
+func rangeArgs(lo, hi int, msg string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) < lo || len(args) > hi {
+			return usageErrorf("%s", msg)
+		}
+		return nil
+	}
+}
+
+// outputFormat validates --output.
+func outputFormat(s string) (json bool, err error) {
+	switch s {
+	case "human", "":
+		return false, nil
+	case "json":
+		return true, nil
+	}
+	return false, usageErrorf("--output must be used with human or json as argument")
+}
+
+// openRO opens an image chain read-only, as every read-only command does.
+// Parent references are followed wherever they point, as qemu-img does.
+func (a *app) openRO(name, format string, infoOnly bool) (*vdisk.Disk, error) {
+	return vdisk.Open(a.ctx, name, &vdisk.OpenOptions{
+		Format:             format,
+		ReadOnly:           true,
+		InfoOnly:           infoOnly,
+		AllowUnsafeBacking: true,
+		Logger:             a.log,
+	})
+}
+
+// addFormatFlag declares -f.
+func addFormatFlag(cmd *cobra.Command, p *string, usage string) {
+	cmd.Flags().StringVarP(p, "format", "f", "", usage)
+}
+
+// addForceShareFlag declares -U/--force-share, accepted for qemu-img
+// compatibility: read-only opens take shared locks anyway.
+func addForceShareFlag(cmd *cobra.Command) {
+	var ignored bool
+	cmd.Flags().BoolVarP(&ignored, "force-share", "U", false, "open the image in shared mode (always the case for read-only opens)")
+}

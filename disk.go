@@ -317,9 +317,18 @@ func (d *Disk) Flush() error {
 	return driver.WithFile(top.Image.Flush(), "flush", top.Name)
 }
 
-// Close flushes the top image and closes every layer. It returns the first
-// error met but closes everything.
-func (d *Disk) Close() error {
+// Close flushes the top image (durably) and closes every layer. It returns
+// the first error met but closes everything.
+func (d *Disk) Close() error { return d.close(true) }
+
+// CloseUnsynced closes every layer without making the top durable first:
+// drivers still write out their metadata, so the image is complete on the
+// storage, but a machine crash soon after may lose it. This is qemu-img
+// convert's default cache mode ("unsafe"), which lets the kernel write the
+// data back at its pace.
+func (d *Disk) CloseUnsynced() error { return d.close(false) }
+
+func (d *Disk) close(sync bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
@@ -328,7 +337,7 @@ func (d *Disk) Close() error {
 	d.closed = true
 	var first error
 	for i, l := range d.layers {
-		if i == 0 && !d.readOnly {
+		if i == 0 && !d.readOnly && sync {
 			if err := l.Image.Flush(); err != nil && first == nil {
 				first = driver.WithFile(err, "flush", l.Name)
 			}

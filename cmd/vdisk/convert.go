@@ -57,7 +57,7 @@ a DST created by this run is removed.`,
 	f.BoolVar(&fl.targetIsZero, "target-is-zero", false, "with -n: the existing target already reads as zeros")
 	f.BoolVarP(&fl.compress, "compress", "c", false, "compress the target's data (formats with compression only)")
 	f.StringVarP(&fl.snapshot, "snapshot", "l", "", "convert an internal snapshot: snapshot.name=NAME, snapshot.id=ID or ID_OR_NAME")
-	f.StringVarP(&fl.cache, "cache", "t", "", "target cache mode (accepted for compatibility, ignored)")
+	f.StringVarP(&fl.cache, "cache", "t", "unsafe", "target cache mode: unsafe (qemu-img's default: no final sync, the kernel writes back) or writeback, writethrough, none, directsync (sync the target before exiting)")
 	f.StringVarP(&fl.sourceCache, "source-cache", "T", "", "source cache mode (accepted for compatibility, ignored)")
 	addForceShareFlag(cmd)
 	return cmd
@@ -213,7 +213,12 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 		return err
 	}
 	closed = true
-	if err = d.Close(); err != nil {
+	if fl.cache == "unsafe" {
+		err = d.CloseUnsynced()
+	} else {
+		err = d.Close()
+	}
+	if err != nil {
 		prog.finish(false)
 		return err
 	}

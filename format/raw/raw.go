@@ -74,13 +74,28 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	if p.ParentRef != nil {
 		return nil, driver.Unsupportedf(p.Name, "raw images cannot have a backing file")
 	}
-	flag := driver.ReadWrite | driver.Create | driver.Truncate
+	// No O_TRUNC: on ext4, closing a file truncated to zero forces its
+	// writeback (auto_da_alloc), which would make every convert sync. An
+	// existing file's blocks are punched out instead.
+	flag := driver.ReadWrite | driver.Create
 	if !p.Overwrite {
 		flag |= driver.Excl
 	}
 	f, err := p.Storage.Open(p.Name, flag)
 	if err != nil {
 		return nil, err
+	}
+	if old, err := f.Size(); err != nil || old > 0 {
+		if err == nil {
+			err = f.PunchHole(0, old)
+		}
+		if err == nil && old > p.Size {
+			err = f.Truncate(p.Size)
+		}
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	img := &image{f: f, name: p.Name}
 	if err := img.setSize(ctx, 0, p.Size, p.Options.String("preallocation")); err != nil {

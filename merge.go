@@ -2,8 +2,10 @@ package vdisk
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"path/filepath"
+	"strings"
 
 	"github.com/vdisk/vdisk/driver"
 )
@@ -11,6 +13,8 @@ import (
 // MergeOptions tunes Merge, Commit and Rebase.
 type MergeOptions struct {
 	Progress Progress
+	// Format is the format of the named (top) image; "" probes it.
+	Format string
 	// Storage and Logger as in OpenOptions.
 	Storage            driver.Storage
 	Logger             *slog.Logger
@@ -23,7 +27,7 @@ func (o *MergeOptions) open() *OpenOptions {
 	if o == nil {
 		return &OpenOptions{}
 	}
-	return &OpenOptions{Storage: o.Storage, Logger: o.Logger, AllowUnsafeBacking: o.AllowUnsafeBacking, Parents: o.Parents}
+	return &OpenOptions{Format: o.Format, Storage: o.Storage, Logger: o.Logger, AllowUnsafeBacking: o.AllowUnsafeBacking, Parents: o.Parents}
 }
 
 // openWritable opens the chain of name with the layers whose index is in
@@ -72,6 +76,11 @@ func parentRefFor(child, parent *Layer) *driver.ParentRef {
 	return ref
 }
 
+func canReparent(l *Layer) bool {
+	_, ok := l.Image.(driver.Reparenter)
+	return ok
+}
+
 func reparent(l *Layer, ref *driver.ParentRef) error {
 	rp, ok := l.Image.(driver.Reparenter)
 	if !ok {
@@ -81,6 +90,25 @@ func reparent(l *Layer, ref *driver.ParentRef) error {
 		return driver.WithFile(err, "set parent", l.Name)
 	}
 	return driver.WithFile(l.Image.Flush(), "flush", l.Name)
+}
+
+// refreshParentMod records target's modification UUID in child, the image
+// right above it, where both record UUIDs: writing into target changed it
+// (VDMerge does the same), and a stale one makes every open warn.
+func refreshParentMod(child, target *Layer) error {
+	cid, ok := child.Image.(driver.Identifier)
+	tid, ok2 := target.Image.(driver.Identifier)
+	if !ok || !ok2 {
+		return nil
+	}
+	m, old := tid.ModificationUUID(), cid.ParentModificationUUID()
+	if m == "" || old == "" || strings.EqualFold(m, old) {
+		return nil
+	}
+	if err := cid.SetParentModificationUUID(m); err != nil {
+		return driver.WithFile(err, "set parent modification UUID", child.Name)
+	}
+	return driver.WithFile(child.Image.Flush(), "flush", child.Name)
 }
 
 // copyRuns copies into layer dst (by index) every run of [0, size) that the
@@ -180,6 +208,9 @@ func Merge(ctx context.Context, name string, from, to int, o *MergeOptions) ([]s
 	if from < to && from > 0 {
 		writable[from-1] = true
 	}
+	if from > to && to > 0 {
+		writable[to-1] = true // its parent modification UUID changes
+	}
 	d, err := openWritable(ctx, name, oo, writable)
 	if err != nil {
 		return nil, err
@@ -188,6 +219,18 @@ func Merge(ctx context.Context, name string, from, to int, o *MergeOptions) ([]s
 	n := len(d.layers)
 	if from >= n || to >= n {
 		return nil, driver.OptionErrorf("merge %s: the chain has %d layers (0..%d), asked for %d..%d", name, n, n-1, from, to)
+	}
+	// Refuse before writing anything when a reference cannot be rewritten.
+	relink := -1
+	if from < to && from > 0 {
+		relink = from - 1
+	} else if from > to {
+		relink = to
+	}
+	if relink >= 0 {
+		if l := d.layers[relink]; !canReparent(l) {
+			return nil, driver.Errorf(ErrUnsupported, l.Name, -1, "format %s cannot change its parent reference", l.Format.Name)
+		}
 	}
 	var progress Progress
 	if o != nil {
@@ -231,6 +274,11 @@ func Merge(ctx context.Context, name string, from, to int, o *MergeOptions) ([]s
 	}
 	if err := reparent(target, ref); err != nil {
 		return nil, err
+	}
+	if to > 0 {
+		if err := refreshParentMod(d.layers[to-1], target); err != nil {
+			return nil, err
+		}
 	}
 	for _, l := range d.layers[to+1 : from+1] {
 		dropped = append(dropped, l.Name)
@@ -314,7 +362,8 @@ func Commit(ctx context.Context, name string, base int, keep bool, o *MergeOptio
 		base = 1
 	}
 	oo := o.open()
-	d, err := openWritable(ctx, name, oo, map[int]bool{0: true, base: true})
+	// base-1 stays right above base: its parent modification UUID changes.
+	d, err := openWritable(ctx, name, oo, map[int]bool{0: true, base - 1: true, base: true})
 	if err != nil {
 		return err
 	}
@@ -340,17 +389,21 @@ func Commit(ctx context.Context, name string, base int, keep bool, o *MergeOptio
 	if err := d.copyRuns(ctx, target, 0, base, size, progress); err != nil {
 		return err
 	}
-	if keep && base == 1 {
-		return nil
+	if keep {
+		// As documented (and as qemu-img commit -d/-b): the chain stays as
+		// it was; it reads the same, base now holding the data as well.
+		return refreshParentMod(d.layers[base-1], target)
+	}
+	if base == 1 {
+		if err := refreshParentMod(top, target); err != nil {
+			return err
+		}
 	}
 	// Point the top at base first (its data equals base's now), then empty it.
 	if base > 1 {
 		if err := reparent(top, parentRefFor(top, target)); err != nil {
 			return err
 		}
-	}
-	if keep {
-		return nil
 	}
 	if em, ok := top.Image.(driver.Emptier); ok {
 		if err := em.MakeEmpty(); err != nil {
@@ -374,7 +427,7 @@ func Rebase(ctx context.Context, name, backing, backingFmt string, unsafe bool, 
 	var err error
 	if unsafe {
 		// The old backing may be missing: open the top alone.
-		top, err := openLayer(ctx, oo.storage(), oo.logger(), name, "", nil, true, false, false, true)
+		top, err := openLayer(ctx, oo.storage(), oo.logger(), name, oo.Format, nil, true, false, false, true)
 		if err != nil {
 			return err
 		}
@@ -395,14 +448,21 @@ func Rebase(ctx context.Context, name, backing, backingFmt string, unsafe bool, 
 			return err
 		}
 		nb, err = openParentDisk(ctx, bpath, backingFmt, oo.storage(), oo.logger(), oo.AllowUnsafeBacking)
-		if err != nil {
+		switch {
+		case err == nil:
+			defer nb.Close()
+			bt := nb.layers[0]
+			ref = &driver.ParentRef{Name: backing, Format: bt.Format.Name}
+			if id, ok := bt.Image.(driver.Identifier); ok {
+				ref.UUID, ref.ModUUID = id.UUID(), id.ModificationUUID()
+			}
+		case unsafe && backingFmt != "" && errors.Is(err, ErrNotFound) && knownFormat(backingFmt):
+			// Like qemu-img rebase -u -F: the reference is only rewritten,
+			// so the new backing file need not exist (yet).
+			oo.logger().Warn("the new backing file does not exist; recording the reference anyway", "image", name, "backing", backing, "error", err)
+			ref = &driver.ParentRef{Name: backing, Format: backingFmt}
+		default:
 			return err
-		}
-		defer nb.Close()
-		bt := nb.layers[0]
-		ref = &driver.ParentRef{Name: backing, Format: bt.Format.Name}
-		if id, ok := bt.Image.(driver.Identifier); ok {
-			ref.UUID, ref.ModUUID = id.UUID(), id.ModificationUUID()
 		}
 	}
 	if !unsafe {
@@ -471,6 +531,11 @@ func (d *Disk) rebaseCopy(ctx context.Context, top *Layer, nb *Disk, progress Pr
 		}
 	}
 	return driver.WithFile(top.Image.Flush(), "flush", top.Name)
+}
+
+func knownFormat(name string) bool {
+	_, err := driver.Lookup(name)
+	return err == nil
 }
 
 // readPadded reads from d (nil: nothing) with zeros past its end.

@@ -28,9 +28,17 @@ for ((i = 0; i < 2048; i += 2)); do
 done
 sync
 
+# VDI source: the same content, made by qemu-img.
+src_vdi=$work/src.vdi
+qemu-img convert -f raw -O vdi "$src" "$src_vdi"
+
+
+
 # PAIRS: "name|src|srcfmt|dstfmt|extra vdisk/qemu args"
 PAIRS=(
 	"raw->raw|$src|raw|raw|"
+	"raw->vdi|$src|raw|vdi|"
+	"vdi->raw|$src_vdi|vdi|raw|"
 )
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }

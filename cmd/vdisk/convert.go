@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -154,6 +155,13 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 		}
 	}
 
+	// Incremental copy: when the backing file of the target is an image of
+	// the source's chain, only the layers above it are copied.
+	above := 0
+	if backing != "" && !fl.noCreate {
+		above = layerAbove(s, dst, backing)
+	}
+
 	var d *vdisk.Disk
 	created := false
 	if fl.noCreate {
@@ -204,6 +212,7 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 		TargetNotZero: (fl.noCreate && !fl.targetIsZero) || backing != "",
 		Sequential:    !fl.outOfOrder,
 		Progress:      prog.update,
+		Above:         above,
 	})
 	if err == nil {
 		err = a.ctx.Err()
@@ -224,6 +233,23 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 	}
 	prog.finish(true)
 	return nil
+}
+
+// layerAbove returns the depth of the layer of src's chain that backing
+// (a backing file name as the target dst records it: relative names are
+// relative to dst's directory) names, or 0 when it names none of the
+// layers below the top.
+func layerAbove(src *vdisk.Disk, dst, backing string) int {
+	path := backing
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(filepath.Dir(dst), backing)
+	}
+	for i, l := range src.Layers() {
+		if i > 0 && sameFile(path, l.Name) {
+			return i
+		}
+	}
+	return 0
 }
 
 // checkSnapshot handles -l. No library call reads a snapshot without

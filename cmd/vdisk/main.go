@@ -10,9 +10,25 @@
 //	vdisk map [-f FMT] [--output human|json] [--start-offset N] [--max-length N] [-U] FILE
 //	vdisk compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B
 //	vdisk formats [--output human|json]
+//	vdisk commit [-f FMT] [-b BASE] [-d] [-p] [-q] FILE
+//	vdisk merge [-f FMT] --from I --to J [-p] [-q] FILE
+//	vdisk rebase [-f FMT] [-u] [-p] [-q] -b BACKING [-F BFMT] FILE
+//	vdisk resize [-f FMT] [--shrink] [--preallocation=MODE] [-q] FILE [+|-]SIZE
+//	vdisk check [-f FMT] [-r leaks|all] [--output human|json] [-q] FILE
+//	vdisk repair [-f FMT] [--dry-run] [--output human|json] [-q] FILE
+//	vdisk measure [-O FMT] [-o OPTIONS] [--output human|json] (--size SIZE | [-f FMT] FILE)
+//	vdisk compact [-f FMT] [-p] FILE
+//	vdisk snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] FILE
+//	vdisk setuuid [--uuid U] [--parent-uuid U] [--modification-uuid U] [--parent-modification-uuid U] FILE
+//	vdisk geometry [--pchs C/H/S] [--lchs C/H/S] FILE
+//	vdisk comment [--set TEXT] FILE
+//	vdisk amend [-f FMT] -o OPTIONS FILE
+//	vdisk dd [-f FMT] [-O FMT] [bs=N] [count=N] [skip=N] if=SRC of=DST
+//	vdisk bench [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-t CACHE] FILE
 //
 // Exit codes follow qemu-img: 0 on success, 1 on errors; compare exits 1
-// when the images differ and 2 on errors.
+// when the images differ and 2 on errors; check exits 2 for corruptions, 3
+// for leaks only and 63 for a format without checks.
 package main
 
 import (

@@ -30,6 +30,19 @@ type vdtMeta struct {
 	Alloc      []int64           `json:"alloc,omitempty"`
 	Snapshots  []driver.Snapshot `json:"snapshots,omitempty"`
 	Label      string            `json:"label,omitempty"`
+
+	// The optional interfaces of testfmt_ops_test.go keep their state here.
+	SnapAlloc     map[string][]int64 `json:"snap_alloc,omitempty"` // by snapshot ID
+	UUID          string             `json:"uuid,omitempty"`
+	ModUUID       string             `json:"mod_uuid,omitempty"`
+	ParentUUID    string             `json:"parent_uuid,omitempty"`
+	ParentModUUID string             `json:"parent_mod_uuid,omitempty"`
+	PCHS          *driver.CHS        `json:"pchs,omitempty"`
+	LCHS          *driver.CHS        `json:"lchs,omitempty"`
+	Comment       string             `json:"comment,omitempty"`
+	// Leaks and CheckErrors are injected by tests; Check reports them.
+	Leaks       int `json:"leaks,omitempty"`
+	CheckErrors int `json:"check_errors,omitempty"`
 }
 
 type vdtSpecific struct {
@@ -44,7 +57,8 @@ func init() {
 		Aliases:     []string{"vdt"},
 		Extensions:  []string{"vdtest"},
 		Description: "test-only differencing format",
-		Caps:        driver.CapCreateDynamic | driver.CapDiff | driver.CapSnapshots | driver.CapWrite,
+		Caps: driver.CapCreateDynamic | driver.CapDiff | driver.CapSnapshots | driver.CapWrite |
+			driver.CapResize | driver.CapCheck | driver.CapCompact | driver.CapUUID,
 		CreateOptions: []driver.Option{
 			{Name: "label", Type: driver.TypeString, Doc: "free text stored in the header"},
 			{Name: "cluster_size", Type: driver.TypeSize, Default: "64k", Min: 65536, Max: 65536, PowerOf2: true, Doc: "cluster size"},
@@ -68,6 +82,9 @@ type vdtImage struct {
 	meta   vdtMeta
 	alloc  map[int64]bool
 	parent driver.ParentView
+	// modDone: the modification UUID changed in this read-write session
+	// (on the first write, as VDI does).
+	modDone bool
 }
 
 func vdtCreate(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
@@ -80,8 +97,10 @@ func vdtCreate(ctx context.Context, p *driver.CreateParams) (driver.Image, error
 		return nil, err
 	}
 	im := &vdtImage{f: f, meta: vdtMeta{Size: p.Size, Label: p.Options.String("label")}, alloc: map[int64]bool{}, parent: p.Parent}
+	im.meta.UUID = vdtUUID()
 	if p.ParentRef != nil {
 		im.meta.Backing, im.meta.BackingFmt = p.ParentRef.Name, p.ParentRef.Format
+		im.meta.ParentUUID, im.meta.ParentModUUID = p.ParentRef.UUID, p.ParentRef.ModUUID
 	}
 	if err := im.writeHeader(); err != nil {
 		f.Close()
@@ -198,6 +217,11 @@ func (im *vdtImage) WriteAt(p []byte, off int64) (int, error) {
 	if im.ro {
 		return 0, driver.ErrReadOnly
 	}
+	im.mu.Lock()
+	if !im.modDone {
+		im.meta.ModUUID, im.modDone = vdtUUID(), true
+	}
+	im.mu.Unlock()
 	err := pieces(p, off, func(c int64, q []byte, off int64) error {
 		if !im.isAlloc(c) {
 			// Copy on write: fill the cluster from the parent first.
@@ -252,13 +276,10 @@ func (im *vdtImage) Info() driver.Info {
 }
 
 func (im *vdtImage) Parent() *driver.ParentRef {
+	im.mu.Lock()
+	defer im.mu.Unlock()
 	if im.meta.Backing == "" {
 		return nil
 	}
-	return &driver.ParentRef{Name: im.meta.Backing, Format: im.meta.BackingFmt}
+	return &driver.ParentRef{Name: im.meta.Backing, Format: im.meta.BackingFmt, UUID: im.meta.ParentUUID, ModUUID: im.meta.ParentModUUID}
 }
-
-func (im *vdtImage) Snapshots() ([]driver.Snapshot, error) { return im.meta.Snapshots, nil }
-func (im *vdtImage) CreateSnapshot(string) error           { return driver.ErrUnsupported }
-func (im *vdtImage) ApplySnapshot(string) error            { return driver.ErrUnsupported }
-func (im *vdtImage) DeleteSnapshot(string) error           { return driver.ErrUnsupported }

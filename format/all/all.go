@@ -6,4 +6,5 @@ package all
 
 import (
 	_ "github.com/vdisk/vdisk/format/raw"
+	_ "github.com/vdisk/vdisk/format/vdi"
 )

@@ -107,6 +107,14 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 
 // setSize truncates to size and preallocates [from, size) as asked.
 func (im *image) setSize(ctx context.Context, from, size int64, prealloc string) error {
+	switch prealloc {
+	case "", "off", "falloc", "full":
+	default:
+		return driver.OptionErrorf("invalid preallocation mode %q for raw (off, falloc, full)", prealloc)
+	}
+	if _, ok := im.f.(driver.Allocator); !ok && prealloc == "falloc" && size > from {
+		return driver.Unsupportedf(im.name, "the storage cannot preallocate (preallocation=falloc); use full")
+	}
 	if err := im.f.Truncate(size); err != nil {
 		return err
 	}

@@ -1,0 +1,65 @@
+// Package vdi is the VirtualBox Disk Image format (VirtualBox's native
+// format, with its differencing images).
+//
+// # Layout
+//
+// A VDI file starts with a 72-byte pre-header (64 bytes of text for eyes
+// only, the signature 0xBEDA107F and the version) followed by the header.
+// Version 1.1 headers are 384 bytes (as qemu writes them) or 400 bytes
+// (with the logical CHS geometry, as VirtualBox writes them): image type
+// (dynamic, fixed, undo, differencing), flags, a 256-byte comment, the
+// offsets of the block map and of the data area, the legacy geometry,
+// disk size, block size, extra data per block, block count, allocated
+// block count, and four UUIDs (image, last modification, parent, parent's
+// modification). Version 0 headers (348 bytes, no offsets, no parent
+// modification UUID) are read too. UUIDs are stored with their first three
+// fields little-endian, as VirtualBox's RTUUID is.
+//
+// The block map has one little-endian uint32 per block: 0xFFFFFFFF is a
+// free block (unallocated: reads through to the parent, or zeros in a base
+// image), 0xFFFFFFFE a zero block (reads zeros, also over a parent), and
+// anything else the index of a data block; data block i lives at
+// offData + i*(extra+blockSize) (+extra). Data blocks are appended in
+// allocation order, so the allocated blocks use exactly the indices
+// 0..allocated-1.
+//
+// # Our choices
+//
+//   - Create makes version 1.1 headers of 400 bytes with the block map and
+//     the data area aligned to 1 MiB as VirtualBox does (the map then has
+//     room to grow), 1 MiB blocks by default (block_size takes any power of
+//     two from 512 bytes to 64 MiB, as VirtualBox's AllocationBlockSize;
+//     qemu reads only 1 MiB), static=on for fixed images, and a comment.
+//     Sizes are rounded up to whole sectors; odd sizes found in headers are
+//     rounded up too (as qemu does; VirtualBox rounds down).
+//   - A differencing image records only its parent's UUID and modification
+//     UUID (VDI has no parent file name); Parent returns them and the
+//     container finds the parent by UUID among the image's siblings, or
+//     takes it from OpenOptions.Parents.
+//   - The block map stays in memory. A write into an unallocated block
+//     writes the data block (the rest filled from the parent view or with
+//     zeros) and then its 4-byte map entry; the header (allocated count,
+//     modification UUID) is written on Flush. Full-block writes of zeros
+//     allocate nothing. The modification UUID changes on the first change
+//     of every open-for-write session.
+//   - WriteZeroes with unmap and Discard turn whole blocks into zero
+//     blocks (free blocks for Discard in a differencing image) and give
+//     their data blocks back by moving the last data blocks into the holes
+//     and truncating the file, as VirtualBox's discard does; partial blocks
+//     are zero-filled. Compact does the same for blocks that are all zeros
+//     or equal to the parent's content. Moves copy into unreferenced holes,
+//     sync, repoint entries, sync, then truncate: a crash at any point
+//     leaves an image that opens and reads the same (at worst with leaked
+//     data blocks, which check -r removes).
+//   - Resize grows the map in place when it has room, else moves the data
+//     blocks in the way to the end of the file and renumbers; shrinking is
+//     refused when the cut-off range holds data. Fixed images are not
+//     resized (as in VirtualBox).
+//   - Check reports entries past the end of the file, indices not below
+//     the block count, cross-linked data blocks and a wrong allocated count
+//     as corruptions, unreferenced data blocks as leaks. An image opened
+//     for writing with entries past the end or cross-links refuses writes
+//     until it is repaired.
+//   - O_DIRECT is not used: map entries and the header are updated with
+//     sub-sector writes.
+package vdi

@@ -1,0 +1,98 @@
+package vdi
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
+	_ "github.com/vdisk/vdisk/format/raw"
+	"github.com/vdisk/vdisk/internal/model"
+	"github.com/vdisk/vdisk/storage/memfs"
+)
+
+var ctx = context.Background()
+
+func createVDI(t testing.TB, st driver.Storage, name string, size int64, backing string, opts ...driver.KV) *vdisk.Disk {
+	t.Helper()
+	o := &vdisk.CreateOptions{Format: "vdi", Size: size, Options: opts, Storage: st}
+	if backing != "" {
+		o.Backing, o.BackingFormat = backing, "vdi"
+	}
+	d, err := vdisk.Create(ctx, name, o)
+	if err != nil {
+		t.Fatalf("create %s: %v", name, err)
+	}
+	return d
+}
+
+func openVDI(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk {
+	t.Helper()
+	d, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, ReadOnly: ro})
+	if err != nil {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	return d
+}
+
+func readAll(t testing.TB, d *vdisk.Disk) []byte {
+	t.Helper()
+	buf := make([]byte, d.Size())
+	if _, err := d.ReadAt(buf, 0); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	return buf
+}
+
+func mustWrite(t testing.TB, d *vdisk.Disk, m *model.Model, p []byte, off int64) {
+	t.Helper()
+	if _, err := d.WriteAt(p, off); err != nil {
+		t.Fatalf("write %d+%d: %v", off, len(p), err)
+	}
+	if m != nil {
+		m.Write(p, off)
+	}
+}
+
+func mustClose(t testing.TB, d *vdisk.Disk) {
+	t.Helper()
+	if err := d.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+}
+
+func fill(n int, c byte) []byte { return bytes.Repeat([]byte{c}, n) }
+
+// topImage returns the driver image of the top layer.
+func topImage(d *vdisk.Disk) *image { return d.Top().Image.(*image) }
+
+func fileSize(t testing.TB, st driver.Storage, name string) int64 {
+	t.Helper()
+	fi, err := st.Stat(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Size
+}
+
+func writeRaw(t testing.TB, path string, data []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// saveTo copies a memfs file out to dir for qemu.
+func saveTo(t testing.TB, st *memfs.FS, name, dir string) string {
+	t.Helper()
+	b, err := st.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, filepath.Base(name))
+	writeRaw(t, p, b)
+	return p
+}

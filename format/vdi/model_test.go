@@ -1,0 +1,123 @@
+package vdi
+
+import (
+	"bytes"
+	"fmt"
+	"testing"
+
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/model"
+	"github.com/vdisk/vdisk/storage/memfs"
+)
+
+// TestModelChain runs the reference model over a VDI chain that grows to a
+// base and two differencing images (snapshot steps), with reopen steps in
+// which the container finds every parent by its UUID among the siblings.
+// Then compact and whole-disk discard keep the content.
+func TestModelChain(t *testing.T) {
+	for _, c := range []struct {
+		seed int64
+		bs   string
+		size int64
+		ops  int
+	}{
+		{1, "64K", 4 << 20, 10000},
+		{2, "1M", 6<<20 + 512, 2000}, // VirtualBox's default block size: heavier copy-on-write
+		{3, "32K", 3<<20 + 4096, 10000},
+	} {
+		t.Run(fmt.Sprintf("seed%d-%s", c.seed, c.bs), func(t *testing.T) {
+			st := memfs.New()
+			opts := []driver.KV{{Key: "block_size", Value: c.bs}}
+			m := model.New(c.size)
+			// The base is smaller than the images above it.
+			base := createVDI(t, st, "/base.vdi", c.size-8192, "", opts...)
+			pat := bytes.Repeat([]byte{0xb7}, 300000)
+			mustWrite(t, base, m, pat, c.size-8192-300000)
+			mustClose(t, base)
+			d, err := vdisk.Create(ctx, "/l1.vdi", &vdisk.CreateOptions{Format: "vdi", Size: c.size, Backing: "base.vdi",
+				BackingFormat: "vdi", Options: opts, Storage: st})
+			if err != nil {
+				t.Fatal(err)
+			}
+			top, depth := "/l1.vdi", 1
+			h := &model.Harness{
+				Seed: c.seed, Ops: c.ops, MaxIO: 64 << 10,
+				Reopen: func(d *vdisk.Disk) (*vdisk.Disk, error) {
+					if err := d.Close(); err != nil {
+						return nil, err
+					}
+					nd, err := vdisk.Open(ctx, top, &vdisk.OpenOptions{Storage: st})
+					if err == nil && len(nd.Layers()) != depth+1 {
+						return nil, fmt.Errorf("reopened chain has %d layers, want %d", len(nd.Layers()), depth+1)
+					}
+					return nd, err
+				},
+				Snapshot: func(d *vdisk.Disk) (*vdisk.Disk, error) {
+					if depth >= 2 {
+						return nil, nil
+					}
+					if err := d.Close(); err != nil {
+						return nil, err
+					}
+					depth++
+					name := fmt.Sprintf("/l%d.vdi", depth)
+					nd, err := vdisk.Create(ctx, name, &vdisk.CreateOptions{Format: "vdi", Backing: top[1:], Options: opts, Storage: st})
+					top = name
+					return nd, err
+				},
+			}
+			d = h.Run(t, d, m)
+			if depth < 2 {
+				t.Fatalf("the chain never grew (depth %d)", depth)
+			}
+			// The chain links by UUID.
+			ls := d.Layers()
+			for i := 0; i+1 < len(ls); i++ {
+				ref := ls[i].Image.Parent()
+				id := ls[i+1].Image.(driver.Identifier)
+				if ref == nil || ref.UUID != id.UUID() || ref.Name != "" {
+					t.Fatalf("layer %d records parent %+v, its parent's UUID is %s", i, ref, id.UUID())
+				}
+			}
+			if ls[len(ls)-1].Image.Parent() != nil {
+				t.Fatal("the base records a parent")
+			}
+			res, err := d.Check(ctx, driver.RepairNone)
+			if err != nil || res.Corruptions != 0 || res.Leaks != 0 {
+				t.Fatalf("check after the run: %+v %v %q", res, err, res.Messages)
+			}
+
+			// Compact keeps the content and never grows the file.
+			before := fileSize(t, st, top)
+			if err := d.Compact(ctx, nil); err != nil {
+				t.Fatal(err)
+			}
+			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
+			if after := fileSize(t, st, top); after > before {
+				t.Fatalf("compact grew the file from %d to %d", before, after)
+			}
+			// A reopen after compaction still finds the chain and reads the same.
+			mustClose(t, d)
+			d = openVDI(t, st, top, false)
+			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
+
+			// Writing zeros with unmap over everything leaves an image of
+			// zero blocks and no data.
+			if err := d.WriteZeroes(0, d.Size(), true); err != nil {
+				t.Fatal(err)
+			}
+			m.Zero(0, c.size)
+			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
+			im := topImage(d)
+			if got, want := fileSize(t, st, top), im.offData; got != want {
+				t.Fatalf("after zeroing everything the file is %d bytes, want %d (no data blocks)", got, want)
+			}
+			res, err = d.Check(ctx, driver.RepairNone)
+			if err != nil || res.Corruptions != 0 || res.Leaks != 0 {
+				t.Fatalf("final check: %+v %v %q", res, err, res.Messages)
+			}
+			mustClose(t, d)
+		})
+	}
+}

@@ -1,0 +1,756 @@
+package vdi
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"slices"
+	"sync/atomic"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+// WriteZeroes makes [off, off+n) read as zeros. With unmap, whole blocks
+// become zero blocks and their data blocks are given back (the file
+// shrinks); without it, allocated blocks are zero-filled in place. Fixed
+// images are always zero-filled in place.
+func (im *image) WriteZeroes(off, n int64, unmap bool) error {
+	return im.zeroRange(off, n, false, unmap)
+}
+
+// Discard deallocates the whole blocks of [off, off+n): zero blocks in a
+// base image, free blocks (the parent shows through) in a differencing
+// image; the file shrinks. Partial blocks are zero-filled. Discard does
+// nothing on fixed images.
+func (im *image) Discard(off, n int64) error {
+	return im.zeroRange(off, n, true, true)
+}
+
+func (im *image) zeroRange(off, n int64, discard, unmap bool) error {
+	if err := im.writable(off); err != nil {
+		return err
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err := driver.CheckRange(im.name, off, n, im.Size()); err != nil {
+		return err
+	}
+	im.meta.Lock()
+	typ := im.hdr.typ
+	im.meta.Unlock()
+	if typ == typeFixed {
+		if discard {
+			return nil
+		}
+		unmap = false
+	}
+	if n == 0 {
+		return nil
+	}
+	im.touch()
+	freeZero := im.freeIsZero()
+	target := uint32(entZero)
+	if discard && typ == typeDiff {
+		target = entFree
+	}
+	freed := false
+	for end := off + n; off < end; {
+		b, in := off/im.bs, off%im.bs
+		bl := im.blockLen(b)
+		m := min(end-off, bl-in)
+		e := im.entry(b)
+		whole := in == 0 && m == bl
+		switch {
+		case allocated(e) && whole && unmap:
+			if err := im.setEntry(b, target); err != nil {
+				return err
+			}
+			freed = true
+		case allocated(e) && unmap:
+			// Zero the range; a block left all zero becomes a zero block
+			// (not a free one: the rest of it must keep reading zeros).
+			buf := im.getBuf()
+			err := im.readData(buf[:bl], im.dataOff(e))
+			if err == nil {
+				clear(buf[in : in+m])
+				if driver.IsZero(buf[:bl]) {
+					if err = im.setEntry(b, entZero); err == nil {
+						freed = true
+					}
+				} else {
+					_, err = im.f.WriteAt(buf[in:in+m], im.dataOff(e)+in)
+				}
+			}
+			im.putBuf(buf)
+			if err != nil {
+				return driver.WithFile(err, "write zeroes", im.name)
+			}
+		case allocated(e):
+			if _, err := im.f.WriteAt(zeroBuf(m), im.dataOff(e)+in); err != nil {
+				return driver.WithFile(err, "write zeroes", im.name)
+			}
+		case discard:
+			// Nothing allocated; a discarded range may keep reading as before.
+		case e == entZero || (e == entFree && freeZero):
+			// Reads zeros already.
+		case whole:
+			if err := im.setEntry(b, entZero); err != nil {
+				return err
+			}
+		default:
+			// Part of a free block over a parent: copy-on-write with zeros.
+			if err := im.write(zeroBuf(m), off); err != nil {
+				return err
+			}
+		}
+		off += m
+	}
+	if !freed {
+		return nil
+	}
+	// The entries that freed data blocks must be durable before pack moves
+	// other blocks into their places.
+	if err := im.f.Sync(); err != nil {
+		return driver.WithFile(err, "sync", im.name)
+	}
+	return im.pack(nil)
+}
+
+// zeros is shared, never written.
+var zeros = make([]byte, 1<<20)
+
+// zeroBuf returns n zero bytes, not to be written to.
+func zeroBuf(n int64) []byte {
+	if n <= int64(len(zeros)) {
+		return zeros[:n]
+	}
+	return make([]byte, n)
+}
+
+// mapScan is what a walk over the block map found.
+type mapScan struct {
+	count    uint32     // allocated entries
+	maxIdx   int64      // highest data block index starting inside the file, -1 if none
+	pastEOF  []int64    // blocks whose data block starts at or after the end of the file
+	partial  []int64    // blocks whose data block ends past the end of the file
+	tooLarge []int64    // blocks whose index is not below the block count (qemu's rule)
+	dups     [][2]int64 // (block, earlier block) pairs sharing a data block
+	slots    int64      // data block positions the file holds (the last may be partial)
+	used     int64      // distinct positions referenced
+}
+
+// scan walks the block map against a file of fileSize bytes. dups asks for
+// the cross-link search (a bitmap over the file's data blocks, or a sort
+// where the file is sparse and huge).
+func (im *image) scan(fileSize int64, dups bool) mapScan {
+	sc := mapScan{maxIdx: -1}
+	if fileSize > im.offData {
+		sc.slots = (fileSize - im.offData + im.tbs - 1) / im.tbs
+	}
+	nblocks := int64(len(im.bmap))
+	for b := range im.bmap {
+		e := im.entry(int64(b))
+		if !allocated(e) {
+			continue
+		}
+		sc.count++
+		if im.dataOff(e) >= fileSize {
+			sc.pastEOF = append(sc.pastEOF, int64(b))
+			continue
+		}
+		if im.slotOff(e)+im.tbs > fileSize {
+			sc.partial = append(sc.partial, int64(b))
+		}
+		if int64(e) >= nblocks {
+			sc.tooLarge = append(sc.tooLarge, int64(b))
+		}
+		sc.maxIdx = max(sc.maxIdx, int64(e))
+	}
+	if !dups {
+		return sc
+	}
+	if sc.slots <= 8*nblocks+(1<<16) {
+		owner := make(map[uint32]int64) // only for reporting the earlier block
+		seen := make([]uint64, (sc.slots+63)/64)
+		for b := range im.bmap {
+			e := im.entry(int64(b))
+			if !allocated(e) || int64(e) >= sc.slots || im.dataOff(e) >= fileSize {
+				continue
+			}
+			w, bit := e/64, uint64(1)<<(e%64)
+			if seen[w]&bit != 0 {
+				sc.dups = append(sc.dups, [2]int64{int64(b), owner[e]})
+				continue
+			}
+			seen[w] |= bit
+			sc.used++
+			if len(owner) < 1<<16 {
+				owner[e] = int64(b)
+			}
+		}
+		return sc
+	}
+	pairs := make([]uint64, 0, sc.count)
+	for b := range im.bmap {
+		e := im.entry(int64(b))
+		if allocated(e) && im.dataOff(e) < fileSize {
+			pairs = append(pairs, uint64(e)<<32|uint64(b))
+		}
+	}
+	slices.Sort(pairs)
+	for i, pr := range pairs {
+		if i > 0 && pr>>32 == pairs[i-1]>>32 {
+			first := i - 1
+			for first > 0 && pairs[first-1]>>32 == pr>>32 {
+				first--
+			}
+			sc.dups = append(sc.dups, [2]int64{int64(pr & 0xFFFFFFFF), int64(pairs[first] & 0xFFFFFFFF)})
+			continue
+		}
+		sc.used++
+	}
+	return sc
+}
+
+// pack moves data blocks from the end of the data area into the holes
+// left by freed blocks, so that the referenced indices are exactly
+// 0..count-1, and truncates the file after them. The caller holds mu
+// exclusively, and the entry changes that made the holes are durable.
+//
+// Crash safety: the copies go into unreferenced holes and are synced
+// before any entry points at them; the entries are synced before the file
+// is truncated. Every intermediate state reads the same content; one
+// interrupted early leaves holes (leaks) that the next pack or check -r
+// removes.
+func (im *image) pack(progress func()) error {
+	fileSize, err := im.f.Size()
+	if err != nil {
+		return driver.WithFile(err, "stat", im.name)
+	}
+	sc := im.scan(fileSize, true)
+	if len(sc.pastEOF) > 0 || len(sc.dups) > 0 {
+		return driver.Corruptf(im.name, -1, "the block map is inconsistent (%d entries past the end of the file, %d cross-linked); run check -r all",
+			len(sc.pastEOF), len(sc.dups))
+	}
+	count := sc.count
+	used := make([]uint64, (int64(count)+63)/64)
+	type src struct{ idx, b uint32 }
+	var srcs []src
+	for b := range im.bmap {
+		e := im.entry(int64(b))
+		if !allocated(e) {
+			continue
+		}
+		if e < count {
+			used[e/64] |= 1 << (e % 64)
+		} else {
+			srcs = append(srcs, src{e, uint32(b)})
+		}
+	}
+	// Move the highest blocks first: the file shrinks from its end.
+	slices.SortFunc(srcs, func(a, b src) int { return int(b.idx) - int(a.idx) })
+	holes := make([]uint32, 0, len(srcs))
+	for i := uint32(0); i < count && len(holes) < len(srcs); i++ {
+		if used[i/64]&(1<<(i%64)) == 0 {
+			holes = append(holes, i)
+		}
+	}
+	if len(holes) != len(srcs) {
+		return driver.Corruptf(im.name, -1, "internal error: %d holes for %d blocks to move", len(holes), len(srcs))
+	}
+	if len(srcs) > 0 {
+		buf := im.getBuf()
+		for i, s := range srcs {
+			if err := im.readData(buf, im.slotOff(s.idx)); err != nil {
+				im.putBuf(buf)
+				return err
+			}
+			if _, err := im.f.WriteAt(buf, im.slotOff(holes[i])); err != nil {
+				im.putBuf(buf)
+				return driver.WithFile(err, "move block", im.name)
+			}
+			if progress != nil {
+				progress()
+			}
+		}
+		im.putBuf(buf)
+		if err := im.f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", im.name)
+		}
+	}
+	im.meta.Lock()
+	for i, s := range srcs {
+		var raw [4]byte
+		binary.LittleEndian.PutUint32(raw[:], holes[i])
+		if _, err := im.f.WriteAt(raw[:], im.offBlocks+4*int64(s.b)); err != nil {
+			im.meta.Unlock()
+			return driver.WithFile(err, "write block map", im.name)
+		}
+		atomic.StoreUint32(&im.bmap[s.b], holes[i])
+	}
+	im.count, im.cursor, im.hiRef, im.spare = count, count, count, nil
+	im.hdrDirty = true
+	err = im.writeHeaderLocked()
+	im.meta.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := im.f.Sync(); err != nil {
+		return driver.WithFile(err, "sync", im.name)
+	}
+	if want := im.slotOff(count); fileSize != want {
+		if err := im.f.Truncate(want); err != nil {
+			return driver.WithFile(err, "truncate", im.name)
+		}
+		if err := im.f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", im.name)
+		}
+	}
+	return nil
+}
+
+// Compact gives back the blocks that read all zeros (they become zero
+// blocks) and, in a differencing image, the blocks equal to the parent's
+// content (they become free), then packs the data area so the file has no
+// holes. A kill at any point leaves an image that opens and reads the same.
+func (im *image) Compact(ctx context.Context, parent driver.ParentView, progress driver.Progress) error {
+	if err := im.writable(-1); err != nil {
+		return err
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	im.meta.Lock()
+	typ := im.hdr.typ
+	im.meta.Unlock()
+	if typ == typeFixed {
+		return driver.Unsupportedf(im.name, "a fixed VDI image cannot be compacted")
+	}
+	if parent == nil {
+		parent = driver.NoParent{}
+	}
+	im.touch()
+	var list []int64
+	for b := range im.bmap {
+		if allocated(im.entry(int64(b))) {
+			list = append(list, int64(b))
+		}
+	}
+	total := 2 * int64(len(list))
+	var done int64
+	report := func() {
+		done++
+		if progress != nil {
+			progress(min(done, total), total)
+		}
+	}
+	if progress != nil {
+		progress(0, total)
+	}
+	buf := im.getBuf()
+	defer im.putBuf(buf)
+	var pbuf []byte
+	if parent.Present() {
+		pbuf = make([]byte, im.bs)
+	}
+	freed := false
+	var cerr error
+	for _, b := range list {
+		if cerr = ctx.Err(); cerr != nil {
+			break
+		}
+		e := im.entry(b)
+		bl := im.blockLen(b)
+		if err := im.readData(buf[:bl], im.dataOff(e)); err != nil {
+			return err
+		}
+		target := uint32(0)
+		if pbuf != nil {
+			if err := driver.ReadFullAt(parent, pbuf[:bl], b*im.bs); err != nil {
+				return driver.WithFile(err, "read parent", im.name)
+			}
+			if bytes.Equal(buf[:bl], pbuf[:bl]) {
+				target = entFree
+			}
+		}
+		if target == 0 && driver.IsZero(buf[:bl]) {
+			target = entZero
+		}
+		if target != 0 {
+			if err := im.setEntry(b, target); err != nil {
+				return err
+			}
+			freed = true
+		}
+		report()
+	}
+	if freed {
+		if err := im.f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", im.name)
+		}
+	}
+	// Always pack: it also removes holes left by an interrupted operation.
+	if err := im.pack(report); err != nil {
+		return err
+	}
+	if progress != nil && cerr == nil {
+		progress(total, total)
+	}
+	return cerr
+}
+
+// Resize changes the virtual size. Growing extends the block map; when the
+// map would run into the data area, the data blocks in the way are moved
+// to the end of the file first. Shrinking is refused unless the cut-off
+// range holds no data (free, zero, or all-zero blocks). Fixed and version 0
+// images cannot be resized (as in VirtualBox).
+func (im *image) Resize(ctx context.Context, size int64, prealloc string) error {
+	if err := im.writable(-1); err != nil {
+		return err
+	}
+	if prealloc != "" && prealloc != "off" {
+		return driver.Unsupportedf(im.name, "VDI resize does not support preallocation=%s", prealloc)
+	}
+	if size < 0 {
+		return driver.OptionErrorf("negative size %d", size)
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	im.meta.Lock()
+	typ, major := im.hdr.typ, im.hdr.major()
+	im.meta.Unlock()
+	if typ == typeFixed {
+		return driver.Unsupportedf(im.name, "a fixed VDI image cannot be resized")
+	}
+	if major == 0 {
+		return driver.Unsupportedf(im.name, "a version 0 VDI image cannot be resized")
+	}
+	size = (size + sectorSize - 1) &^ (sectorSize - 1)
+	old := im.Size()
+	if size == old {
+		return nil
+	}
+	nb := (size + im.bs - 1) / im.bs
+	if nb > maxBlocks {
+		return driver.OptionErrorf("size %d is too large for VDI with %d-byte blocks (at most %d blocks)", size, im.bs, maxBlocks)
+	}
+	im.touch()
+	if size > old {
+		return im.grow(ctx, size, nb)
+	}
+	return im.shrink(size, nb)
+}
+
+func (im *image) grow(ctx context.Context, size, nb int64) error {
+	oldNB := int64(len(im.bmap))
+	if nb <= oldNB {
+		return im.commitSize(size, nb, nil, im.offData)
+	}
+	newMapEnd := im.offBlocks + 4*nb
+	if newMapEnd <= im.offData {
+		// The map has room: mark the new blocks free, then publish them.
+		raw := bytes.Repeat([]byte{0xFF}, int(4*(nb-oldNB)))
+		if _, err := im.f.WriteAt(raw, im.offBlocks+4*oldNB); err != nil {
+			return driver.WithFile(err, "write block map", im.name)
+		}
+		if err := im.f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", im.name)
+		}
+		return im.commitSize(size, nb, im.grownMap(nb, 0), im.offData)
+	}
+	// Make the data area dense, then move the blocks in the way.
+	if err := im.pack(nil); err != nil {
+		return err
+	}
+	count := im.count
+	k := (newMapEnd - im.offData + im.tbs - 1) / im.tbs
+	newOffData := im.offData + k*im.tbs
+	if newOffData > 0xFFFFFFFF {
+		return driver.OptionErrorf("size %d is too large for this VDI image: its block map would not fit below 4 GiB", size)
+	}
+	m := min(k, int64(count))
+	base := max(int64(count), k)
+	if m > 0 {
+		owner := make([]int64, m)
+		for b := range im.bmap {
+			if e := im.entry(int64(b)); allocated(e) && int64(e) < m {
+				owner[e] = int64(b)
+			}
+		}
+		buf := im.getBuf()
+		for j := range m {
+			if err := ctx.Err(); err != nil {
+				im.putBuf(buf)
+				return err
+			}
+			if err := im.readData(buf, im.slotOff(uint32(j))); err != nil {
+				im.putBuf(buf)
+				return err
+			}
+			if _, err := im.f.WriteAt(buf, im.slotOff(uint32(base+j))); err != nil {
+				im.putBuf(buf)
+				return driver.WithFile(err, "move block", im.name)
+			}
+		}
+		im.putBuf(buf)
+		if err := im.f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", im.name)
+		}
+		// Point the moved blocks at their copies (still in the old
+		// numbering); the blocks in the way are then unreferenced.
+		for j := range m {
+			if err := im.setEntry(owner[j], uint32(base+j)); err != nil {
+				return err
+			}
+		}
+		if err := im.f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", im.name)
+		}
+	}
+	// Commit: the renumbered and extended map and the header with the new
+	// data offset, block count and size, synced together.
+	if fs, err := im.f.Size(); err != nil {
+		return driver.WithFile(err, "stat", im.name)
+	} else if fs < newOffData {
+		if err := im.f.Truncate(newOffData); err != nil {
+			return driver.WithFile(err, "extend", im.name)
+		}
+	}
+	nm := im.grownMap(nb, uint32(k))
+	raw := make([]byte, 4*nb)
+	for i, e := range nm {
+		binary.LittleEndian.PutUint32(raw[4*i:], e)
+	}
+	if _, err := im.f.WriteAt(raw, im.offBlocks); err != nil {
+		return driver.WithFile(err, "write block map", im.name)
+	}
+	return im.commitSize(size, nb, nm, newOffData)
+}
+
+// grownMap returns the block map extended to nb free-padded entries, with
+// the data block indices lowered by shift.
+func (im *image) grownMap(nb int64, shift uint32) []uint32 {
+	nm := make([]uint32, nb)
+	for i := range nm {
+		nm[i] = entFree
+	}
+	for b := range im.bmap {
+		e := im.entry(int64(b))
+		if allocated(e) {
+			e -= shift
+		}
+		nm[b] = e
+	}
+	return nm
+}
+
+// commitSize writes the header with the new size, block count and data
+// offset, syncs, and switches the image to them (nm: the new map, or nil
+// to keep a prefix of the current one).
+func (im *image) commitSize(size, nb int64, nm []uint32, offData int64) error {
+	im.meta.Lock()
+	shift := uint32((offData - im.offData) / im.tbs)
+	im.hdr.diskSize = uint64(size)
+	im.hdr.blocks = uint32(nb)
+	im.hdr.offData = uint32(offData)
+	im.hiRef -= min(im.hiRef, shift)
+	im.cursor = max(im.cursor-min(im.cursor, shift), im.hiRef)
+	im.hdrDirty = true
+	err := im.writeHeaderLocked()
+	im.meta.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := im.f.Sync(); err != nil {
+		return driver.WithFile(err, "sync", im.name)
+	}
+	if nm == nil {
+		nm = im.bmap[:nb]
+	}
+	im.bmap = nm
+	im.offData = offData
+	im.size.Store(size)
+	return nil
+}
+
+func (im *image) shrink(size, nb int64) error {
+	old := im.Size()
+	buf := im.getBuf()
+	defer im.putBuf(buf)
+	for off := size; off < old; {
+		b, in := off/im.bs, off%im.bs
+		bl := im.blockLen(b)
+		if e := im.entry(b); allocated(e) {
+			if err := im.readData(buf[:bl-in], im.dataOff(e)+in); err != nil {
+				return err
+			}
+			if !driver.IsZero(buf[:bl-in]) {
+				return driver.OptionErrorf("cannot shrink %s to %d bytes: block %d (from %d) holds data in the range that would be cut off",
+					im.name, size, b, b*im.bs)
+			}
+		}
+		off = (b + 1) * im.bs
+	}
+	// Zero (not free) blocks: until the header is written, the cut range
+	// must keep reading zeros, also over a parent.
+	freed := false
+	for b := nb; b < int64(len(im.bmap)); b++ {
+		if allocated(im.entry(b)) {
+			if err := im.setEntry(b, entZero); err != nil {
+				return err
+			}
+			freed = true
+		}
+	}
+	if freed {
+		if err := im.f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", im.name)
+		}
+		if err := im.pack(nil); err != nil {
+			return err
+		}
+	}
+	return im.commitSize(size, nb, nil, im.offData)
+}
+
+// Check verifies the block map against the file and the header, as
+// VirtualBox's repair and qemu-img check do: entries pointing past the end
+// of the file, indices not below the block count, data blocks referenced
+// twice (cross-links), and an allocated block count the map does not
+// match are corruptions; data blocks no entry references are leaks.
+// RepairAll frees entries past the end (extends the file for a block cut
+// short), frees the later of cross-linked entries, and packs the data area
+// (which renumbers and fixes the count); RepairLeaks packs when that is safe.
+func (im *image) Check(ctx context.Context, mode driver.RepairMode) (*driver.CheckResult, error) {
+	if mode != driver.RepairNone {
+		if im.ro {
+			return nil, driver.Errorf(driver.ErrReadOnly, im.name, -1, "image opened read-only")
+		}
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if !im.ro {
+		im.meta.Lock()
+		err := im.writeHeaderLocked()
+		im.meta.Unlock()
+		if err != nil {
+			return nil, err
+		}
+	}
+	res := &driver.CheckResult{}
+	before, err := im.inspect(nil)
+	if err != nil {
+		return nil, err
+	}
+	if mode != driver.RepairNone && (before.corruptions > 0 || before.leaks > 0) {
+		if err := im.repair(ctx, mode, before); err != nil {
+			return nil, err
+		}
+	}
+	after := before
+	if mode != driver.RepairNone {
+		if after, err = im.inspect(nil); err != nil {
+			return nil, err
+		}
+		res.CorruptionsFixed = max(0, before.corruptions-after.corruptions)
+		res.LeaksFixed = max(0, before.leaks-after.leaks)
+		if after.corruptions == 0 {
+			im.meta.Lock()
+			im.broken = ""
+			im.meta.Unlock()
+		}
+	}
+	res.Corruptions = after.corruptions
+	res.Leaks = after.leaks
+	res.Messages = before.msgs
+	if mode != driver.RepairNone && (res.CorruptionsFixed > 0 || res.LeaksFixed > 0) {
+		for _, m := range after.msgs {
+			res.Messages = append(res.Messages, "after repair: "+m)
+		}
+	}
+	res.AllocatedClusters = int64(after.sc.count)
+	res.TotalClusters = int64(len(im.bmap))
+	res.ImageEndOffset = after.fileSize
+	return res, nil
+}
+
+type inspection struct {
+	sc          mapScan
+	fileSize    int64
+	corruptions int
+	leaks       int
+	msgs        []string
+}
+
+func (im *image) inspect(_ context.Context) (inspection, error) {
+	fileSize, err := im.f.Size()
+	if err != nil {
+		return inspection{}, driver.WithFile(err, "stat", im.name)
+	}
+	sc := im.scan(fileSize, true)
+	in := inspection{sc: sc, fileSize: fileSize}
+	msg := func(format string, args ...any) { in.msgs = append(in.msgs, fmt.Sprintf(format, args...)) }
+	for _, b := range sc.pastEOF {
+		msg("ERROR: block %d points to data block %d, past the end of the file", b, im.entry(b))
+	}
+	for _, b := range sc.partial {
+		msg("ERROR: block %d points to data block %d, which the end of the file cuts short", b, im.entry(b))
+	}
+	for _, b := range sc.tooLarge {
+		msg("ERROR: block index %d too large, is %d", b, im.entry(b))
+	}
+	for _, d := range sc.dups {
+		msg("ERROR: block %d uses data block %d, also used by block %d", d[0], im.entry(d[0]), d[1])
+	}
+	in.corruptions = len(sc.pastEOF) + len(sc.partial) + len(sc.tooLarge) + len(sc.dups)
+	im.meta.Lock()
+	hdrAlloc := im.hdr.allocated
+	im.meta.Unlock()
+	switch {
+	case hdrAlloc != sc.count:
+		msg("ERROR: allocated blocks mismatch: the block map has %d, the header says %d", sc.count, hdrAlloc)
+		in.corruptions++
+	case int64(hdrAlloc) <= sc.maxIdx:
+		// A writer trusting the count (VirtualBox, qemu) would allocate
+		// over a data block in use.
+		msg("ERROR: the allocated block count %d does not cover data block %d, which is in use", hdrAlloc, sc.maxIdx)
+		in.corruptions++
+	}
+	if l := sc.slots - sc.used; l > 0 {
+		in.leaks = int(l)
+		msg("Leaked data blocks: %d of the %d in the file are not referenced", l, sc.slots)
+	}
+	return in, nil
+}
+
+func (im *image) repair(ctx context.Context, mode driver.RepairMode, in inspection) error {
+	blocking := len(in.sc.pastEOF) + len(in.sc.dups)
+	if mode == driver.RepairLeaks && blocking > 0 {
+		return nil // packing needs a consistent map
+	}
+	if mode == driver.RepairAll {
+		for _, b := range in.sc.pastEOF {
+			if err := im.setEntry(b, entFree); err != nil {
+				return err
+			}
+		}
+		for _, d := range in.sc.dups {
+			if err := im.setEntry(d[0], entFree); err != nil {
+				return err
+			}
+		}
+		var end int64
+		for _, b := range in.sc.partial {
+			end = max(end, im.slotOff(im.entry(b))+im.tbs)
+		}
+		if end > in.fileSize {
+			if err := im.f.Truncate(end); err != nil {
+				return driver.WithFile(err, "extend", im.name)
+			}
+		}
+		if err := im.f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", im.name)
+		}
+	}
+	return im.pack(nil)
+}

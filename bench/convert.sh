@@ -32,6 +32,9 @@ sync
 src_vdi=$work/src.vdi
 qemu-img convert -f raw -O vdi "$src" "$src_vdi"
 
+# VHD (vpc) source: the same content, a dynamic image made by qemu-img.
+src_vpc=$work/src.vhd
+qemu-img convert -f raw -O vpc "$src" "$src_vpc"
 
 
 # PAIRS: "name|src|srcfmt|dstfmt|extra vdisk/qemu args"
@@ -39,6 +42,8 @@ PAIRS=(
 	"raw->raw|$src|raw|raw|"
 	"raw->vdi|$src|raw|vdi|"
 	"vdi->raw|$src_vdi|vdi|raw|"
+	"raw->vpc|$src|raw|vpc|"
+	"vpc->raw|$src_vpc|vpc|raw|"
 )
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }

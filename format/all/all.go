@@ -7,4 +7,5 @@ package all
 import (
 	_ "github.com/vdisk/vdisk/format/raw"
 	_ "github.com/vdisk/vdisk/format/vdi"
+	_ "github.com/vdisk/vdisk/format/vhd"
 )

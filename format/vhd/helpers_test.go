@@ -1,0 +1,101 @@
+package vhd_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
+	_ "github.com/vdisk/vdisk/format/raw"
+	"github.com/vdisk/vdisk/format/vhd"
+	"github.com/vdisk/vdisk/internal/qemutest"
+)
+
+var ctx = context.Background()
+
+func kvs(opts ...string) []driver.KV {
+	var out []driver.KV
+	for _, o := range opts {
+		k, v, _ := strings.Cut(o, "=")
+		out = append(out, driver.KV{Key: k, Value: v})
+	}
+	return out
+}
+
+func create(t testing.TB, st driver.Storage, name string, size int64, backing string, opts ...string) *vdisk.Disk {
+	t.Helper()
+	co := &vdisk.CreateOptions{Format: "vpc", Size: size, Options: kvs(opts...), Storage: st, Overwrite: true}
+	if backing != "" {
+		co.Backing, co.BackingFormat = backing, "vpc"
+	}
+	d, err := vdisk.Create(ctx, name, co)
+	if err != nil {
+		t.Fatalf("create %s: %v", name, err)
+	}
+	return d
+}
+
+func openDisk(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk {
+	t.Helper()
+	d, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Format: "vpc", Storage: st, ReadOnly: ro})
+	if err != nil {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	return d
+}
+
+func readAll(t testing.TB, d *vdisk.Disk) []byte {
+	t.Helper()
+	b := make([]byte, d.Size())
+	if _, err := d.ReadAt(b, 0); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	return b
+}
+
+func spec(d *vdisk.Disk) *vhd.Specific {
+	return d.Top().Image.Info().Specific.(*vhd.Specific)
+}
+
+// qemuRaw converts a qemu-readable image to raw with qemu-img and returns
+// its content.
+func qemuRaw(t testing.TB, format, file string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "conv.raw")
+	qemutest.Img(t, "convert", "-f", format, "-O", "raw", file, out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func firstDiff(a, b []byte) string {
+	n := min(len(a), len(b))
+	for i := 0; i < n; i++ {
+		if a[i] != b[i] {
+			return fmt.Sprintf("byte %d: %#x vs %#x", i, a[i], b[i])
+		}
+	}
+	if len(a) != len(b) {
+		return fmt.Sprintf("lengths %d vs %d", len(a), len(b))
+	}
+	return "equal"
+}
+
+func mustEqual(t testing.TB, what string, got, want []byte) {
+	t.Helper()
+	if !bytes.Equal(got, want) {
+		t.Fatalf("%s: content differs (%s)", what, firstDiff(got, want))
+	}
+}
+
+func qemuSize(t testing.TB, file string) int64 {
+	t.Helper()
+	return int64(qemutest.Info(t, "vpc", file)["virtual-size"].(float64))
+}

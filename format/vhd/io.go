@@ -1,0 +1,634 @@
+package vhd
+
+import (
+	"errors"
+	"io"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+func (im *image) checkAccess(off, n int64) error {
+	im.mu.Lock()
+	size := im.size
+	im.mu.Unlock()
+	return driver.CheckRange(im.name, off, n, size)
+}
+
+func (im *image) readOnlyErr(off int64) error {
+	return driver.Errorf(driver.ErrReadOnly, im.name, off, "image opened read-only")
+}
+
+func (im *image) badErr(b int64) error {
+	return im.corrupt(im.batOff+4*b, "block %d's table entry %#x points outside the data area or into another block", b, im.bat[b])
+}
+
+// blockView is what one block holds for a range of its sectors, copied
+// under the lock.
+type blockView struct {
+	alloc bool
+	data  int64 // file offset of the block's data
+	full  bool
+	bits  []byte // bits of sectors base.., when !full
+	base  int64
+}
+
+// viewLocked describes block b for sectors [s0, s1).
+func (im *image) viewLocked(b, s0, s1 int64) (blockView, error) {
+	if im.isBad(b) {
+		return blockView{}, im.badErr(b)
+	}
+	e := im.bat[b]
+	if e == batUnused {
+		return blockView{}, nil
+	}
+	v := blockView{alloc: true, data: int64(e)*sectorSize + im.bmSize}
+	full, bm, err := im.bitmapLocked(b)
+	if err != nil {
+		return v, err
+	}
+	if full {
+		v.full = true
+		return v, nil
+	}
+	v.base = s0 &^ 7
+	v.bits = append([]byte(nil), bm.bits[s0/8:(s1+7)/8]...)
+	return v, nil
+}
+
+func (im *image) view(b, s0, s1 int64) (blockView, error) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.viewLocked(b, s0, s1)
+}
+
+func (v *blockView) set(s int64) bool {
+	if v.full {
+		return true
+	}
+	i := s - v.base
+	return v.bits[i/8]&(0x80>>(i%8)) != 0
+}
+
+// run returns whether sector s is set and how many sectors from s up to
+// limit share that state.
+func (v *blockView) run(s, limit int64) (bool, int64) {
+	st := v.set(s)
+	if v.full {
+		return true, limit - s
+	}
+	e := s + 1
+	for e < limit {
+		i := e - v.base
+		if i%8 == 0 && e+8 <= limit {
+			c := v.bits[i/8]
+			if st && c == 0xFF || !st && c == 0 {
+				e += 8
+				continue
+			}
+		}
+		if v.set(e) != st {
+			break
+		}
+		e++
+	}
+	return st, e - s
+}
+
+// fill reads what an unset range of this image shows: the parent's content
+// in a differencing image, zeros otherwise.
+func (im *image) fill(p []byte, voff int64) error {
+	if im.kind == diskDiff && im.parent != nil {
+		_, err := im.parent.ReadAt(p, voff)
+		return err
+	}
+	clear(p)
+	return nil
+}
+
+func (im *image) ReadAt(p []byte, off int64) (int, error) {
+	if err := im.checkAccess(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if im.kind == diskFixed {
+		if err := driver.ReadFullAt(im.f, p, off); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	done := 0
+	for done < len(p) {
+		pos := off + int64(done)
+		b, in := pos/im.bs, pos%im.bs
+		c := min(int64(len(p)-done), im.bs-in)
+		chunk := p[done : done+int(c)]
+		if err := im.readBlock(chunk, b, in); err != nil {
+			return done, err
+		}
+		done += int(c)
+	}
+	return done, nil
+}
+
+func (im *image) readBlock(p []byte, b, in int64) error {
+	end := in + int64(len(p))
+	s0, s1 := in/sectorSize, (end+sectorSize-1)/sectorSize
+	v, err := im.view(b, s0, s1)
+	if err != nil {
+		return err
+	}
+	if !v.alloc {
+		return im.fill(p, b*im.bs+in)
+	}
+	if v.full {
+		return driver.ReadFullAt(im.f, p, v.data+in)
+	}
+	for x := in; x < end; {
+		s := x / sectorSize
+		set, ns := v.run(s, s1)
+		re := min((s+ns)*sectorSize, end)
+		sub := p[x-in : re-in]
+		if set {
+			err = driver.ReadFullAt(im.f, sub, v.data+x)
+		} else {
+			err = im.fill(sub, b*im.bs+x)
+		}
+		if err != nil {
+			return err
+		}
+		x = re
+	}
+	return nil
+}
+
+func (im *image) Status(off, n int64) (driver.Extent, error) {
+	if err := im.checkAccess(off, n); err != nil {
+		return driver.Extent{}, err
+	}
+	if im.kind == diskFixed {
+		return im.fixedStatus(off, n)
+	}
+	b, in := off/im.bs, off%im.bs
+	c := min(n, im.bs-in)
+	s0, s1 := in/sectorSize, (in+c+sectorSize-1)/sectorSize
+	im.mu.Lock()
+	v, err := im.viewLocked(b, s0, s1)
+	if err == nil && !v.alloc {
+		// Merge following unallocated blocks.
+		for nb := b + 1; c < n && nb < int64(len(im.bat)) && im.bat[nb] == batUnused && !im.isBad(nb); nb++ {
+			c = min(n, c+im.bs)
+		}
+	}
+	im.mu.Unlock()
+	if err != nil {
+		return driver.Extent{}, err
+	}
+	if !v.alloc {
+		return driver.Extent{State: driver.Unallocated, Length: c, Offset: -1}, nil
+	}
+	set, ns := v.run(s0, s1)
+	l := min((s0+ns)*sectorSize-in, c)
+	if set {
+		return driver.Extent{State: driver.Data, Length: l, Offset: v.data + in}, nil
+	}
+	return driver.Extent{State: driver.Unallocated, Length: l, Offset: -1}, nil
+}
+
+func (im *image) fixedStatus(off, n int64) (driver.Extent, error) {
+	hs, ok := im.f.(driver.HoleSeeker)
+	if !ok {
+		return driver.Extent{State: driver.Data, Length: n, Offset: off}, nil
+	}
+	data, err := hs.SeekData(off)
+	if errors.Is(err, io.EOF) || err == nil && data >= off+n {
+		return driver.Extent{State: driver.Zero, Length: n, Offset: off}, nil
+	}
+	if err != nil {
+		return driver.Extent{}, err
+	}
+	if data > off {
+		return driver.Extent{State: driver.Zero, Length: data - off, Offset: off}, nil
+	}
+	hole, err := hs.SeekHole(off)
+	if err != nil {
+		return driver.Extent{}, err
+	}
+	if hole <= off {
+		hole = off + n
+	}
+	return driver.Extent{State: driver.Data, Length: min(n, hole-off), Offset: off}, nil
+}
+
+func (im *image) WriteAt(p []byte, off int64) (int, error) {
+	if im.ro {
+		return 0, im.readOnlyErr(off)
+	}
+	if err := im.checkAccess(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if im.kind == diskFixed {
+		return im.f.WriteAt(p, off)
+	}
+	done := 0
+	for done < len(p) {
+		pos := off + int64(done)
+		b, in := pos/im.bs, pos%im.bs
+		c := min(int64(len(p)-done), im.bs-in)
+		if err := im.writeBlock(b, in, p[done:done+int(c)]); err != nil {
+			return done, err
+		}
+		done += int(c)
+	}
+	return done, nil
+}
+
+// writeBlock writes p at byte in of block b.
+func (im *image) writeBlock(b, in int64, p []byte) error {
+	end := in + int64(len(p))
+	s0, s1 := in/sectorSize, (end+sectorSize-1)/sectorSize
+	im.mu.Lock()
+	v, err := im.viewLocked(b, s0, s1)
+	im.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if !v.alloc {
+		return im.allocWrite(b, in, p)
+	}
+	allSet := v.full
+	if !allSet {
+		allSet = true
+		for s := s0; s < s1; s++ {
+			if !v.set(s) {
+				allSet = false
+				break
+			}
+		}
+	}
+	if allSet {
+		_, err := im.f.WriteAt(p, v.data+in)
+		return err
+	}
+	// Partial sectors whose bit is clear take the rest of their content
+	// from what they show now (parent or zeros).
+	headPart := in%sectorSize != 0
+	tailPart := end%sectorSize != 0
+	if (headPart && !v.set(s0)) || (tailPart && !v.set(s1-1)) {
+		buf := make([]byte, (s1-s0)*sectorSize)
+		edge := func(s int64) error {
+			sec := buf[(s-s0)*sectorSize : (s-s0+1)*sectorSize]
+			if v.set(s) {
+				return driver.ReadFullAt(im.f, sec, v.data+s*sectorSize)
+			}
+			return im.fill(sec, b*im.bs+s*sectorSize)
+		}
+		if headPart {
+			if err := edge(s0); err != nil {
+				return err
+			}
+		}
+		if tailPart && (s1-1 != s0 || !headPart) {
+			if err := edge(s1 - 1); err != nil {
+				return err
+			}
+		}
+		copy(buf[in-s0*sectorSize:], p)
+		if _, err := im.f.WriteAt(buf, v.data+s0*sectorSize); err != nil {
+			return err
+		}
+	} else if _, err := im.f.WriteAt(p, v.data+in); err != nil {
+		return err
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.setBitsLocked(b, s0, s1)
+}
+
+// allocWrite allocates block b and writes p at byte in of it.
+func (im *image) allocWrite(b, in int64, p []byte) error {
+	end := in + int64(len(p))
+	s0, s1 := in/sectorSize, (end+sectorSize-1)/sectorSize
+	bm := make([]byte, im.bmSize)
+	data, dataOff := p, in
+	if im.kind == diskDiff {
+		for s := s0; s < s1; s++ {
+			bm[s/8] |= 0x80 >> (s % 8)
+		}
+		if in%sectorSize != 0 || end%sectorSize != 0 {
+			buf := make([]byte, (s1-s0)*sectorSize)
+			if in%sectorSize != 0 {
+				if err := im.fill(buf[:sectorSize], b*im.bs+s0*sectorSize); err != nil {
+					return err
+				}
+			}
+			if end%sectorSize != 0 && (s1-1 != s0 || in%sectorSize == 0) {
+				if err := im.fill(buf[len(buf)-sectorSize:], b*im.bs+(s1-1)*sectorSize); err != nil {
+					return err
+				}
+			}
+			copy(buf[in-s0*sectorSize:], p)
+			data, dataOff = buf, s0*sectorSize
+		}
+	} else {
+		// As qemu does: every bit set, the data area reads zeros where
+		// nothing was written. qemu ignores bitmaps, so this keeps both
+		// readers in agreement.
+		for i := range bm {
+			bm[i] = 0xFF
+		}
+	}
+	return im.allocBlock(b, bm, data, dataOff)
+}
+
+// allocBlock appends a block for b with bitmap bm, writes data at byte
+// dataOff of it (if any) and then points the BAT entry at it.
+func (im *image) allocBlock(b int64, bm, data []byte, dataOff int64) error {
+	im.mu.Lock()
+	pos, err := im.reserveLocked()
+	if err == nil {
+		im.inflight++
+		_, err = im.f.WriteAt(bm, pos)
+		if err != nil {
+			im.inflight--
+		}
+	}
+	im.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if len(data) > 0 {
+		_, err = im.f.WriteAt(data, pos+im.bmSize+dataOff)
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	im.inflight--
+	if err != nil {
+		return err
+	}
+	if err := im.setEntryLocked(b, uint32(pos/sectorSize)); err != nil {
+		return err
+	}
+	bits := bm[:im.bmBytes]
+	if im.isFull(bits) {
+		im.bms.state[b] = bmFull
+	} else {
+		im.bms.state[b] = bmPartial
+		return im.cachePutLocked(uint32(b), &bitmap{bits: append([]byte(nil), bits...)})
+	}
+	return nil
+}
+
+// reserveLocked takes the space for one more block at the end of the data
+// and moves the footer behind it (the new footer is written first, so the
+// file always ends with a valid footer; the caller then overwrites the old
+// one with the block's bitmap).
+func (im *image) reserveLocked() (int64, error) {
+	rs := im.bmSize + im.bs
+	pos := im.end
+	if pos/sectorSize > batUnused-1 {
+		return 0, driver.Errorf(driver.ErrUnsupported, im.name, pos, "the VHD file cannot grow past 2 TiB (its block table holds 32-bit sector numbers)")
+	}
+	if im.fileSize > pos+footerSize {
+		// Space leaked by an interrupted allocation: drop it, so the new
+		// block's data area reads zeros.
+		if err := im.f.Truncate(pos + footerSize); err != nil {
+			return 0, err
+		}
+		im.fileSize = pos + footerSize
+	}
+	if _, err := im.f.WriteAt(im.ftRaw, pos+rs); err != nil {
+		return 0, err
+	}
+	im.end = pos + rs
+	im.fileSize = max(im.fileSize, im.end+footerSize)
+	return pos, nil
+}
+
+func (im *image) setEntryLocked(b int64, v uint32) error {
+	var buf [4]byte
+	be.PutUint32(buf[:], v)
+	if _, err := im.f.WriteAt(buf[:], im.batOff+4*b); err != nil {
+		return err
+	}
+	im.bat[b] = v
+	return nil
+}
+
+// freeBlockLocked unmaps block b and punches its old space.
+func (im *image) freeBlockLocked(b int64) error {
+	e := im.bat[b]
+	if e == batUnused {
+		return nil
+	}
+	if err := im.setEntryLocked(b, batUnused); err != nil {
+		return err
+	}
+	im.dropBitmapLocked(b)
+	pos := int64(e) * sectorSize
+	if pos+im.bmSize+im.bs == im.end {
+		im.tailFreed = true // the file shrinks on the next flush
+	}
+	return im.f.PunchHole(pos, im.bmSize+im.bs)
+}
+
+// trimTailLocked shrinks the file when blocks at its end were freed: once
+// the cleared table entries are durable, the footer moves down behind the
+// last block still in use.
+func (im *image) trimTailLocked() error {
+	if !im.tailFreed || im.kind == diskFixed || im.inflight > 0 {
+		return nil // (with blocks being allocated, on a later flush)
+	}
+	im.tailFreed = false
+	rs := im.bmSize + im.bs
+	end := im.metaEnd
+	for _, e := range im.bat {
+		if e == batUnused {
+			continue
+		}
+		if p := int64(e) * sectorSize; p+rs <= im.fileSize {
+			end = max(end, p+rs)
+		}
+	}
+	if end >= im.end {
+		return nil
+	}
+	if err := im.f.Sync(); err != nil {
+		return err
+	}
+	if _, err := im.f.WriteAt(im.ftRaw, end); err != nil {
+		return err
+	}
+	if err := im.f.Truncate(end + footerSize); err != nil {
+		return err
+	}
+	im.end, im.fileSize = end, end+footerSize
+	return nil
+}
+
+// blockSpan is the part of the disk block b covers.
+func (im *image) blockSpan(b int64) int64 {
+	return min(im.bs, im.size-b*im.bs)
+}
+
+// parentZero reports whether [off, off+n) of the parent reads as zeros
+// (always true in a dynamic image).
+func (im *image) parentZero(off, n int64) (bool, error) {
+	if im.kind != diskDiff || im.parent == nil || !im.parent.Present() {
+		return true, nil
+	}
+	psize := im.parent.Size()
+	for n > 0 && off < psize {
+		e, err := im.parent.Status(off, min(n, psize-off))
+		if err != nil {
+			return false, err
+		}
+		if e.State == driver.Data || e.Length <= 0 {
+			return false, nil
+		}
+		off += e.Length
+		n -= e.Length
+	}
+	return true, nil
+}
+
+func (im *image) zeros(n int64) []byte {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if int64(len(im.zeroBuf)) < n {
+		im.zeroBuf = make([]byte, max(n, 64<<10))
+	}
+	return im.zeroBuf[:n]
+}
+
+// zeroFile makes [off, off+n) of the file read zeros.
+func (im *image) zeroFile(off, n int64, unmap bool) error {
+	if unmap {
+		return im.f.PunchHole(off, n)
+	}
+	if z, ok := im.f.(driver.ZeroRanger); ok {
+		return z.ZeroRange(off, n)
+	}
+	for n > 0 {
+		c := min(n, 1<<20)
+		if _, err := im.f.WriteAt(im.zeros(c), off); err != nil {
+			return err
+		}
+		off += c
+		n -= c
+	}
+	return nil
+}
+
+// WriteZeroes: whole blocks that read zeros without this image (every
+// block of a dynamic image) are unmapped; other whole blocks become
+// all-set blocks of zeros (sparse in the file); partial blocks are written
+// with zeros.
+func (im *image) WriteZeroes(off, n int64, unmap bool) error {
+	if im.ro {
+		return im.readOnlyErr(off)
+	}
+	if err := im.checkAccess(off, n); err != nil {
+		return err
+	}
+	if im.kind == diskFixed {
+		if unmap {
+			return im.f.PunchHole(off, n)
+		}
+		if z, ok := im.f.(driver.ZeroRanger); ok {
+			return z.ZeroRange(off, n)
+		}
+		return driver.ErrUnsupported
+	}
+	end := off + n
+	for off < end {
+		b, in := off/im.bs, off%im.bs
+		c := min(end-off, im.bs-in)
+		if err := im.zeroBlock(b, in, c, unmap); err != nil {
+			return err
+		}
+		off += c
+	}
+	return nil
+}
+
+func (im *image) zeroBlock(b, in, c int64, unmap bool) error {
+	whole := in == 0 && c == im.blockSpan(b)
+	im.mu.Lock()
+	if im.isBad(b) {
+		im.mu.Unlock()
+		return im.badErr(b)
+	}
+	e := im.bat[b]
+	im.mu.Unlock()
+	alloc := e != batUnused
+	pz, err := im.parentZero(b*im.bs+in, c)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !alloc && pz:
+		return nil
+	case whole && alloc && pz && unmap:
+		im.mu.Lock()
+		defer im.mu.Unlock()
+		return im.freeBlockLocked(b)
+	case whole && alloc:
+		data := int64(e)*sectorSize + im.bmSize
+		if err := im.zeroFile(data, im.bs, unmap); err != nil {
+			return err
+		}
+		im.mu.Lock()
+		defer im.mu.Unlock()
+		return im.setBitsLocked(b, 0, im.spb)
+	case whole:
+		bm := make([]byte, im.bmSize)
+		for i := range bm {
+			bm[i] = 0xFF
+		}
+		return im.allocBlock(b, bm, nil, 0)
+	}
+	for c > 0 {
+		k := min(c, 1<<20)
+		if err := im.writeBlock(b, in, im.zeros(k)); err != nil {
+			return err
+		}
+		in += k
+		c -= k
+	}
+	return nil
+}
+
+// Discard unmaps whole blocks: a discarded block of a dynamic image reads
+// zeros, one of a differencing image shows the parent again. Partial
+// blocks are left as they are. In a fixed image the range is punched out
+// of the file (it reads zeros).
+func (im *image) Discard(off, n int64) error {
+	if im.ro {
+		return im.readOnlyErr(off)
+	}
+	if err := im.checkAccess(off, n); err != nil {
+		return err
+	}
+	if im.kind == diskFixed {
+		return im.f.PunchHole(off, n)
+	}
+	end := off + n
+	for off < end {
+		b, in := off/im.bs, off%im.bs
+		c := min(end-off, im.bs-in)
+		if in == 0 && c == im.blockSpan(b) {
+			im.mu.Lock()
+			var err error
+			if im.isBad(b) {
+				err = im.badErr(b)
+			} else {
+				err = im.freeBlockLocked(b)
+			}
+			im.mu.Unlock()
+			if err != nil {
+				return err
+			}
+		}
+		off += c
+	}
+	return nil
+}

@@ -111,53 +111,22 @@ func refreshParentMod(child, target *Layer) error {
 	return driver.WithFile(child.Image.Flush(), "flush", child.Name)
 }
 
-// copyRuns copies into layer dst (by index) every run of [0, size) that the
-// sub-chain [from, to) of d holds (status depth within the range), reading
-// the content through layer from's view of the chain. Zero runs are written
-// as zeroes so they shadow what lies below.
+// copyRuns copies into layer dst every run of [0, size) that the sub-chain
+// [from, to) of d holds (status depth within the range), reading the content
+// through layer from's view of the chain, then flushes dst. Zero runs are
+// written as zeroes so they shadow what lies below.
 func (d *Disk) copyRuns(ctx context.Context, dst *Layer, from, to int, size int64, progress Progress) error {
-	buf := make([]byte, 2<<20)
-	off := int64(0)
+	const step = 64 << 20 // progress granularity
 	if progress != nil {
 		progress(0, size)
 	}
-	for off < size {
-		if err := ctx.Err(); err != nil {
+	for off := int64(0); off < size; off += step {
+		end := min(size, off+step)
+		if err := d.copyRunsRange(ctx, dst, from, to, off, end); err != nil {
 			return err
 		}
-		e, err := d.statusFrom(from, off, size-off)
-		if err != nil {
-			return err
-		}
-		if e.Present && e.Depth < to {
-			end := off + e.Length
-			for off < end {
-				n := min(int64(len(buf)), end-off)
-				p := buf[:n]
-				if e.Data {
-					if err := d.readFrom(from, p, off); err != nil {
-						return err
-					}
-					if driver.IsZero(p) {
-						if err := writeZeroes(dst, off, n); err != nil {
-							return err
-						}
-					} else if _, err := dst.Image.WriteAt(p, off); err != nil {
-						return driver.WithFile(err, "write", dst.Name)
-					}
-				} else if err := writeZeroes(dst, off, n); err != nil {
-					return err
-				}
-				off += n
-				if progress != nil {
-					progress(off, size)
-				}
-			}
-			continue
-		}
-		off += e.Length
 		if progress != nil {
-			progress(off, size)
+			progress(end, size)
 		}
 	}
 	return driver.WithFile(dst.Image.Flush(), "flush", dst.Name)

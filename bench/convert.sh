@@ -36,6 +36,9 @@ qemu-img convert -f raw -O vdi "$src" "$src_vdi"
 src_vpc=$work/src.vhd
 qemu-img convert -f raw -O vpc "$src" "$src_vpc"
 
+# QCOW2 source: the same content, made by qemu-img.
+src_qcow2=$work/src.qcow2
+qemu-img convert -f raw -O qcow2 "$src" "$src_qcow2"
 
 # PAIRS: "name|src|srcfmt|dstfmt|extra vdisk/qemu args"
 PAIRS=(
@@ -44,6 +47,10 @@ PAIRS=(
 	"vdi->raw|$src_vdi|vdi|raw|"
 	"raw->vpc|$src|raw|vpc|"
 	"vpc->raw|$src_vpc|vpc|raw|"
+	"raw->qcow2|$src|raw|qcow2|"
+	"qcow2->raw|$src_qcow2|qcow2|raw|"
+	"raw->qcow2-c|$src|raw|qcow2|-c"
+	"raw->qcow2-zstd|$src|raw|qcow2|-c -o compression_type=zstd"
 )
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }

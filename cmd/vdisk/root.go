@@ -116,6 +116,7 @@ Its commands take the same names and flags as qemu-img's.`,
 		a.newAmendCmd(),
 		a.newDDCmd(),
 		a.newBenchCmd(),
+		a.newServeCmd(),
 	)
 	return root
 }

@@ -5,6 +5,7 @@
 package all
 
 import (
+	_ "github.com/vdisk/vdisk/format/qcow2"
 	_ "github.com/vdisk/vdisk/format/raw"
 	_ "github.com/vdisk/vdisk/format/vdi"
 	_ "github.com/vdisk/vdisk/format/vhd"

@@ -1,0 +1,322 @@
+package main
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/nbd"
+)
+
+// snapshotFormats are the differencing formats --snapshot tries, in order;
+// the first one registered is used for the throw-away overlay.
+var snapshotFormats = []string{"qcow2", "vdi"}
+
+// serveOptions are the flags of `vdisk serve`.
+type serveOptions struct {
+	format, exportName, description string
+	exports                         []string
+	readOnly, snapshot, persistent  bool
+	shared                          int
+	bind, socket                    string
+	port                            int
+	pidFile                         string
+	tlsCert, tlsKey                 string
+	tlsRequired                     bool
+	allowFrom                       []string
+	handshakeLimit                  int
+}
+
+func (a *app) newServeCmd() *cobra.Command {
+	var o serveOptions
+	cmd := &cobra.Command{
+		Use:   "serve [-f FMT] [-r] [-s] [-t] [-e N] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [--export NAME=IMAGE]... [IMAGE]",
+		Short: "Serve images over NBD (like qemu-nbd)",
+		Long: `Export IMAGE (and its backing chain) over the Network Block Device protocol,
+as qemu-nbd does: under the name given by -x (default "", the default
+export), plus any number of --export NAME=IMAGE. Clients such as qemu,
+nbdcopy, nbdinfo, nbdfuse or the kernel's nbd-client connect to
+nbd://127.0.0.1:10809/NAME, or with -k to nbd+unix:///NAME?socket=SOCKET.
+
+The server listens on 127.0.0.1 port 10809 unless told otherwise: bind
+another address with -b (0.0.0.0 for every interface) and restrict clients
+with --allow-from. It serves -e clients at once (default 1, like qemu-nbd;
+0 means no limit; further clients wait) and, without -t, exits once the
+last client has disconnected. SIGINT and SIGTERM stop it after in-flight
+requests finish; every image is flushed and closed.
+
+Every connection to an export shares one open image, so with -e other than
+1 the server advertises multi-connection support. -s serves a throw-away
+overlay (the image itself is never written); it needs a differencing format
+(qcow2 or vdi) in this build. TLS is offered with --tls-cert and --tls-key
+(PEM files) and enforced with --tls-required.`,
+		Args: rangeArgs(0, 1, "expecting at most one image file name (use --export NAME=IMAGE for more)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			image := ""
+			if len(args) == 1 {
+				image = args[0]
+			}
+			return a.serve(image, &o)
+		},
+	}
+	fl := cmd.Flags()
+	addFormatFlag(cmd, &o.format, "format of the images (probed when not given)")
+	fl.StringVarP(&o.exportName, "export-name", "x", "", "export name of IMAGE")
+	fl.StringVarP(&o.description, "description", "D", "", "description of IMAGE's export")
+	fl.StringArrayVar(&o.exports, "export", nil, "also export IMAGE under NAME (NAME=IMAGE; repeatable)")
+	fl.BoolVarP(&o.readOnly, "read-only", "r", false, "export read-only")
+	fl.BoolVarP(&o.snapshot, "snapshot", "s", false, "serve a temporary overlay: writes never reach the images")
+	fl.BoolVarP(&o.persistent, "persistent", "t", false, "keep serving after the last client disconnects")
+	fl.IntVarP(&o.shared, "shared", "e", 1, "serve at most N clients at once (0: no limit)")
+	fl.StringVarP(&o.bind, "bind", "b", "127.0.0.1", "listen on this address")
+	fl.IntVarP(&o.port, "port", "p", 10809, "listen on this TCP port")
+	fl.StringVarP(&o.socket, "socket", "k", "", "listen on this unix socket instead of TCP")
+	fl.StringVar(&o.pidFile, "pid-file", "", "write the process ID to this file while serving")
+	fl.StringVar(&o.tlsCert, "tls-cert", "", "TLS certificate (PEM) offered with NBD_OPT_STARTTLS")
+	fl.StringVar(&o.tlsKey, "tls-key", "", "private key (PEM) of --tls-cert")
+	fl.BoolVar(&o.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
+	fl.StringArrayVar(&o.allowFrom, "allow-from", nil, "accept TCP clients only from this address or CIDR network (repeatable)")
+	fl.IntVar(&o.handshakeLimit, "handshake-limit", 10, "seconds a client has to complete the handshake (0: no limit)")
+	var ignored bool
+	fl.BoolVarP(&ignored, "allocation-depth", "A", false, "accepted for qemu-nbd compatibility: qemu:allocation-depth is always offered")
+	return cmd
+}
+
+// exportSpec is one image to export.
+type exportSpec struct {
+	name, image, description string
+}
+
+func (o *serveOptions) specs(image string) ([]exportSpec, error) {
+	var specs []exportSpec
+	if image != "" {
+		specs = append(specs, exportSpec{o.exportName, image, o.description})
+	}
+	for _, e := range o.exports {
+		name, img, ok := strings.Cut(e, "=")
+		if !ok || img == "" {
+			return nil, usageErrorf("--export %q: expecting NAME=IMAGE", e)
+		}
+		specs = append(specs, exportSpec{name: name, image: img})
+	}
+	if len(specs) == 0 {
+		return nil, usageErrorf("expecting an image file name or --export NAME=IMAGE")
+	}
+	seen := map[string]bool{}
+	for _, s := range specs {
+		if seen[s.name] {
+			return nil, usageErrorf("export name %q is given twice", s.name)
+		}
+		seen[s.name] = true
+		if len(s.name) > 4096 {
+			return nil, usageErrorf("export name longer than 4096 bytes")
+		}
+	}
+	return specs, nil
+}
+
+func (a *app) serve(image string, o *serveOptions) (err error) {
+	specs, err := o.specs(image)
+	if err != nil {
+		return err
+	}
+	if o.shared < 0 {
+		return usageErrorf("--shared must be 0 (no limit) or more")
+	}
+	if o.handshakeLimit < 0 {
+		return usageErrorf("--handshake-limit must be 0 (no limit) or more")
+	}
+	if (o.tlsCert == "") != (o.tlsKey == "") {
+		return usageErrorf("--tls-cert and --tls-key go together")
+	}
+	if o.tlsRequired && o.tlsCert == "" {
+		return usageErrorf("--tls-required needs --tls-cert and --tls-key")
+	}
+	allow, err := parseAllowFrom(o.allowFrom)
+	if err != nil {
+		return err
+	}
+	srv := &nbd.Server{
+		MaxConns:         o.shared,
+		Persistent:       o.persistent,
+		TLSRequired:      o.tlsRequired,
+		HandshakeTimeout: time.Duration(o.handshakeLimit) * time.Second,
+		Allow:            allow,
+		Logger:           a.log,
+	}
+	if o.handshakeLimit == 0 {
+		srv.HandshakeTimeout = -1
+	}
+	if o.tlsCert != "" {
+		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
+		if err != nil {
+			return fmt.Errorf("loading the TLS certificate: %w", err)
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+
+	// Open every image once (an image exported under two names shares its
+	// Disk); close them all on the way out, which flushes them.
+	var disks []*vdisk.Disk
+	var tmpDirs []string
+	defer func() {
+		for _, d := range disks {
+			if cerr := d.Close(); cerr != nil && err == nil {
+				err = cerr
+			}
+		}
+		for _, dir := range tmpDirs {
+			os.RemoveAll(dir)
+		}
+	}()
+	byPath := map[string]*vdisk.Disk{}
+	for _, s := range specs {
+		key := s.image
+		if abs, err := filepath.Abs(s.image); err == nil {
+			key = abs
+		}
+		d := byPath[key]
+		if d == nil {
+			var tmp string
+			d, tmp, err = a.openServed(s.image, o)
+			if tmp != "" {
+				tmpDirs = append(tmpDirs, tmp)
+			}
+			if err != nil {
+				return err
+			}
+			disks = append(disks, d)
+			byPath[key] = d
+		}
+		srv.Exports = append(srv.Exports, &nbd.Export{Name: s.name, Description: s.description, Disk: d, ReadOnly: o.readOnly})
+	}
+
+	l, err := listen(o)
+	if err != nil {
+		return err
+	}
+	if o.pidFile != "" {
+		if err := os.WriteFile(o.pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+			l.Close()
+			return fmt.Errorf("writing the pid file: %w", err)
+		}
+		defer os.Remove(o.pidFile)
+	}
+	a.log.Debug("serving", "address", l.Addr().String(), "exports", len(srv.Exports))
+	return srv.Serve(a.ctx, l)
+}
+
+// openServed opens one image for serving: read-write unless -r, or as the
+// base of a temporary overlay with -s (tmp is the directory to remove).
+func (a *app) openServed(image string, o *serveOptions) (d *vdisk.Disk, tmp string, err error) {
+	opts := &vdisk.OpenOptions{Format: o.format, ReadOnly: o.readOnly || o.snapshot, AllowUnsafeBacking: true, Logger: a.log}
+	d, err = vdisk.Open(a.ctx, image, opts)
+	if err != nil || !o.snapshot {
+		return d, "", err
+	}
+	// -s: learn the format (probing as Open did), then stack an overlay.
+	baseFormat := d.Top().Format.Name
+	size := d.Size()
+	d.Close()
+	var f *driver.Format
+	for _, name := range snapshotFormats {
+		if g, err := driver.Lookup(name); err == nil && g.Caps&driver.CapDiff != 0 && g.Create != nil {
+			f = g
+			break
+		}
+	}
+	if f == nil {
+		return nil, "", driver.Errorf(vdisk.ErrUnsupported, image, -1,
+			"--snapshot needs a differencing image format (%s), and none is available in this build", strings.Join(snapshotFormats, " or "))
+	}
+	abs, err := filepath.Abs(image)
+	if err != nil {
+		return nil, "", err
+	}
+	tmp, err = os.MkdirTemp("", "vdisk-serve-")
+	if err != nil {
+		return nil, "", err
+	}
+	overlay := filepath.Join(tmp, "snapshot."+f.Name)
+	d, err = vdisk.Create(a.ctx, overlay, &vdisk.CreateOptions{
+		Format: f.Name, Size: size, Backing: abs, BackingFormat: baseFormat, AllowUnsafeBacking: true, Logger: a.log,
+	})
+	if err != nil {
+		return nil, tmp, err
+	}
+	a.log.Debug("serving a temporary overlay", "image", image, "overlay", overlay, "format", f.Name)
+	return d, tmp, nil
+}
+
+// listen opens the unix socket (-k) or the TCP address (-b, -p). A stale
+// socket file nobody listens on is replaced.
+func listen(o *serveOptions) (net.Listener, error) {
+	if o.socket != "" {
+		l, err := net.Listen("unix", o.socket)
+		if err != nil && errors.Is(err, syscall.EADDRINUSE) {
+			if fi, serr := os.Lstat(o.socket); serr == nil && fi.Mode().Type() == fs.ModeSocket {
+				if c, derr := net.Dial("unix", o.socket); derr == nil {
+					c.Close()
+				} else if os.Remove(o.socket) == nil {
+					l, err = net.Listen("unix", o.socket)
+				}
+			}
+		}
+		return l, err
+	}
+	if o.port < 0 || o.port > 65535 {
+		return nil, usageErrorf("invalid port %d", o.port)
+	}
+	return net.Listen("tcp", net.JoinHostPort(o.bind, strconv.Itoa(o.port)))
+}
+
+// parseAllowFrom turns --allow-from values into a filter of TCP clients
+// (unix socket clients are always accepted).
+func parseAllowFrom(list []string) (func(net.Addr) bool, error) {
+	if len(list) == 0 {
+		return nil, nil
+	}
+	var nets []*net.IPNet
+	for _, s := range list {
+		for _, item := range strings.Split(s, ",") {
+			item = strings.TrimSpace(item)
+			if _, n, err := net.ParseCIDR(item); err == nil {
+				nets = append(nets, n)
+				continue
+			}
+			ip := net.ParseIP(item)
+			if ip == nil {
+				return nil, usageErrorf("--allow-from %q: expecting an IP address or a CIDR network", item)
+			}
+			bits := 8 * len(ip)
+			if ip4 := ip.To4(); ip4 != nil {
+				ip, bits = ip4, 32
+			}
+			nets = append(nets, &net.IPNet{IP: ip, Mask: net.CIDRMask(bits, bits)})
+		}
+	}
+	return func(addr net.Addr) bool {
+		ta, ok := addr.(*net.TCPAddr)
+		if !ok {
+			return true
+		}
+		for _, n := range nets {
+			if n.Contains(ta.IP) {
+				return true
+			}
+		}
+		return false
+	}, nil
+}

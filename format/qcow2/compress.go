@@ -1,0 +1,429 @@
+package qcow2
+
+import (
+	"errors"
+	"runtime"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/format/qcow2/internal/deflate4k"
+)
+
+// CompressedWriter is implemented by images that store whole clusters
+// compressed (qcow2; `convert -c`).
+//
+// WriteCompressed stores p at off compressed. off must be a multiple of
+// CompressedUnit() and p one unit long, or shorter when it ends at the end
+// of the disk. Clusters that do not shrink are stored uncompressed. The
+// call may return before the data is stored: compression runs in parallel
+// on all cores and the results are written in the order of the calls, so
+// a sequential caller gets a sequentially written, densely packed file.
+// Any other operation on the image (and Flush, which also reports errors of
+// earlier WriteCompressed calls) waits for pending compressed writes
+// first. p may be reused as soon as the call returns.
+type CompressedWriter interface {
+	CompressedUnit() int64
+	WriteCompressed(p []byte, off int64) error
+}
+
+var _ CompressedWriter = (*image)(nil)
+
+// cjob is one cluster on its way through the pipeline.
+type cjob struct {
+	seq  int64
+	off  int64 // guest offset
+	data []byte
+	out  []byte // compressed bytes; nil when the cluster does not shrink
+}
+
+// compWriter is the compressed write pipeline: WriteCompressed submits
+// jobs, workers compress them in parallel, and one writer goroutine stores
+// them in submission order.
+type compWriter struct {
+	im       *image
+	jobs     chan *cjob
+	mu       sync.Mutex
+	cond     *sync.Cond
+	next     int64 // sequence number of the next submission
+	done     int64 // sequence number of the next job to store
+	ready    map[int64]*cjob
+	inflight sync.WaitGroup
+	err      error
+	stopped  bool
+	wg       sync.WaitGroup
+	bufs     sync.Pool
+}
+
+// CompressedUnit is the unit of WriteCompressed: one cluster.
+func (im *image) CompressedUnit() int64 { return im.cs }
+
+// WriteCompressed queues p (one cluster at a cluster-aligned offset) to be
+// stored compressed. See CompressedWriter.
+func (im *image) WriteCompressed(p []byte, off int64) error {
+	if err := im.beginWrite(off); err != nil {
+		return err
+	}
+	if im.extData {
+		return driver.Unsupportedf(im.name, "compressed clusters are not supported with an external data file")
+	}
+	size := im.Size()
+	if err := driver.CheckRange(im.name, off, int64(len(p)), size); err != nil {
+		return err
+	}
+	if off%im.cs != 0 || (int64(len(p)) != im.cs && off+int64(len(p)) != size) || len(p) == 0 {
+		return driver.Errorf(driver.ErrInvalidOption, im.name, off, "compressed writes take whole clusters (%d bytes at a cluster boundary)", im.cs)
+	}
+	cw := im.compressor()
+	cw.mu.Lock()
+	if cw.err != nil {
+		err := cw.err
+		cw.mu.Unlock()
+		return err
+	}
+	seq := cw.next
+	cw.next++
+	cw.inflight.Add(1)
+	cw.mu.Unlock()
+	buf := cw.getBuf()
+	copy(buf, p)
+	clear(buf[len(p):])
+	cw.jobs <- &cjob{seq: seq, off: off, data: buf}
+	return nil
+}
+
+// compressor returns the pipeline, starting it on first use.
+func (im *image) compressor() *compWriter {
+	im.cwMu.Lock()
+	defer im.cwMu.Unlock()
+	if im.cw != nil {
+		return im.cw
+	}
+	n := runtime.GOMAXPROCS(0)
+	cw := &compWriter{im: im, jobs: make(chan *cjob, 2*n), ready: map[int64]*cjob{}}
+	cw.cond = sync.NewCond(&cw.mu)
+	cs := int(im.cs)
+	cw.bufs.New = func() any { b := make([]byte, cs); return &b }
+	for i := 0; i < n; i++ {
+		cw.wg.Add(1)
+		go cw.worker()
+	}
+	cw.wg.Add(1)
+	go cw.writer()
+	im.cw = cw
+	return cw
+}
+
+func (cw *compWriter) getBuf() []byte  { return *(cw.bufs.Get().(*[]byte)) }
+func (cw *compWriter) putBuf(b []byte) { cw.bufs.Put(&b) }
+
+// worker compresses jobs.
+func (cw *compWriter) worker() {
+	defer cw.wg.Done()
+	im := cw.im
+	cs := int(im.cs)
+	var zw deflate4k.Encoder
+	var ze *zstd.Encoder
+	for j := range cw.jobs {
+		var res []byte
+		switch im.hdr.compressionType {
+		case compressionZlib:
+			// qemu inflates with a 4 KiB window: no back-reference may
+			// reach further, which general deflate encoders do not offer.
+			b := zw.Compress(cw.getBuf()[:0], j.data)
+			if len(b) < cs {
+				res = b
+			} else if cap(b) >= cs {
+				cw.putBuf(b[:cs])
+			}
+		case compressionZstd:
+			if ze == nil {
+				// The "better" level is a little slower than zstd's default
+				// (qemu's) and never larger.
+				ze, _ = zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false),
+					zstd.WithEncoderLevel(zstd.SpeedBetterCompression))
+			}
+			b := ze.EncodeAll(j.data, cw.getBuf()[:0])
+			if len(b) < cs {
+				res = b
+			} else if cap(b) >= cs {
+				cw.putBuf(b[:cs])
+			}
+		}
+		j.out = res
+		cw.mu.Lock()
+		cw.ready[j.seq] = j
+		cw.cond.Broadcast()
+		cw.mu.Unlock()
+	}
+}
+
+// writer stores compressed jobs in sequence order, in batches.
+func (cw *compWriter) writer() {
+	defer cw.wg.Done()
+	const maxBatch = 64
+	for {
+		cw.mu.Lock()
+		for cw.ready[cw.done] == nil && !cw.stopped {
+			cw.cond.Wait()
+		}
+		if cw.ready[cw.done] == nil && cw.stopped {
+			cw.mu.Unlock()
+			return
+		}
+		var batch []*cjob
+		for len(batch) < maxBatch {
+			j := cw.ready[cw.done]
+			if j == nil {
+				break
+			}
+			delete(cw.ready, cw.done)
+			cw.done++
+			batch = append(batch, j)
+		}
+		failed := cw.err != nil
+		cw.mu.Unlock()
+		var err error
+		if !failed {
+			err = cw.im.storeCompressed(batch)
+		}
+		for _, j := range batch {
+			cw.putBuf(j.data)
+			if j.out != nil && cap(j.out) >= int(cw.im.cs) {
+				cw.putBuf(j.out[:cw.im.cs])
+			}
+		}
+		cw.mu.Lock()
+		if err != nil && cw.err == nil {
+			cw.err = err
+		}
+		cw.mu.Unlock()
+		for range batch {
+			cw.inflight.Done()
+		}
+	}
+}
+
+// drainCompressor waits until every queued compressed write is stored.
+func (im *image) drainCompressor() {
+	im.cwMu.Lock()
+	cw := im.cw
+	im.cwMu.Unlock()
+	if cw != nil {
+		cw.inflight.Wait()
+	}
+}
+
+// stopCompressor drains and stops the pipeline.
+func (im *image) stopCompressor() {
+	im.cwMu.Lock()
+	cw := im.cw
+	im.cw = nil
+	im.cwMu.Unlock()
+	if cw == nil {
+		return
+	}
+	cw.inflight.Wait()
+	close(cw.jobs)
+	cw.mu.Lock()
+	cw.stopped = true
+	cw.cond.Broadcast()
+	if cw.err != nil {
+		im.cwLastErr = cw.err
+	}
+	cw.mu.Unlock()
+	cw.wg.Wait()
+}
+
+// cwErr returns (and clears) the error of an earlier compressed write.
+func (im *image) cwErr() error {
+	im.cwMu.Lock()
+	cw := im.cw
+	err := im.cwLastErr
+	im.cwLastErr = nil
+	im.cwMu.Unlock()
+	if err != nil {
+		return err
+	}
+	if cw == nil {
+		return nil
+	}
+	cw.mu.Lock()
+	defer cw.mu.Unlock()
+	err, cw.err = cw.err, nil
+	return err
+}
+
+// cwErrLocked is cwErr for callers holding mu (the pipeline never takes
+// cwMu while holding mu, so the order is safe).
+func (im *image) cwErrLocked() error { return im.cwErr() }
+
+// storeCompressed stores a batch of jobs in order: runs of compressed
+// clusters together, clusters that did not shrink as normal writes.
+func (im *image) storeCompressed(batch []*cjob) error {
+	for len(batch) > 0 {
+		if batch[0].out == nil {
+			j := batch[0]
+			n := min(im.cs, im.sizeShared()-j.off)
+			if err := im.writeChunk(j.data[:n], j.off); err != nil {
+				return err
+			}
+			batch = batch[1:]
+			continue
+		}
+		k := 1
+		for k < len(batch) && batch[k].out != nil {
+			k++
+		}
+		if err := im.storeCompressedRun(batch[:k]); err != nil {
+			return err
+		}
+		batch = batch[k:]
+	}
+	return nil
+}
+
+// storeCompressedRun allocates space for compressed clusters, writes them
+// (contiguous ones with one call) and then points their L2 entries at them.
+func (im *image) storeCompressedRun(batch []*cjob) error {
+	type placed struct {
+		j    *cjob
+		host int64
+		n    int64
+	}
+	var comp []placed
+	im.mu.Lock()
+	// L2 tables first, so that the data stays contiguous.
+	for _, j := range batch {
+		if _, err := im.l2ForWrite(j.off / im.l2Span()); err != nil {
+			im.mu.Unlock()
+			return err
+		}
+	}
+	for _, j := range batch {
+		host, err := im.allocCompressed(int64(len(j.out)))
+		if err != nil {
+			for _, p := range comp {
+				im.unrefCompressedBytes(p.host, p.n)
+			}
+			im.mu.Unlock()
+			return err
+		}
+		comp = append(comp, placed{j, host, int64(len(j.out))})
+	}
+	im.mu.Unlock()
+
+	var err error
+	for i := 0; i < len(comp) && err == nil; {
+		k := i + 1
+		end := comp[i].host + comp[i].n
+		for k < len(comp) && comp[k].host == end {
+			end += comp[k].n
+			k++
+		}
+		if k == i+1 {
+			_, err = im.f.WriteAt(comp[i].j.out, comp[i].host)
+		} else {
+			buf := make([]byte, 0, end-comp[i].host)
+			for _, p := range comp[i:k] {
+				buf = append(buf, p.j.out...)
+			}
+			_, err = im.f.WriteAt(buf, comp[i].host)
+		}
+		i = k
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err != nil {
+		for _, p := range comp {
+			im.unrefCompressedBytes(p.host, p.n)
+		}
+		return err
+	}
+	im.dataDirty.Store(true)
+	for _, p := range comp {
+		nsec := uint64(((p.host + p.n - 1) >> 9) - (p.host >> 9))
+		desc := uint64(p.host) | nsec<<im.cshift | oflagCompressed
+		if err := im.setEntryReplacing(p.j.off, desc, 0); err != nil {
+			return err
+		}
+	}
+	im.shrinkCaches()
+	return nil
+}
+
+// setEntryReplacing sets the L2 entry of guest offset off and drops the
+// references of the entry it replaces. Callers hold mu.
+func (im *image) setEntryReplacing(off int64, e, bm uint64) error {
+	t, err := im.l2ForWrite(off / im.l2Span())
+	if err != nil {
+		return err
+	}
+	ci := (off >> im.cbits) & (im.l2n - 1)
+	old, _ := im.entry(t.buf, ci)
+	im.setEntry(t.buf, ci, e, bm)
+	t.dirty = true
+	switch {
+	case old&oflagCompressed != 0:
+		return im.releaseCompressed(old &^ (oflagCompressed | oflagCopied))
+	case old&offMask != 0:
+		return im.addRef(int64(old&offMask)>>im.cbits, -1, 0)
+	}
+	return nil
+}
+
+// allocCompressed finds room for n bytes of compressed data, packed after
+// the previous compressed cluster, and takes a reference on every host
+// cluster the bytes touch. Callers hold mu.
+func (im *image) allocCompressed(n int64) (int64, error) {
+	if n <= 0 || n >= im.cs {
+		return 0, errors.New("compressed size out of range")
+	}
+	if cur := im.cmpCur; cur != 0 {
+		cl := cur >> im.cbits
+		end := cur + n
+		last := (end - 1) >> im.cbits
+		ok := last == cl
+		if !ok {
+			free, err := im.isFree(cl + 1)
+			if err != nil {
+				return 0, err
+			}
+			ok = free
+			if ok {
+				if err := im.claim(cl+1, 1); err != nil {
+					return 0, err
+				}
+			}
+		}
+		if ok {
+			if err := im.addRef(cl, 1, 0); err != nil {
+				return 0, err
+			}
+			im.cmpCur = end
+			if end%im.cs == 0 {
+				im.cmpCur = 0
+			}
+			return cur, nil
+		}
+	}
+	k := (n + im.cs - 1) / im.cs
+	s, err := im.allocContig(k)
+	if err != nil {
+		return 0, err
+	}
+	off := s << im.cbits
+	im.cmpCur = off + n
+	if im.cmpCur%im.cs == 0 {
+		im.cmpCur = 0
+	}
+	return off, nil
+}
+
+// unrefCompressedBytes undoes allocCompressed.
+func (im *image) unrefCompressedBytes(off, n int64) {
+	for c := off >> im.cbits; c <= (off+n-1)>>im.cbits; c++ {
+		_ = im.addRef(c, -1, 0)
+	}
+}

@@ -1,0 +1,354 @@
+package qcow2
+
+import (
+	"context"
+	"path/filepath"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+// createOpts are the validated create options.
+type createOpts struct {
+	version   uint32
+	cs        int64
+	extL2     bool
+	rorder    uint32
+	lazy      bool
+	prealloc  string
+	dataFile  string
+	dataRaw   bool
+	ctype     uint8
+	backing   string
+	backFmt   string
+	hasBackFm bool
+}
+
+func parseCreateOpts(p *driver.CreateParams) (*createOpts, error) {
+	o := p.Options
+	c := &createOpts{version: 3, cs: 64 << 10, rorder: 4, prealloc: "off"}
+	switch o.String("compat") {
+	case "0.10", "v2":
+		c.version = 2
+	}
+	if o.Has("cluster_size") {
+		c.cs = o.Int("cluster_size")
+	}
+	if c.cs < 512 || c.cs > 2<<20 || c.cs&(c.cs-1) != 0 {
+		return nil, driver.OptionErrorf("cluster size must be a power of two between 512 and 2M")
+	}
+	c.extL2 = o.Bool("extended_l2")
+	if o.Has("refcount_bits") {
+		rb := o.Int("refcount_bits")
+		if rb < 1 || rb > 64 || rb&(rb-1) != 0 {
+			return nil, driver.OptionErrorf("refcount_bits must be a power of two between 1 and 64")
+		}
+		c.rorder = uint32(log2(rb))
+	}
+	c.lazy = o.Bool("lazy_refcounts")
+	if s := o.String("preallocation"); s != "" {
+		c.prealloc = s
+	}
+	c.dataFile = o.String("data_file")
+	c.dataRaw = o.Bool("data_file_raw")
+	if o.String("compression_type") == "zstd" {
+		c.ctype = compressionZstd
+	}
+	if p.ParentRef != nil {
+		c.backing = p.ParentRef.Name
+		c.backFmt = p.ParentRef.Format
+		c.hasBackFm = c.backFmt != ""
+		if len(c.backing) > maxBackingNameLen {
+			return nil, driver.OptionErrorf("backing file name too long (%d bytes, at most %d)", len(c.backing), maxBackingNameLen)
+		}
+		if c.backing == "" {
+			return nil, driver.OptionErrorf("qcow2 records the backing file by name; an empty name cannot be recorded")
+		}
+	}
+	if c.version == 2 {
+		switch {
+		case c.rorder != 4:
+			return nil, driver.OptionErrorf("different refcount widths than 16 bits require compat=1.1")
+		case c.extL2:
+			return nil, driver.OptionErrorf("extended L2 entries require compat=1.1")
+		case c.lazy:
+			return nil, driver.OptionErrorf("lazy refcounts require compat=1.1")
+		case c.dataFile != "":
+			return nil, driver.OptionErrorf("external data files require compat=1.1")
+		case c.ctype != compressionZlib:
+			return nil, driver.OptionErrorf("compression_type=zstd requires compat=1.1")
+		}
+	}
+	if c.extL2 && c.cs < 16<<10 {
+		return nil, driver.OptionErrorf("extended L2 entries need a cluster size of at least 16K")
+	}
+	if c.dataRaw && c.dataFile == "" {
+		return nil, driver.OptionErrorf("data_file_raw requires data_file")
+	}
+	if c.dataRaw && c.backing != "" {
+		return nil, driver.OptionErrorf("a raw external data file (data_file_raw) cannot be used with a backing file")
+	}
+	if c.backing != "" && c.prealloc != "off" && !c.extL2 {
+		return nil, driver.OptionErrorf("backing file and preallocation can only be used together with extended_l2=on")
+	}
+	if len(c.dataFile) > maxDataFileNameLen {
+		return nil, driver.OptionErrorf("data file name too long")
+	}
+	return c, nil
+}
+
+// createLayout computes where the initial tables go: header, refcount
+// table, refcount blocks, L1 table (qemu's order), all covered by the
+// refcount blocks.
+func createLayout(cs int64, rorder uint32, l1Entries int64) (rtClust, rbCount, l1Clust, total int64) {
+	perRB := cs * 8 / (int64(1) << rorder)
+	l1Clust = (l1Entries*8 + cs - 1) / cs
+	rtClust, rbCount = 1, 1
+	for {
+		total = 1 + rtClust + rbCount + l1Clust
+		nb := (total + perRB - 1) / perRB
+		nt := (nb*8 + cs - 1) / cs
+		if nb == rbCount && nt == rtClust {
+			return
+		}
+		rbCount, rtClust = nb, nt
+	}
+}
+
+func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
+	c, err := parseCreateOpts(p)
+	if err != nil {
+		return nil, err
+	}
+	size := (p.Size + 511) &^ 511
+	cbits := uint32(log2(c.cs))
+	esz := int64(8)
+	if c.extL2 {
+		esz = 16
+	}
+	perL1 := c.cs * (c.cs / esz)
+	l1Entries := (size + perL1 - 1) / perL1
+	if l1Entries*8 > maxL1Bytes {
+		return nil, driver.OptionErrorf("size %d is too large for %d-byte clusters (the L1 table would exceed %d bytes)", p.Size, c.cs, maxL1Bytes)
+	}
+	rtClust, rbCount, l1Clust, total := createLayout(c.cs, c.rorder, l1Entries)
+	if rtClust*c.cs > maxRefTableBytes {
+		return nil, driver.OptionErrorf("size %d is too large for %d-byte clusters", p.Size, c.cs)
+	}
+	h := &header{
+		version:        c.version,
+		clusterBits:    cbits,
+		size:           uint64(size),
+		l1Size:         uint32(l1Entries),
+		refTableOffset: uint64(c.cs),
+		refTableClust:  uint32(rtClust),
+		refcountOrder:  c.rorder,
+		headerLen:      v2HeaderLen,
+		backingFile:    c.backing,
+		backingFmt:     c.backFmt,
+		hasBackingFmt:  c.hasBackFm,
+	}
+	if l1Entries > 0 {
+		h.l1Offset = uint64((1 + rtClust + rbCount) * c.cs)
+	}
+	if c.version == 3 {
+		h.headerLen = ourV3HeaderLen
+		if c.lazy {
+			h.compat |= compatLazyRefcounts
+		}
+		if c.extL2 {
+			h.incompat |= incompatExtL2
+		}
+		if c.ctype != compressionZlib {
+			h.incompat |= incompatCompression
+			h.compressionType = c.ctype
+		}
+		if c.dataFile != "" {
+			h.incompat |= incompatDataFile
+			h.dataFile, h.hasDataFile = c.dataFile, true
+			if c.dataRaw {
+				h.autoclear |= autoclearDataFileRaw
+			}
+		}
+	}
+	hb, err := h.encode(c.cs)
+	if err != nil {
+		return nil, err
+	}
+	flag := driver.ReadWrite | driver.Create | driver.Truncate
+	if !p.Overwrite {
+		flag |= driver.Excl
+	}
+	// The external data file first, so a failure leaves no image behind
+	// that names a missing file.
+	if c.dataFile != "" {
+		path := c.dataFile
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(filepath.Dir(p.Name), path)
+		}
+		df, err := p.Storage.Open(path, driver.ReadWrite|driver.Create|driver.Truncate)
+		if err != nil {
+			return nil, driver.Errorf(err, p.Name, -1, "cannot create the external data file %s", path)
+		}
+		err = df.Truncate(size)
+		if err == nil {
+			err = df.Sync()
+		}
+		df.Close()
+		if err != nil {
+			return nil, err
+		}
+	}
+	f, err := p.Storage.Open(p.Name, flag)
+	if err != nil {
+		return nil, err
+	}
+	err = func() error {
+		buf := make([]byte, total*c.cs)
+		copy(buf, hb)
+		// Refcount table and blocks.
+		rtOff := c.cs
+		rbOff := (1 + rtClust) * c.cs
+		perRB := c.cs * 8 / (int64(1) << c.rorder)
+		tmp := &image{rorder: uint(c.rorder)}
+		for i := int64(0); i < rbCount; i++ {
+			put64(buf[rtOff+i*8:], uint64(rbOff+i*c.cs))
+		}
+		for cl := int64(0); cl < total; cl++ {
+			blk := buf[rbOff+(cl/perRB)*c.cs:]
+			tmp.setRefRaw(blk, cl%perRB, 1)
+		}
+		// The L1 table is all zeros; write only its entries, as qemu does.
+		end := total * c.cs
+		if l1Entries > 0 {
+			end = int64(h.l1Offset) + l1Entries*8
+		} else {
+			end = (1 + rtClust + rbCount) * c.cs
+		}
+		_ = l1Clust
+		if _, err := f.WriteAt(buf[:end], 0); err != nil {
+			return err
+		}
+		return f.Sync()
+	}()
+	if err != nil {
+		f.Close()
+		p.Storage.Remove(p.Name)
+		return nil, err
+	}
+	// Keep the file open (and locked) from creation on.
+	img, err := openFile(ctx, f, &driver.OpenParams{Storage: p.Storage, Name: p.Name, Logger: p.Logger, Parent: p.Parent, Options: driver.Values{}})
+	if err != nil {
+		return nil, err
+	}
+	im := img.(*image)
+	if c.prealloc != "off" {
+		if err := im.preallocate(ctx, 0, size, c.prealloc); err != nil {
+			im.Close()
+			return nil, err
+		}
+	}
+	return im, nil
+}
+
+// preallocate allocates host clusters for [from, to) (whole clusters) with
+// metadata, and for falloc/full also reserves or writes the data area.
+func (im *image) preallocate(ctx context.Context, from, to int64, mode string) error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	from = from &^ (im.cs - 1)
+	var dataRuns []span
+	l2span := im.l2Span()
+	for v := from; v < to; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		l1i := v / l2span
+		tend := min(to, (l1i+1)*l2span)
+		t, err := im.l2ForWrite(l1i)
+		if err != nil {
+			return err
+		}
+		for v < tend {
+			ci := (v >> im.cbits) & (im.l2n - 1)
+			e, bm := im.entry(t.buf, ci)
+			if e&offMask != 0 || e&oflagCompressed != 0 || (im.extData && e&oflagCopied != 0) {
+				v += im.cs
+				continue
+			}
+			var host int64
+			if im.extData {
+				host = v
+			} else {
+				n := int64(0)
+				for w := v; w < tend; w += im.cs {
+					x, _ := im.entry(t.buf, (w>>im.cbits)&(im.l2n-1))
+					if x != 0 {
+						break
+					}
+					n++
+				}
+				s, k, err := im.allocRun(max(n, 1))
+				if err != nil {
+					return err
+				}
+				for j := int64(0); j < k; j++ {
+					cj := ((v + j*im.cs) >> im.cbits) & (im.l2n - 1)
+					_, bmj := im.entry(t.buf, cj)
+					im.setEntry(t.buf, cj, uint64((s+j)<<im.cbits)|oflagCopied, bmj)
+				}
+				t.dirty = true
+				if n := len(dataRuns); n > 0 && dataRuns[n-1].hi == s {
+					dataRuns[n-1].hi = s + k
+				} else {
+					dataRuns = append(dataRuns, span{s, s + k})
+				}
+				v += k * im.cs
+				continue
+			}
+			im.setEntry(t.buf, ci, uint64(host)|oflagCopied, bm)
+			t.dirty = true
+			v += im.cs
+		}
+		im.shrinkCaches()
+	}
+	// The file covers every preallocated cluster, reading zeros.
+	if sz, err := im.f.Size(); err == nil && sz < im.fileEnd {
+		if err := im.f.Truncate(im.fileEnd); err != nil {
+			return err
+		}
+	}
+	if mode == "falloc" || mode == "full" {
+		f := im.f
+		runs := dataRuns
+		if im.extData {
+			f = im.df
+			runs = []span{{from >> im.cbits, (to + im.cs - 1) >> im.cbits}}
+		}
+		for _, r := range runs {
+			off, n := r.lo<<im.cbits, (r.hi-r.lo)<<im.cbits
+			if mode == "falloc" {
+				a, ok := f.(driver.Allocator)
+				if !ok {
+					return driver.Unsupportedf(im.name, "the storage cannot preallocate (preallocation=falloc); use full")
+				}
+				if err := a.Allocate(off, n); err != nil {
+					return err
+				}
+				continue
+			}
+			zero := make([]byte, min(n, 1<<20))
+			for o := off; o < off+n; {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				c := min(int64(len(zero)), off+n-o)
+				if _, err := f.WriteAt(zero[:c], o); err != nil {
+					return err
+				}
+				o += c
+			}
+		}
+		im.dataDirty.Store(true)
+	}
+	return im.flushLocked(false)
+}

@@ -1,0 +1,80 @@
+package deflate4k
+
+import (
+	"bytes"
+	"compress/flate"
+	"io"
+	"math/rand/v2"
+	"testing"
+)
+
+func roundTrip(t testing.TB, e *Encoder, src []byte) []byte {
+	t.Helper()
+	out := e.Compress(nil, src)
+	got, err := io.ReadAll(flate.NewReader(bytes.NewReader(out)))
+	if err != nil {
+		t.Fatalf("inflate: %v (len %d)", err, len(src))
+	}
+	if !bytes.Equal(got, src) {
+		t.Fatalf("round trip differs (len %d)", len(src))
+	}
+	checkWindow(t, out)
+	return out
+}
+
+// checkWindow decodes the stream's distances and fails when one exceeds
+// 4096 (a minimal inflater that tracks only distances).
+func checkWindow(t testing.TB, out []byte) {
+	t.Helper()
+	if d := maxDistance(out); d > 4096 {
+		t.Fatalf("distance %d exceeds the 4 KiB window", d)
+	}
+}
+
+func TestRoundTrip(t *testing.T) {
+	var e Encoder
+	rng := rand.New(rand.NewPCG(1, 2))
+	cases := [][]byte{nil, {0}, {1, 2}, bytes.Repeat([]byte{7}, 100000), []byte("abcabcabcabcabcabcabcabcabcab")}
+	for n := 0; n < 120; n++ {
+		size := rng.IntN(1 << uint(rng.IntN(19)+1))
+		b := make([]byte, size)
+		switch rng.IntN(4) {
+		case 0:
+			for i := range b {
+				b[i] = byte(rng.IntN(256))
+			}
+		case 1:
+			for i := range b {
+				b[i] = byte(rng.IntN(4))
+			}
+		case 2:
+			for i := range b {
+				b[i] = "the quick brown fox jumps over the lazy dog "[i%44]
+				if rng.IntN(50) == 0 {
+					b[i] = byte(rng.IntN(256))
+				}
+			}
+		case 3:
+			// repeats at distances around the window size
+			for i := range b {
+				if i >= 4096+rng.IntN(3) && rng.IntN(10) != 0 {
+					b[i] = b[i-4096]
+				} else {
+					b[i] = byte(rng.IntN(256))
+				}
+			}
+		}
+		cases = append(cases, b)
+	}
+	for _, c := range cases {
+		roundTrip(t, &e, c)
+	}
+}
+
+func FuzzRoundTrip(f *testing.F) {
+	f.Add([]byte("hello hello hello"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var e Encoder
+		roundTrip(t, &e, b)
+	})
+}

@@ -1,0 +1,159 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+var be = binary.BigEndian
+
+// conn is one client connection.
+type conn struct {
+	s   *Server
+	raw net.Conn // the accepted connection
+	nc  net.Conn // raw, or the TLS connection on top of it
+	r   *bufio.Reader
+	w   replyWriter
+	log *slog.Logger
+
+	// deadline handling: shutdown sets closing and a past read deadline;
+	// the end of the handshake clears the deadline only if not closing.
+	dmu     sync.Mutex
+	closing bool
+
+	// negotiated state
+	noZeroes   bool
+	fixed      bool // the client set NBD_FLAG_C_FIXED_NEWSTYLE
+	tls        bool
+	structured bool
+	metaExport string // export the metadata contexts were set for
+	metaSet    bool
+	ctxBase    bool
+	ctxDepth   bool
+
+	// transmission state
+	exp    *export
+	size   int64
+	slots  chan struct{}
+	budget *budget
+	wg     sync.WaitGroup
+	broken atomic.Bool // a reply failed to go out: stop reading requests
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	c := &conn{s: s, raw: nc, nc: nc, r: bufio.NewReaderSize(nc, 128<<10)}
+	c.w.nc = nc
+	c.log = s.Logger.With("remote", remoteName(nc))
+	return c
+}
+
+// errDisconnect is a clean end requested by the client.
+var errDisconnect = errors.New("client disconnected")
+
+func (c *conn) serve(ctx context.Context) error {
+	if tc, ok := c.raw.(*net.TCPConn); ok {
+		tc.SetNoDelay(true)
+		tc.SetKeepAlive(true)
+	}
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-done:
+			return
+		case <-ctx.Done():
+		}
+		// Graceful shutdown: stop reading requests, let in-flight ones
+		// answer, then close.
+		c.dmu.Lock()
+		c.closing = true
+		c.raw.SetReadDeadline(time.Now())
+		c.dmu.Unlock()
+		select {
+		case <-done:
+		case <-time.After(c.s.ShutdownGrace):
+			c.raw.Close()
+		}
+	}()
+
+	c.log.Debug("client connected")
+	err := c.handshake()
+	if err == nil {
+		err = c.transmit()
+	}
+	c.wg.Wait()
+	c.w.lock()
+	c.w.flushLocked()
+	c.w.mu.Unlock()
+	if c.tls {
+		if tc, ok := c.nc.(*tls.Conn); ok {
+			tc.SetWriteDeadline(time.Now().Add(time.Second))
+			tc.CloseWrite()
+		}
+	}
+	c.raw.Close()
+	switch {
+	case errors.Is(err, errDisconnect), errors.Is(err, io.EOF), errors.Is(err, errBroken):
+		c.log.Debug("client disconnected")
+		return nil
+	case ctx.Err() != nil && (errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed)):
+		c.log.Debug("connection closed for shutdown")
+		return nil
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		c.log.Warn("handshake timed out")
+		return nil
+	}
+	return err
+}
+
+// startTransmission clears the handshake deadline.
+func (c *conn) startTransmission(e *export) {
+	c.dmu.Lock()
+	if !c.closing {
+		c.raw.SetDeadline(time.Time{})
+	}
+	c.dmu.Unlock()
+	c.exp = e
+	c.size = e.Disk.Size()
+	if c.metaExport != e.Name {
+		// Contexts set for another export do not apply.
+		c.metaSet, c.ctxBase, c.ctxDepth = false, false, false
+	}
+	c.slots = make(chan struct{}, c.s.Workers)
+	c.budget = newBudget(c.s.ConnBuffer)
+	c.log = c.log.With("export", e.Name)
+	c.log.Debug("transmission phase", "size", c.size, "structured", c.structured,
+		"base:allocation", c.ctxBase, "qemu:allocation-depth", c.ctxDepth, "tls", c.tls)
+}
+
+// transmissionFlags are the flags sent for e on this connection.
+func (c *conn) transmissionFlags(e *export) uint16 {
+	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendCache)
+	if e.readOnly {
+		f |= tflagReadOnly
+	} else {
+		f |= tflagSendTrim | tflagSendWriteZeroes | tflagSendFastZero
+	}
+	if c.s.multiConn() {
+		f |= tflagCanMultiConn
+	}
+	if c.structured {
+		f |= tflagSendDF
+	}
+	return f
+}
+
+func (c *conn) readFull(p []byte) error {
+	_, err := io.ReadFull(c.r, p)
+	return err
+}

@@ -30,6 +30,10 @@ type ConvertOptions struct {
 	Sequential bool
 	// Progress is called with bytes of virtual size processed.
 	Progress Progress
+	// Compress writes data clusters compressed through the target top
+	// image's driver.CompressedWriter (qemu-img convert -c). It needs a
+	// fresh (zeroed) target; writes are issued in offset order.
+	Compress bool
 	// Above, when > 0, copies only the runs held by the source's layers
 	// 0..Above-1: the target is a diff whose backing already provides the
 	// content of the source's layers from Above down (an incremental copy,
@@ -42,6 +46,8 @@ type convJob struct {
 	off  int64
 	n    int64
 	data bool // read from source; otherwise a zero run
+	// noProgress: the producer already counted these bytes.
+	noProgress bool
 }
 
 // Convert copies the content of src (the whole chain, flattened) into dst.
@@ -70,6 +76,28 @@ func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 		zd = 4096
 	}
 	size := src.Size()
+	var cw driver.CompressedWriter
+	var unit int64
+	if o.Compress {
+		var ok bool
+		cw, ok = dst.Top().Image.(driver.CompressedWriter)
+		if !ok {
+			return driver.Errorf(ErrUnsupported, dst.name(), -1, "format %s cannot store compressed clusters", dst.Top().Format.Name)
+		}
+		if o.TargetNotZero || o.Above > 0 {
+			return driver.Errorf(ErrUnsupported, dst.name(), -1, "compressed output needs a new target without a backing file")
+		}
+		unit = cw.CompressedUnit()
+		if unit <= 0 || chunk%unit != 0 && unit < chunk {
+			chunk = max(unit, chunk/unit*unit)
+		}
+		if unit > chunk {
+			chunk = unit
+		}
+		oc := *o
+		oc.Sequential = true
+		o = &oc
+	}
 	if dst.Size() < size {
 		return driver.Errorf(ErrInvalidOption, dst.name(), -1, "target is smaller (%d bytes) than the source (%d bytes)", dst.Size(), size)
 	}
@@ -133,19 +161,28 @@ func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 				if ctx.Err() != nil {
 					continue
 				}
-				if err := convertJob(ctx, dst, src, j, buf[:j.n], zd, o, waitTurn); err != nil {
+				var err error
+				if cw != nil {
+					err = compressJob(ctx, src, cw, unit, j, buf[:j.n], waitTurn)
+				} else {
+					err = convertJob(ctx, dst, src, j, buf[:j.n], zd, o, waitTurn)
+				}
+				if err != nil {
 					cancel(err)
 				}
 				if o.Sequential {
 					finishTurn()
 				}
-				report(j.n)
+				if !j.noProgress {
+					report(j.n)
+				}
 			}
 		}()
 	}
 
 	// Producer: walk the source's status runs.
 	var seq int64
+	var compressedEnd int64
 	err := func() error {
 		defer close(jobs)
 		off := int64(0)
@@ -175,6 +212,26 @@ func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 				continue
 			}
 			end := off + e.Length
+			if cw != nil {
+				// Whole clusters: round the data run out to the unit,
+				// never going back over clusters already queued.
+				report(e.Length)
+				start := max(off/unit*unit, compressedEnd)
+				cend := min(size, (end+unit-1)/unit*unit)
+				for p := start; p < cend; {
+					n := min(chunk-p%chunk, cend-p)
+					select {
+					case jobs <- convJob{seq: seq, off: p, n: n, data: true, noProgress: true}:
+						seq++
+					case <-ctx.Done():
+						return nil
+					}
+					p += n
+				}
+				compressedEnd = max(compressedEnd, cend)
+				off = end
+				continue
+			}
 			for off < end {
 				n := min(chunk-off%chunk, end-off)
 				select {
@@ -194,6 +251,27 @@ func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 	}
 	if cerr := context.Cause(ctx); cerr != nil {
 		return cerr
+	}
+	return nil
+}
+
+// compressJob reads whole clusters and hands the non-zero ones to the
+// target's compressed writer, in offset order.
+func compressJob(ctx context.Context, src *Disk, cw driver.CompressedWriter, unit int64, j convJob, buf []byte, waitTurn func(int64) bool) error {
+	if _, err := src.ReadAt(buf, j.off); err != nil {
+		return err
+	}
+	if !waitTurn(j.seq) {
+		return ctx.Err()
+	}
+	for p := int64(0); p < j.n; p += unit {
+		q := min(j.n, p+unit)
+		if driver.IsZero(buf[p:q]) {
+			continue
+		}
+		if err := cw.WriteCompressed(buf[p:q], j.off+p); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -21,7 +21,9 @@ for fmt in raw qcow2 vdi vpc vmdk vhdx qed parallels; do
 	$V info "$out"
 	$V compare -f raw -F "$fmt" testdata/sample.raw "$out"
 	if command -v qemu-img >/dev/null; then
-		if [ "$fmt" != raw ]; then qemu-img check -q -f "$fmt" "$out" && echo "qemu-img check: clean"; fi
+		if [ "$fmt" != raw ] && [ "$fmt" != vpc ]; then # qemu-img cannot check vpc
+			qemu-img check -q -f "$fmt" "$out" && echo "qemu-img check: clean"
+		fi
 		qemu-img compare -q -f raw -F "$fmt" testdata/sample.raw "$out" && echo "qemu-img compare: identical"
 	fi
 done

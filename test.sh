@@ -29,7 +29,18 @@ if [ -n "$unformatted" ]; then
 	exit 1
 fi
 go vet ./...
-go test -race -timeout 20m ./...
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+go test -race -timeout 20m ./... 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -c '^ok ' "$log" || true)
+failed=$(grep -c '^FAIL\b' "$log" || true)
+if [ "$status" != 0 ]; then
+	echo "packages: $passed passed, $failed failed"
+	exit "$status"
+fi
 
 fuzztime=${VDISK_FUZZTIME:-2s}
 if [ "$fuzztime" != 0 ]; then
@@ -42,3 +53,6 @@ if [ "$fuzztime" != 0 ]; then
 		done
 	done
 fi
+
+echo "packages: $passed passed, $failed failed"
+exit "$status"

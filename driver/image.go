@@ -227,6 +227,17 @@ type Emptier interface {
 	MakeEmpty() error
 }
 
+// CompressedWriter is implemented by images that store whole clusters
+// compressed (qcow2; `convert -c`). WriteCompressed stores p at off
+// compressed; off is a multiple of CompressedUnit() and p one unit long (or
+// shorter when it ends at the end of the disk). The call may return before
+// the data is stored; Flush reports errors of earlier calls. Callers issue
+// the calls in increasing offset order so the file is written sequentially.
+type CompressedWriter interface {
+	CompressedUnit() int64
+	WriteCompressed(p []byte, off int64) error
+}
+
 // OpenParams is what a driver's Open receives.
 type OpenParams struct {
 	Storage Storage

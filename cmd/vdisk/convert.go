@@ -131,7 +131,9 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 		if outFmt.Caps&driver.CapCompress == 0 {
 			return driver.Unsupportedf(dst, "format %s does not support compression (-c)", outFmt.Name)
 		}
-		return driver.Unsupportedf(dst, "compressed output (-c) is not yet available through the library's convert")
+		if fl.noCreate || backing != "" {
+			return driver.Unsupportedf(dst, "compressed output (-c) needs a new target without a backing file")
+		}
 	}
 	if fl.noCreate && !outGiven {
 		// The target exists: name its format only when the user did.
@@ -213,6 +215,7 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 		Sequential:    !fl.outOfOrder,
 		Progress:      prog.update,
 		Above:         above,
+		Compress:      fl.compress,
 	})
 	if err == nil {
 		err = a.ctx.Err()

@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
@@ -32,7 +31,7 @@ func TestAmend(t *testing.T) {
 		{"compat=1.1"},
 	}
 	for _, s := range steps {
-		d, err := vdisk.Open(ctx, f, nil)
+		d, err := openRetry(f, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -52,7 +51,7 @@ func TestAmend(t *testing.T) {
 	if info["compat"] != "1.1" || info["refcount-bits"] != float64(16) {
 		t.Fatalf("after amends: %v", info)
 	}
-	d, _ := vdisk.Open(ctx, f, nil)
+	d, _ := openRetry(f, nil)
 	defer d.Close()
 	if err := d.Top().Image.(amender).Amend(ctx, kvs("cluster_size=4k")); err == nil {
 		t.Fatal("changing the cluster size was accepted")

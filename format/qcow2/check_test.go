@@ -86,7 +86,7 @@ func qemuCheck(t testing.TB, file string) (qemutest.CheckResult, int) {
 
 func ourCheck(t testing.TB, file string, mode driver.RepairMode) *driver.CheckResult {
 	t.Helper()
-	d, err := vdisk.Open(ctx, file, &vdisk.OpenOptions{ReadOnly: mode == driver.RepairNone, NoBacking: true})
+	d, err := openRetry(file, &vdisk.OpenOptions{ReadOnly: mode == driver.RepairNone, NoBacking: true})
 	if err != nil {
 		t.Fatalf("open for check: %v", err)
 	}
@@ -176,7 +176,7 @@ func TestDirtyImageRepairedOnOpen(t *testing.T) {
 	if res := ourCheck(t, f, driver.RepairNone); res.Corruptions == 0 {
 		t.Fatalf("a dirty image with lazy refcounts should have stale refcounts: %+v", res)
 	}
-	d, err := vdisk.Open(ctx, f, nil)
+	d, err := openRetry(f, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -70,7 +70,11 @@ func TestCompressedWrites(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
-			data := compressibleData(6<<20 + 4096)
+			size := 6<<20 + 4096
+			if len(c.opts) > 0 && (c.opts[0] == "cluster_size=512" || c.opts[0] == "cluster_size=4k") {
+				size = 1<<20 + 4096 // many clusters already
+			}
+			data := compressibleData(size)
 			dir := tempDir(t)
 			img := filepath.Join(dir, "c.qcow2")
 			src := filepath.Join(dir, "src.raw")
@@ -93,11 +97,12 @@ func TestCompressedWrites(t *testing.T) {
 				t.Fatal(err)
 			}
 			copy(data[12345:], patch)
-			if err := d.WriteZeroes(3<<20, 1<<20, true); err != nil {
+			zoff := int64(len(data)) / 2
+			if err := d.WriteZeroes(zoff, 200<<10, true); err != nil {
 				t.Fatal(err)
 			}
 			want := append([]byte(nil), data...)
-			clear(want[3<<20 : 4<<20])
+			clear(want[zoff : zoff+200<<10])
 			if err := d.Close(); err != nil {
 				t.Fatal(err)
 			}
@@ -123,7 +128,7 @@ func TestCompressedSizeVsQemu(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	data = data[:min(len(data), 8<<20)&^511]
+	data = data[:min(len(data), 3<<20)&^511]
 	for _, ct := range []string{"zlib", "zstd"} {
 		t.Run(ct, func(t *testing.T) {
 			dir := tempDir(t)

@@ -122,7 +122,7 @@ func runCrashOps(d *vdisk.Disk, ops []crashOp, st *crashState, cur []uint64) err
 }
 
 // verifyCrashed checks an image recovered from a crash.
-func verifyCrashed(t *testing.T, label string, stor driver.Storage, name string, size int64, st *crashState) {
+func verifyCrashed(t *testing.T, label string, stor driver.Storage, name string, size int64, st *crashState, repair bool) {
 	t.Helper()
 	d, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: stor})
 	if err != nil {
@@ -156,6 +156,9 @@ func verifyCrashed(t *testing.T, label string, stor driver.Storage, name string,
 		}
 		t.Fatalf("%s: word at %d reads %#x: garbage (not written there)", label, w*8, v)
 	}
+	if !repair {
+		return
+	}
 	// Repair the leaks and make sure the image is then clean.
 	res, err = d.Check(ctx, driver.RepairAll)
 	if err != nil || res.Corruptions != 0 || res.Leaks != 0 {
@@ -177,7 +180,7 @@ func TestCrashPoints(t *testing.T) {
 		points int
 	}{
 		{"v3-64k", nil, 1 << 20, 64 << 10, 20},
-		{"v3-512-refbits64", []string{"cluster_size=512", "refcount_bits=64"}, 1 << 20, 512, 40},
+		{"v3-512-refbits64", []string{"cluster_size=512", "refcount_bits=64"}, 1 << 20, 512, 30},
 		{"extl2-16k", []string{"extended_l2=on", "cluster_size=16k"}, 1 << 20, 16 << 10, 20},
 		{"lazy-4k", []string{"lazy_refcounts=on", "cluster_size=4k"}, 1 << 20, 4 << 10, 20},
 		{"v2-4k", []string{"compat=0.10", "cluster_size=4k"}, 1 << 20, 4 << 10, 20},
@@ -228,8 +231,8 @@ func TestCrashPoints(t *testing.T) {
 				}
 				d.Close()
 				label := fmt.Sprintf("crash after write %d/%d", n, nw)
-				verifyCrashed(t, label+" (durable)", ffs.Durable(), "/c.qcow2", l.size, st)
-				verifyCrashed(t, label+" (in-order)", mem.Clone(), "/c.qcow2", l.size, st)
+				verifyCrashed(t, label+" (durable)", ffs.Durable(), "/c.qcow2", l.size, st, p%3 == 0)
+				verifyCrashed(t, label+" (in-order)", mem.Clone(), "/c.qcow2", l.size, st, p%3 == 1)
 				if p%10 == 0 && l.name != "lazy-4k" {
 					// qemu agrees: at most leaks.
 					b, err := ffs.Durable().(*memfs.FS).ReadFile("/c.qcow2")

@@ -202,7 +202,7 @@ func TestZipBomb(t *testing.T) {
 	b := smallImage(t)
 	var z bytes.Buffer
 	w, _ := flate.NewWriter(&z, 9)
-	w.Write(make([]byte, 64<<20))
+	w.Write(make([]byte, 8<<20))
 	w.Close()
 	bomb := z.Bytes()
 	at := len(b)

@@ -37,7 +37,7 @@ func TestInfoMatchesQemu(t *testing.T) {
 				c.prep(f)
 			}
 			want := qemutest.Info(t, "qcow2", f)["format-specific"].(map[string]any)["data"]
-			d, err := vdisk.Open(ctx, f, &vdisk.OpenOptions{ReadOnly: true})
+			d, err := openRetry(f, &vdisk.OpenOptions{ReadOnly: true})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -68,7 +68,7 @@ func TestBitmapsPreserved(t *testing.T) {
 	qemutest.Img(t, "bitmap", "--add", f, "enabled")
 	qemutest.Img(t, "bitmap", "--add", "--disable", f, "disabled")
 	qemutest.IO(t, "qcow2", f, "write -P 2 1M 64k")
-	d, err := vdisk.Open(ctx, f, nil)
+	d, err := openRetry(f, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +105,7 @@ func TestSetParent(t *testing.T) {
 	qemutest.Create(t, "raw", filepath.Join(dir, "b.raw"), "1M")
 	f := filepath.Join(dir, "t.qcow2")
 	qemutest.Create(t, "qcow2", f, "1M", "backing_file=a.raw", "backing_fmt=raw")
-	d, err := vdisk.Open(ctx, f, &vdisk.OpenOptions{NoBacking: true})
+	d, err := openRetry(f, &vdisk.OpenOptions{NoBacking: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +118,7 @@ func TestSetParent(t *testing.T) {
 	if info["backing-filename"] != "b.raw" || info["backing-filename-format"] != "raw" {
 		t.Fatalf("after rebase: %v", info)
 	}
-	d, _ = vdisk.Open(ctx, f, &vdisk.OpenOptions{NoBacking: true})
+	d, _ = openRetry(f, &vdisk.OpenOptions{NoBacking: true})
 	if err := d.Top().Image.(driver.Reparenter).SetParent(nil); err != nil {
 		t.Fatal(err)
 	}

@@ -55,7 +55,7 @@ var modelCases = []modelCase{
 	{"extl2", []string{"extended_l2=on"}, 4 << 20, 10000, 48 << 10},
 	{"extl2-16k", []string{"extended_l2=on", "cluster_size=16k"}, 2 << 20, 10000, 24 << 10},
 	{"512-refbits1", []string{"cluster_size=512", "refcount_bits=1"}, 1 << 20, 10000, 4 << 10},
-	{"2m", []string{"cluster_size=2M"}, 12 << 20, 1500, 256 << 10},
+	{"2m", []string{"cluster_size=2M"}, 12 << 20, 800, 256 << 10},
 }
 
 // TestModel runs the reference model over qcow2 images on memfs, with

@@ -179,7 +179,7 @@ func TestReadQemuImages(t *testing.T) {
 				}
 			}
 			want := rawOf(t, "qcow2", file, "-U")
-			d, err := vdisk.Open(ctx, file, &vdisk.OpenOptions{ReadOnly: true})
+			d, err := openRetry(file, &vdisk.OpenOptions{ReadOnly: true})
 			if err != nil {
 				t.Fatal(err)
 			}

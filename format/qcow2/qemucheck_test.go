@@ -28,7 +28,7 @@ var writeCases = []struct {
 	// Refcount blocks of 64 clusters and tables of 64 blocks: the refcount
 	// table grows (moves) several times.
 	{"v3-512-refbits64", []string{"refcount_bits=64", "cluster_size=512"}, 6 << 20},
-	{"v3-2m", []string{"cluster_size=2M"}, 24 << 20},
+	{"v3-2m", []string{"cluster_size=2M"}, 12 << 20},
 	{"extl2", []string{"extended_l2=on"}, 16 << 20},
 	{"lazy", []string{"lazy_refcounts=on"}, 16 << 20},
 	{"zstd", []string{"compression_type=zstd"}, 8 << 20},

@@ -71,7 +71,7 @@ func TestSnapshotsWithQemu(t *testing.T) {
 				}
 			}
 			// Apply "two": the disk reads as it did then.
-			d, err = vdisk.Open(ctx, f, nil)
+			d, err = openRetry(f, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -126,7 +126,7 @@ func TestSnapshotsWithQemu(t *testing.T) {
 				t.Fatalf("snapshot list after deletes:\n%s", list)
 			}
 			// Delete the last one: every cluster it held is free again.
-			d, _ = vdisk.Open(ctx, f, nil)
+			d, _ = openRetry(f, nil)
 			if err := snapshotter(t, d).DeleteSnapshot("three"); err != nil {
 				t.Fatal(err)
 			}
@@ -149,7 +149,7 @@ func TestQemuSnapshotsApplyDelete(t *testing.T) {
 	qemutest.IO(t, "qcow2", f, "write -P 0x20 1M 2M")
 	qemutest.Img(t, "snapshot", "-c", "s2", f)
 	qemutest.IO(t, "qcow2", f, "write -P 0x30 512k 64k")
-	d, err := vdisk.Open(ctx, f, nil)
+	d, err := openRetry(f, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

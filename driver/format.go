@@ -97,7 +97,8 @@ type MeasureParams struct {
 	// Allocated returns how many bytes of the source's data fall into
 	// distinct aligned units of unit bytes (data runs rounded out to unit
 	// boundaries, zero and unallocated runs not counted). Nil when
-	// measuring by size alone: then every unit counts.
+	// measuring by size alone (an empty image of that size, as qemu-img
+	// measure --size means it).
 	Allocated func(unit int64) (int64, error)
 }
 

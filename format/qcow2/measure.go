@@ -1,0 +1,59 @@
+package qcow2
+
+import "github.com/vdisk/vdisk/driver"
+
+func init() { Format.Measure = measure }
+
+// measure answers qemu-img measure for qcow2: the metadata a fully
+// allocated image of the virtual size needs (header, L1, L2 and refcount
+// structures, as qemu computes them), plus the data clusters the source
+// holds (required) or all of them (fully allocated).
+func measure(p *driver.MeasureParams) (driver.MeasureResult, error) {
+	cs := p.Options.Int("cluster_size")
+	if cs <= 0 {
+		cs = 64 << 10
+	}
+	rbits := p.Options.Int("refcount_bits")
+	if rbits <= 0 {
+		rbits = 16
+	}
+	l2e := int64(8)
+	if p.Options.Bool("extended_l2") {
+		l2e = 16
+	}
+	aligned := (p.Size + cs - 1) / cs * cs
+	meta := metadataSize(aligned, cs, rbits, l2e)
+	// By size alone nothing is allocated yet, as qemu-img measure --size says.
+	data := int64(0)
+	if p.Allocated != nil {
+		n, err := p.Allocated(cs)
+		if err != nil {
+			return driver.MeasureResult{}, err
+		}
+		data = n
+	}
+	return driver.MeasureResult{Required: data + meta, FullyAllocated: aligned + meta}, nil
+}
+
+// metadataSize is the size of the header cluster, the L2 and L1 tables and
+// the refcount table and blocks for a fully allocated image of aligned
+// bytes (qemu's qcow2_calc_prealloc_size less the data).
+func metadataSize(aligned, cs, rbits, l2e int64) int64 {
+	roundUp := func(n, m int64) int64 { return (n + m - 1) / m * m }
+	meta := cs // header
+	nl2e := roundUp(aligned/cs, cs/l2e)
+	meta += nl2e * l2e
+	nl1e := roundUp(nl2e*l2e/cs, cs/8)
+	meta += nl1e * 8
+	clusters := (meta + aligned) / cs
+	perBlock := cs * 8 / rbits
+	var blocks, table, n int64
+	last := int64(-1)
+	for n != last {
+		last = n
+		blocks = (clusters + table + blocks + perBlock - 1) / perBlock
+		table = (blocks + cs/8 - 1) / (cs / 8)
+		n = clusters + blocks + table
+	}
+	return meta + (blocks+table)*cs
+}

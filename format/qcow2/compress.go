@@ -44,6 +44,7 @@ type cjob struct {
 type compWriter struct {
 	im       *image
 	jobs     chan *cjob
+	slots    chan struct{} // bounds the clusters held by the pipeline
 	mu       sync.Mutex
 	cond     *sync.Cond
 	next     int64 // sequence number of the next submission
@@ -86,6 +87,7 @@ func (im *image) WriteCompressed(p []byte, off int64) error {
 	cw.next++
 	cw.inflight.Add(1)
 	cw.mu.Unlock()
+	cw.slots <- struct{}{}
 	buf := cw.getBuf()
 	copy(buf, p)
 	clear(buf[len(p):])
@@ -101,7 +103,10 @@ func (im *image) compressor() *compWriter {
 		return im.cw
 	}
 	n := runtime.GOMAXPROCS(0)
-	cw := &compWriter{im: im, jobs: make(chan *cjob, 2*n), ready: map[int64]*cjob{}}
+	// Memory: about 32 MiB of clusters in flight, but enough to keep
+	// every core busy while the writer catches up.
+	slots := min(max(int(32<<20/im.cs), 2*n+2), 4*n+64)
+	cw := &compWriter{im: im, jobs: make(chan *cjob, 2*n), slots: make(chan struct{}, slots), ready: map[int64]*cjob{}}
 	cw.cond = sync.NewCond(&cw.mu)
 	cs := int(im.cs)
 	cw.bufs.New = func() any { b := make([]byte, cs); return &b }
@@ -141,8 +146,10 @@ func (cw *compWriter) worker() {
 			if ze == nil {
 				// The "better" level is a little slower than zstd's default
 				// (qemu's) and never larger.
+				// One cluster is the whole input: no larger window needed.
 				ze, _ = zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false),
-					zstd.WithEncoderLevel(zstd.SpeedBetterCompression))
+					zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithWindowSize(max(cs, zstd.MinWindowSize)),
+					zstd.WithLowerEncoderMem(true))
 			}
 			b := ze.EncodeAll(j.data, cw.getBuf()[:0])
 			if len(b) < cs {
@@ -200,6 +207,7 @@ func (cw *compWriter) writer() {
 		}
 		cw.mu.Unlock()
 		for range batch {
+			<-cw.slots
 			cw.inflight.Done()
 		}
 	}

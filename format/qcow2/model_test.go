@@ -43,19 +43,23 @@ type modelCase struct {
 	size int64
 	ops  int
 	io   int64
+	open []string // open options (reopen steps)
 }
 
 // Sizes are kept small for speed under -race; operations still cross
 // cluster, subcluster and L2 table boundaries.
 var modelCases = []modelCase{
-	{"v2", []string{"compat=0.10"}, 4 << 20, 10000, 48 << 10},
-	{"v3", nil, 4 << 20, 10000, 48 << 10},
-	{"v3-4k", []string{"cluster_size=4k"}, 4 << 20, 10000, 24 << 10},
-	{"v3-64k-lazy", []string{"lazy_refcounts=on"}, 4 << 20, 10000, 48 << 10},
-	{"extl2", []string{"extended_l2=on"}, 4 << 20, 10000, 48 << 10},
-	{"extl2-16k", []string{"extended_l2=on", "cluster_size=16k"}, 2 << 20, 10000, 24 << 10},
-	{"512-refbits1", []string{"cluster_size=512", "refcount_bits=1"}, 1 << 20, 10000, 4 << 10},
-	{"2m", []string{"cluster_size=2M"}, 12 << 20, 800, 256 << 10},
+	{"v2", []string{"compat=0.10"}, 4 << 20, 10000, 48 << 10, nil},
+	{"v3", nil, 4 << 20, 10000, 48 << 10, nil},
+	{"v3-4k", []string{"cluster_size=4k"}, 4 << 20, 10000, 24 << 10, nil},
+	{"v3-64k-lazy", []string{"lazy_refcounts=on"}, 4 << 20, 10000, 48 << 10, nil},
+	{"extl2", []string{"extended_l2=on"}, 4 << 20, 10000, 48 << 10, nil},
+	{"extl2-16k", []string{"extended_l2=on", "cluster_size=16k"}, 2 << 20, 10000, 24 << 10, nil},
+	{"512-refbits1", []string{"cluster_size=512", "refcount_bits=1"}, 1 << 20, 10000, 4 << 10, nil},
+	{"2m", []string{"cluster_size=2M"}, 12 << 20, 800, 256 << 10, nil},
+	// Tiny caches: write-back on eviction in the middle of writes.
+	{"4k-tiny-caches", []string{"cluster_size=4k"}, 4 << 20, 6000, 24 << 10, []string{"l2_cache_size=16k", "refcount_cache_size=16k"}},
+	{"lazy-4k-tiny-caches", []string{"cluster_size=4k", "lazy_refcounts=on"}, 4 << 20, 6000, 24 << 10, []string{"l2_cache_size=16k", "refcount_cache_size=16k"}},
 }
 
 // TestModel runs the reference model over qcow2 images on memfs, with
@@ -70,13 +74,19 @@ func TestModel(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			if c.open != nil {
+				d.Close()
+				if d, err = vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, Options: kvs(c.open...)}); err != nil {
+					t.Fatal(err)
+				}
+			}
 			reopens := 0
 			h := &model.Harness{Seed: int64(len(c.name)), Ops: c.ops, MaxIO: c.io,
 				Reopen: func(d *vdisk.Disk) (*vdisk.Disk, error) {
 					if err := d.Close(); err != nil {
 						return nil, err
 					}
-					nd, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st})
+					nd, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, Options: kvs(c.open...)})
 					if err != nil {
 						return nil, err
 					}

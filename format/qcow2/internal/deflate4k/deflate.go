@@ -31,19 +31,13 @@ const (
 	maxLazy    = 32  // no lazy search beyond this match length
 	niceLength = 128 // stop searching at this match length
 	maxChain   = 64
-	skipAfter  = 256 // literals in a row before the search stride grows
-	maxStride  = 32
 )
 
 // Encoder compresses; it keeps its tables between calls. An Encoder is not
 // safe for concurrent use.
 type Encoder struct {
-	// head holds, per hash, base+position+1 of the most recent position;
-	// values at or below base are from earlier calls (empty). base grows
-	// by each input's length so head needs no clearing per call.
-	head   [hashSize]int32
-	base   int32
-	prev   []int32 // previous position+1 with the same hash (0: none)
+	head   [hashSize]int32 // most recent position+1 for a hash
+	prev   []int32         // previous position+1 with the same hash
 	toks   []uint32
 	litF   [286]int32
 	distF  [30]int32
@@ -61,12 +55,7 @@ const matchFlag = 1 << 31
 // Compress appends the raw deflate stream of src to dst.
 func (e *Encoder) Compress(dst, src []byte) []byte {
 	e.w.reset(dst)
-	if int64(e.base)+int64(len(src))+2 >= 1<<31-1 {
-		clear(e.head[:])
-		e.base = 0
-	}
-	base := e.base
-	e.base += int32(len(src)) + 1
+	clear(e.head[:])
 	if cap(e.prev) < len(src) {
 		e.prev = make([]int32, len(src))
 	}
@@ -77,29 +66,18 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 	blockStart := 0
 	prevLen, prevDist := 0, 0
 	available := false
-	// In long stretches without matches (incompressible data) the match
-	// search runs at a growing stride; every position is still hashed, so
-	// a repeat of anything seen is found as soon as a probe lands in it.
-	misses, lastSearch := 0, 0
 	for p := 0; p < n; {
 		if p <= hashEnd {
 			h := hash3(src[p:])
-			prev[p] = max(e.head[h]-base, 0)
-			e.head[h] = base + int32(p+1)
+			prev[p] = e.head[h]
+			e.head[h] = int32(p + 1)
 		}
 		curLen, curDist := minMatch-1, 0
-		search := misses < skipAfter || p-lastSearch >= min(1+(misses-skipAfter)>>5, maxStride)
-		if search && prevLen < maxLazy && prev[p] != 0 && p-int(prev[p]-1) <= windowSize {
-			lastSearch = p
+		if prevLen < maxLazy {
 			curLen, curDist = e.longest(src, p, prevLen)
 			if curLen == minMatch && curDist > windowSize/2 {
 				curLen = minMatch - 1 // a far 3-byte match does not pay
 			}
-		}
-		if curLen >= minMatch || prevLen >= minMatch {
-			misses = 0
-		} else {
-			misses++
 		}
 		if prevLen >= minMatch && curLen <= prevLen {
 			// Emit the previous match, which started at p-1.
@@ -108,8 +86,8 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 			for q := p + 1; q < end; q++ {
 				if q <= hashEnd {
 					h := hash3(src[q:])
-					prev[q] = max(e.head[h]-base, 0)
-					e.head[h] = base + int32(q+1)
+					prev[q] = e.head[h]
+					e.head[h] = int32(q + 1)
 				}
 			}
 			p = end

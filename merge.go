@@ -1,6 +1,7 @@
 package vdisk
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -136,7 +137,7 @@ func writeZeroes(l *Layer, off, n int64) error {
 	if z, ok := l.Image.(driver.Zeroer); ok {
 		if err := z.WriteZeroes(off, n, false); err == nil {
 			return nil
-		} else if !errorsIsUnsupported(err) {
+		} else if !errors.Is(err, ErrUnsupported) {
 			return driver.WithFile(err, "write zeroes", l.Name)
 		}
 	}
@@ -486,7 +487,7 @@ func (d *Disk) rebaseCopy(ctx context.Context, top *Layer, nb *Disk, progress Pr
 			}
 			for i := int64(0); i < n; {
 				j := min(n, i+g-(off+i)%g)
-				if !bytesEqual(op[i:j], np[i:j]) {
+				if !bytes.Equal(op[i:j], np[i:j]) {
 					if _, err := top.Image.WriteAt(op[i:j], off+i); err != nil {
 						return driver.WithFile(err, "write", top.Name)
 					}

@@ -78,6 +78,11 @@ func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 	size := src.Size()
 	var cw driver.CompressedWriter
 	var unit int64
+	if so, ok := dst.Top().Image.(driver.StreamOnly); ok && so.StreamOnly() && !o.Compress {
+		oc := *o
+		oc.Compress = true
+		o = &oc
+	}
 	if o.Compress {
 		var ok bool
 		cw, ok = dst.Top().Image.(driver.CompressedWriter)

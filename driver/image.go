@@ -238,6 +238,14 @@ type CompressedWriter interface {
 	WriteCompressed(p []byte, off int64) error
 }
 
+// StreamOnly is implemented by images that can only be filled once, front
+// to back (VMDK streamOptimized). When StreamOnly reports true, Convert
+// writes such a target through its CompressedWriter in increasing offset
+// order, as with `convert -c`, whether or not compression was asked for.
+type StreamOnly interface {
+	StreamOnly() bool
+}
+
 // OpenParams is what a driver's Open receives.
 type OpenParams struct {
 	Storage Storage

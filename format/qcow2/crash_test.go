@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/vdisk/vdisk"
@@ -22,12 +23,12 @@ import (
 // bytes that were never written) — which must never appear.
 
 type crashOp struct {
-	kind   int // 0 write, 1 zero, 2 zero+unmap, 3 discard, 4 flush
+	kind   int // 0 write, 1 zero, 2 zero+unmap, 3 discard, 4 flush, 5 snapshot, 6 delete snapshot
 	off, n int64
 	id     uint32
 }
 
-func crashWorkload(seed uint64, size int64, nops int, clusters int64) []crashOp {
+func crashWorkload(seed uint64, size int64, nops int, clusters int64, snapshots bool) []crashOp {
 	rng := rand.New(rand.NewPCG(seed, 7))
 	var ops []crashOp
 	for i := 0; i < nops; i++ {
@@ -42,8 +43,12 @@ func crashWorkload(seed uint64, size int64, nops int, clusters int64) []crashOp 
 			o.kind = 2
 		case r < 84:
 			o.kind = 3
-		default:
+		case r < 96 || !snapshots:
 			o.kind = 4
+		case r < 98:
+			o.kind = 5
+		default:
+			o.kind = 6
 		}
 		// Sizes from a few words to several clusters, 8-byte aligned.
 		n := (rng.Int64N(clusters*2)/8 + 1) * 8
@@ -103,8 +108,20 @@ func runCrashOps(d *vdisk.Disk, ops []crashOp, st *crashState, cur []uint64) err
 				cur[w] = 0
 				st.dirty[w] = true
 			}
-		case 4:
-			err = d.Flush()
+		case 4, 5, 6:
+			sn := d.Top().Image.(driver.Snapshotter)
+			switch o.kind {
+			case 4:
+				err = d.Flush()
+			case 5:
+				err = sn.CreateSnapshot(fmt.Sprint("s", o.id))
+			case 6:
+				var list []driver.Snapshot
+				if list, err = sn.Snapshots(); err == nil && len(list) > 0 {
+					err = sn.DeleteSnapshot(list[0].ID)
+				}
+			}
+			// Snapshot operations flush first: success means flushed.
 			if err == nil {
 				copy(st.flushed, cur)
 				clear(st.dirty)
@@ -122,7 +139,11 @@ func runCrashOps(d *vdisk.Disk, ops []crashOp, st *crashState, cur []uint64) err
 }
 
 // verifyCrashed checks an image recovered from a crash.
-func verifyCrashed(t *testing.T, label string, stor driver.Storage, name string, size int64, st *crashState, repair bool) {
+// A crash in the middle of a snapshot operation may leave copied flags
+// that disagree with refcounts (as with qemu: refcounts and L2 tables are
+// different clusters); that is harmless for data and fixed by check -r
+// all. allowCopied accepts those.
+func verifyCrashed(t *testing.T, label string, stor driver.Storage, name string, size int64, st *crashState, repair, allowCopied bool) {
 	t.Helper()
 	d, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: stor})
 	if err != nil {
@@ -133,8 +154,21 @@ func verifyCrashed(t *testing.T, label string, stor driver.Storage, name string,
 	if err != nil {
 		t.Fatalf("%s: check: %v", label, err)
 	}
-	if res.Corruptions != 0 || res.CheckErrors != 0 {
-		t.Fatalf("%s: check finds more than leaks: %+v %v", label, res, res.Messages)
+	other := 0
+	for _, m := range res.Messages {
+		if strings.HasPrefix(m, "ERROR") && !(allowCopied && strings.HasPrefix(m, "ERROR OFLAG_COPIED")) {
+			other++
+		}
+	}
+	if other != 0 || res.CheckErrors != 0 || (res.Corruptions != 0 && !allowCopied) {
+		msgs := res.Messages
+		if len(msgs) > 6 {
+			msgs = msgs[:6]
+		}
+		t.Fatalf("%s: check finds more than leaks: %d corruptions, %d errors: %v", label, res.Corruptions, res.CheckErrors, msgs)
+	}
+	if res.Corruptions != 0 {
+		repair = true
 	}
 	data := make([]byte, size)
 	if _, err := d.ReadAt(data, 0); err != nil {
@@ -162,7 +196,7 @@ func verifyCrashed(t *testing.T, label string, stor driver.Storage, name string,
 	// Repair the leaks and make sure the image is then clean.
 	res, err = d.Check(ctx, driver.RepairAll)
 	if err != nil || res.Corruptions != 0 || res.Leaks != 0 {
-		t.Fatalf("%s: repair: %+v %v", label, res, err)
+		t.Fatalf("%s: repair: %d corruptions, %d leaks left: %v", label, res.Corruptions, res.Leaks, err)
 	}
 }
 
@@ -178,12 +212,13 @@ func TestCrashPoints(t *testing.T) {
 		size   int64
 		cs     int64
 		points int
+		snaps  bool // the workload takes and deletes internal snapshots
 	}{
-		{"v3-64k", nil, 1 << 20, 64 << 10, 20},
-		{"v3-512-refbits64", []string{"cluster_size=512", "refcount_bits=64"}, 1 << 20, 512, 30},
-		{"extl2-16k", []string{"extended_l2=on", "cluster_size=16k"}, 1 << 20, 16 << 10, 20},
-		{"lazy-4k", []string{"lazy_refcounts=on", "cluster_size=4k"}, 1 << 20, 4 << 10, 20},
-		{"v2-4k", []string{"compat=0.10", "cluster_size=4k"}, 1 << 20, 4 << 10, 20},
+		{"v3-64k", nil, 1 << 20, 64 << 10, 20, false},
+		{"v3-512-refbits64", []string{"cluster_size=512", "refcount_bits=64"}, 1 << 20, 512, 30, false},
+		{"extl2-16k-snapshots", []string{"extended_l2=on", "cluster_size=16k"}, 1 << 20, 16 << 10, 20, true},
+		{"lazy-4k", []string{"lazy_refcounts=on", "cluster_size=4k"}, 1 << 20, 4 << 10, 20, false},
+		{"v2-4k-snapshots", []string{"compat=0.10", "cluster_size=4k"}, 1 << 20, 4 << 10, 20, true},
 	}
 	total := 0
 	for _, l := range layouts {
@@ -196,7 +231,7 @@ func TestCrashPoints(t *testing.T) {
 	for li, l := range layouts {
 		t.Run(l.name, func(t *testing.T) {
 			t.Parallel()
-			ops := crashWorkload(uint64(li+1), l.size, 150, l.cs)
+			ops := crashWorkload(uint64(li+1), l.size, 150, l.cs, l.snaps)
 			// A dry run counts the writes.
 			mem := memfs.New()
 			ffs := faultfs.New(mem)
@@ -231,8 +266,8 @@ func TestCrashPoints(t *testing.T) {
 				}
 				d.Close()
 				label := fmt.Sprintf("crash after write %d/%d", n, nw)
-				verifyCrashed(t, label+" (durable)", ffs.Durable(), "/c.qcow2", l.size, st, p%3 == 0)
-				verifyCrashed(t, label+" (in-order)", mem.Clone(), "/c.qcow2", l.size, st, p%3 == 1)
+				verifyCrashed(t, label+" (durable)", ffs.Durable(), "/c.qcow2", l.size, st, p%3 == 0, l.snaps)
+				verifyCrashed(t, label+" (in-order)", mem.Clone(), "/c.qcow2", l.size, st, p%3 == 1, l.snaps)
 				if p%10 == 0 && l.name != "lazy-4k" {
 					// qemu agrees: at most leaks.
 					b, err := ffs.Durable().(*memfs.FS).ReadFile("/c.qcow2")
@@ -244,7 +279,7 @@ func TestCrashPoints(t *testing.T) {
 						t.Fatal(err)
 					}
 					out, code, _ := qemutest.RunCode("qemu-img", "check", "-f", "qcow2", f)
-					if code != 0 && code != 3 {
+					if code != 0 && code != 3 && !(l.snaps && code == 2) {
 						t.Fatalf("%s: qemu-img check exit %d:\n%s", label, code, out)
 					}
 				}

@@ -130,7 +130,7 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	if l1Entries*8 > maxL1Bytes {
 		return nil, driver.OptionErrorf("size %d is too large for %d-byte clusters (the L1 table would exceed %d bytes)", p.Size, c.cs, maxL1Bytes)
 	}
-	rtClust, rbCount, l1Clust, total := createLayout(c.cs, c.rorder, l1Entries)
+	rtClust, rbCount, _, total := createLayout(c.cs, c.rorder, l1Entries)
 	if rtClust*c.cs > maxRefTableBytes {
 		return nil, driver.OptionErrorf("size %d is too large for %d-byte clusters", p.Size, c.cs)
 	}
@@ -174,10 +174,15 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	flag := driver.ReadWrite | driver.Create | driver.Truncate
+	// Truncating a file to zero makes ext4 write the whole file back when
+	// it is closed (auto_da_alloc), which costs a convert as much as a
+	// sync: an existing file is cut to the initial size instead.
+	flag := driver.ReadWrite | driver.Create
 	if !p.Overwrite {
 		flag |= driver.Excl
 	}
+	_, serr := p.Storage.Stat(p.Name)
+	existed := serr == nil
 	// The external data file first, so a failure leaves no image behind
 	// that names a missing file.
 	if c.dataFile != "" {
@@ -219,12 +224,17 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		}
 		// The L1 table is all zeros; write only its entries, as qemu does.
 		end := total * c.cs
-		if l1Entries > 0 {
+		if existed {
+			// Overwriting: old bytes must not survive in the tables'
+			// clusters.
+			if err := f.Truncate(end); err != nil {
+				return err
+			}
+		} else if l1Entries > 0 {
 			end = int64(h.l1Offset) + l1Entries*8
 		} else {
 			end = (1 + rtClust + rbCount) * c.cs
 		}
-		_ = l1Clust
 		if _, err := f.WriteAt(buf[:end], 0); err != nil {
 			return err
 		}

@@ -1,6 +1,8 @@
 package qcow2
 
 import (
+	mbits "math/bits"
+
 	"github.com/vdisk/vdisk/driver"
 )
 
@@ -48,7 +50,7 @@ func (im *image) Flush() error {
 // refcounts and clears the dirty bit (close). Callers hold mu.
 func (im *image) flushLocked(final bool) error {
 	if im.dataDirty.Swap(false) {
-		if err := im.df.Sync(); err != nil {
+		if err := im.syncFile(im.df); err != nil {
 			im.dataDirty.Store(true)
 			return err
 		}
@@ -75,7 +77,7 @@ func (im *image) flushLocked(final bool) error {
 				return err
 			}
 		}
-		if err := im.f.Sync(); err != nil {
+		if err := im.syncFile(im.f); err != nil {
 			return err
 		}
 	}
@@ -83,7 +85,7 @@ func (im *image) flushLocked(final bool) error {
 		if err := im.writeRefTable(); err != nil {
 			return err
 		}
-		if err := im.f.Sync(); err != nil {
+		if err := im.syncFile(im.f); err != nil {
 			return err
 		}
 		im.rtDirty = false
@@ -99,7 +101,7 @@ func (im *image) flushLocked(final bool) error {
 				return err
 			}
 		}
-		if err := im.f.Sync(); err != nil {
+		if err := im.syncFile(im.f); err != nil {
 			return err
 		}
 		for _, t := range l2d {
@@ -110,7 +112,7 @@ func (im *image) flushLocked(final bool) error {
 		if err := im.writeL1(); err != nil {
 			return err
 		}
-		if err := im.f.Sync(); err != nil {
+		if err := im.syncFile(im.f); err != nil {
 			return err
 		}
 	}
@@ -131,7 +133,7 @@ func (im *image) flushLocked(final bool) error {
 			}
 		}
 		if wrote {
-			if err := im.f.Sync(); err != nil {
+			if err := im.syncFile(im.f); err != nil {
 				return err
 			}
 		}
@@ -210,7 +212,7 @@ func (im *image) releasePending() {
 		base := t.idx << im.rbBits
 		for w, bits := range t.pend {
 			for bits != 0 {
-				b := int64(trailingZeros(bits))
+				b := int64(mbits.TrailingZeros64(bits))
 				bits &^= 1 << b
 				i := int64(w)*64 + b
 				if im.getRef(t.buf, i) != 0 {
@@ -240,15 +242,6 @@ func (im *image) releasePending() {
 		// punched.
 		_ = im.f.PunchHole(off, n)
 	}
-}
-
-func trailingZeros(x uint64) int {
-	n := 0
-	for x&1 == 0 {
-		x >>= 1
-		n++
-	}
-	return n
 }
 
 // shrinkCaches brings the caches back within their capacity at a safe
@@ -285,4 +278,13 @@ func (im *image) shrinkCaches() {
 	}
 	im.l2c.evictClean(cleanL2)
 	im.rbc.evictClean(cleanRB)
+}
+
+// syncFile syncs f, unless the image is being closed without syncing
+// (see Close).
+func (im *image) syncFile(f interface{ Sync() error }) error {
+	if im.noSync {
+		return nil
+	}
+	return f.Sync()
 }

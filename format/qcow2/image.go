@@ -73,6 +73,7 @@ type image struct {
 	cmpCur   int64           // compressed writes: next free byte in the current host cluster (0: none)
 	closed   bool
 
+	noSync    bool        // Close: write metadata back without syncing
 	dataDirty atomic.Bool // data written since the last sync
 	bmDone    atomic.Bool // bitmaps prepared for writing
 
@@ -498,7 +499,7 @@ func (im *image) writeHeaderSync(rtMem, l1Mem bool) error {
 	if err := im.writeHeader(rtMem, l1Mem); err != nil {
 		return err
 	}
-	return im.f.Sync()
+	return im.syncFile(im.f)
 }
 
 // headerStale reports whether table fields of the header on disk differ
@@ -549,9 +550,17 @@ func (im *image) Close() error {
 	}
 	first := cwErr
 	if !im.ro && !im.corrupt {
-		if err := im.flushLocked(true); err != nil {
+		// Close writes out what is left in the metadata caches, in the
+		// usual order but without syncing: durability is Flush's job (the
+		// container flushes before closing; closing without a flush is
+		// qemu's cache=unsafe). The exception is an image dirty with lazy
+		// refcounts: its refcounts are made durable before the dirty bit
+		// is cleared, or the bit would lie after a crash.
+		im.noSync = !(im.lazy && (im.hdrDirty || len(im.rbc.dirtyTables()) > 0 || im.rtDirty))
+		if err := im.flushLocked(true); err != nil && first == nil {
 			first = err
 		}
+		im.noSync = false
 	}
 	if im.df != im.f {
 		if err := im.df.Close(); err != nil && first == nil {

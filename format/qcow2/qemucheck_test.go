@@ -57,7 +57,7 @@ func TestWritesPassQemuCheck(t *testing.T) {
 			}
 			m := model.New(c.size)
 			reopens := 0
-			h := &model.Harness{Seed: 11, Ops: 800, MaxIO: 256 << 10,
+			h := &model.Harness{Seed: 11, Ops: 500, MaxIO: 160 << 10,
 				Reopen: func(d *vdisk.Disk) (*vdisk.Disk, error) {
 					if err := d.Close(); err != nil {
 						return nil, err
@@ -126,5 +126,32 @@ func TestRefcountTableGrowth(t *testing.T) {
 	os.WriteFile(ref, data, 0o644)
 	if !qemutest.Compare(t, "qcow2", img, "raw", ref) {
 		t.Fatal("content differs")
+	}
+}
+
+// TestCreateOverExistingFile: creating over an existing file leaves none
+// of its bytes in the new image.
+func TestCreateOverExistingFile(t *testing.T) {
+	qemutest.Require(t)
+	dir := tempDir(t)
+	img := filepath.Join(dir, "o.qcow2")
+	garbage := make([]byte, 3<<20)
+	for i := range garbage {
+		garbage[i] = byte(i*7 + 1)
+	}
+	if err := os.WriteFile(img, garbage, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: 2 << 20, Overwrite: true, Options: kvs("cluster_size=512")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, d); !driver.IsZero(got) {
+		t.Fatal("a new image over an old file does not read zeros")
+	}
+	d.Close()
+	qemutest.Check(t, "qcow2", img)
+	if fi, _ := os.Stat(img); fi.Size() >= 3<<20 {
+		t.Fatalf("the old file's tail survived (%d bytes)", fi.Size())
 	}
 }

@@ -155,3 +155,47 @@ func TestCreateOverExistingFile(t *testing.T) {
 		t.Fatalf("the old file's tail survived (%d bytes)", fi.Size())
 	}
 }
+
+// TestCommitEmptiesTop commits qemu-made qcow2 chains into their backing
+// file: the chain reads as before, the top holds no cluster afterwards
+// (qemu-img map reports everything at depth >= 1), its host clusters are
+// freed and both images pass qemu-img check.
+func TestCommitEmptiesTop(t *testing.T) {
+	qemutest.Require(t)
+	for _, tc := range []struct {
+		name string
+		opts []string
+	}{
+		{"v3", nil},
+		{"v2", []string{"compat=0.10"}},
+		{"extl2", []string{"extended_l2=on"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := tempDir(t)
+			base := filepath.Join(dir, "base.qcow2")
+			top := filepath.Join(dir, "top.qcow2")
+			qemutest.Create(t, "qcow2", base, "4M", tc.opts...)
+			qemutest.IO(t, "qcow2", base, "write -P 0x11 0 2M")
+			qemutest.Create(t, "qcow2", top, "4M", append([]string{"backing_file=base.qcow2", "backing_fmt=qcow2"}, tc.opts...)...)
+			qemutest.IO(t, "qcow2", top, "write -P 0x22 64k 192k", "write -P 0x33 1M 1M", "write -z 3M 64k", "write -P 0x44 3200k 4k")
+			want := filepath.Join(dir, "want.raw")
+			qemutest.Img(t, "convert", "-O", "raw", top, want)
+			if err := vdisk.Commit(ctx, top, 1, false, &vdisk.MergeOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			qemutest.Check(t, "qcow2", base)
+			qemutest.Check(t, "qcow2", top)
+			if !qemutest.Compare(t, "qcow2", top, "raw", want) || !qemutest.Compare(t, "qcow2", base, "raw", want) {
+				t.Fatal("content changed by the commit")
+			}
+			for _, e := range qemutest.Map(t, "qcow2", top) {
+				if e.Depth == 0 && (e.Data || e.Zero && e.Present) {
+					t.Errorf("top still holds %+v after the commit", e)
+				}
+			}
+			if r := qemutest.Check(t, "qcow2", top); r.AllocatedClusters != 0 {
+				t.Errorf("top still has %d allocated clusters", r.AllocatedClusters)
+			}
+		})
+	}
+}

@@ -237,3 +237,15 @@ func (im *image) zeroDataFile(off, n int64, unmap bool) error {
 	im.dataDirty.Store(true)
 	return nil
 }
+
+// MakeEmpty makes every cluster of the active image unallocated, so that
+// reads fall through to the backing file again and the host clusters are
+// freed (qemu's make-empty after a commit). Internal snapshots keep their
+// clusters.
+func (im *image) MakeEmpty() error {
+	size := im.Size()
+	if size == 0 {
+		return nil
+	}
+	return im.Discard(0, size)
+}

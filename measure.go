@@ -24,6 +24,18 @@ func Measure(ctx context.Context, format string, opts []driver.KV, size int64, s
 	p := &driver.MeasureParams{Size: size, Options: vals}
 	if src != nil {
 		p.Size = src.Size()
+		top := src.Top().Image
+		if si, ok := top.(*snapshotImage); ok {
+			// A snapshot's image keeps the image's bitmaps.
+			top = si.owner
+		}
+		if bl, ok := top.(driver.BitmapLister); ok {
+			bms, err := bl.PersistentBitmaps()
+			if err != nil {
+				return driver.MeasureResult{}, err
+			}
+			p.SourceBitmaps, p.SourceHasBitmaps = bms, true
+		}
 		cache := map[int64]int64{}
 		p.Allocated = func(unit int64) (int64, error) {
 			if unit <= 0 {

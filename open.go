@@ -42,6 +42,11 @@ type OpenOptions struct {
 	AllowUnsafeBacking bool
 	// Direct opens the top image with O_DIRECT where supported.
 	Direct bool
+	// Snapshot, when set, shows the top image's internal snapshot with this
+	// ID (or, when no ID matches, name) instead of its current state; the
+	// disk is then read-only (qemu-img convert -l). The top's driver must
+	// implement driver.SnapshotOpener.
+	Snapshot string
 	// Storage holds the images; nil means the local file system.
 	Storage driver.Storage
 	// Logger receives notices and warnings; nil discards them.
@@ -68,7 +73,7 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 		o = &OpenOptions{}
 	}
 	st, log := o.storage(), o.logger()
-	ro := o.ReadOnly || o.InfoOnly
+	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
 	top, err := openLayer(ctx, st, log, name, o.Format, o.Options, !ro, o.InfoOnly, o.Direct, true)
 	if err != nil {
 		return nil, err
@@ -116,7 +121,36 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 			layers = append(layers, p)
 		}
 	}
+	if o.Snapshot != "" {
+		so, ok := top.Image.(driver.SnapshotOpener)
+		if !ok {
+			cleanup()
+			return nil, driver.Unsupportedf(name, "format %s cannot read an internal snapshot", top.Format.Name)
+		}
+		v, err := so.OpenSnapshot(o.Snapshot)
+		if err != nil {
+			cleanup()
+			return nil, driver.WithFile(err, "open snapshot", name)
+		}
+		top.Image = &snapshotImage{Image: v, owner: top.Image}
+	}
 	return newDisk(layers, ro, st, log), nil
+}
+
+// snapshotImage is an internal snapshot shown as a layer: closing it also
+// closes the image it belongs to. Only the plain Image methods show
+// through (a snapshot is read-only).
+type snapshotImage struct {
+	driver.Image
+	owner driver.Image
+}
+
+func (s *snapshotImage) Close() error {
+	err := s.Image.Close()
+	if oerr := s.owner.Close(); err == nil {
+		err = oerr
+	}
+	return err
 }
 
 func canonical(name string) string {
@@ -146,7 +180,7 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 		return nil, driver.OptionErrorf("a chain of %d layers exceeds the limit of %d", len(specs), MaxChainDepth)
 	}
 	st, log := o.storage(), o.logger()
-	ro := o.ReadOnly || o.InfoOnly
+	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
 	var layers []*Layer
 	for i, s := range specs {
 		l, err := openLayer(ctx, st, log, s.Name, s.Format, nil, i == 0 && !ro, o.InfoOnly, o.Direct && i == 0, i == 0)

@@ -100,12 +100,34 @@ type MeasureParams struct {
 	// measuring by size alone (an empty image of that size, as qemu-img
 	// measure --size means it).
 	Allocated func(unit int64) (int64, error)
+	// SourceBitmaps lists the source's persistent dirty bitmaps when its
+	// format can store them (SourceHasBitmaps); qcow2 then reports the
+	// space copying them would take (qemu-img measure's "bitmaps").
+	SourceBitmaps    []Bitmap
+	SourceHasBitmaps bool
+}
+
+// Bitmap describes a persistent dirty bitmap.
+type Bitmap struct {
+	Name        string
+	Granularity int64
+	// Size is the number of bytes of virtual disk the bitmap covers.
+	Size int64
+}
+
+// BitmapLister is implemented by images of formats that store persistent
+// dirty bitmaps (qcow2).
+type BitmapLister interface {
+	PersistentBitmaps() ([]Bitmap, error)
 }
 
 // MeasureResult is qemu-img measure's answer, in bytes.
 type MeasureResult struct {
-	Required       int64 `json:"required"`
-	FullyAllocated int64 `json:"fully-allocated"`
+	// Bitmaps, when not nil, is the space the source's persistent bitmaps
+	// would take in addition (both formats store bitmaps).
+	Bitmaps        *int64 `json:"bitmaps,omitempty"`
+	Required       int64  `json:"required"`
+	FullyAllocated int64  `json:"fully-allocated"`
 }
 
 var (

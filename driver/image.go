@@ -181,6 +181,14 @@ type Snapshotter interface {
 	DeleteSnapshot(name string) error
 }
 
+// SnapshotOpener is implemented by images that can show an internal
+// snapshot read-only without applying it (convert -l, measure -l). key is
+// the snapshot's ID or, when no ID matches, its name. The returned image
+// shares the image's files and parent view: close it before the image.
+type SnapshotOpener interface {
+	OpenSnapshot(key string) (Image, error)
+}
+
 // Identifier exposes the image's UUIDs. Empty strings mean "not recorded".
 type Identifier interface {
 	UUID() string

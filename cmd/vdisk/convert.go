@@ -150,12 +150,15 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 	if err != nil {
 		return err
 	}
-	defer s.Close()
 	if fl.snapshot != "" {
-		if err := checkSnapshot(s, fl.snapshot); err != nil {
+		v, err := a.openSnapshot(s, fl.srcFmt, fl.snapshot)
+		if err != nil {
+			s.Close()
 			return err
 		}
+		s = v
 	}
+	defer s.Close()
 
 	// Incremental copy: when the backing file of the target is an image of
 	// the source's chain, only the layers above it are copied.
@@ -255,20 +258,21 @@ func layerAbove(src *vdisk.Disk, dst, backing string) int {
 	return 0
 }
 
-// checkSnapshot handles -l. No library call reads a snapshot without
-// applying it yet, so an existing snapshot is still an error, but a
-// precise one.
-func checkSnapshot(s *vdisk.Disk, param string) error {
+// openSnapshot handles -l: it finds the snapshot named by param
+// (snapshot.name=NAME, snapshot.id=ID or ID_OR_NAME, as qemu-img) in the
+// top image of s and returns the chain opened at that snapshot, read-only.
+// s is closed on success.
+func (a *app) openSnapshot(s *vdisk.Disk, format, param string) (*vdisk.Disk, error) {
 	top := s.Top()
 	sn, ok := top.Image.(driver.Snapshotter)
 	if !ok {
-		return driver.Unsupportedf(top.Name, "format %s has no internal snapshots (-l)", top.Format.Name)
+		return nil, driver.Unsupportedf(top.Name, "format %s has no internal snapshots (-l)", top.Format.Name)
 	}
 	var id, name string
 	if strings.Contains(param, "=") {
 		kvs, err := driver.SplitOptions(param)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		for _, kv := range kvs {
 			switch kv.Key {
@@ -277,7 +281,7 @@ func checkSnapshot(s *vdisk.Disk, param string) error {
 			case "snapshot.id":
 				id = kv.Value
 			default:
-				return driver.OptionErrorf("invalid snapshot parameter %q (use snapshot.name=NAME or snapshot.id=ID)", kv.Key)
+				return nil, driver.OptionErrorf("invalid snapshot parameter %q (use snapshot.name=NAME or snapshot.id=ID)", kv.Key)
 			}
 		}
 	} else {
@@ -285,12 +289,36 @@ func checkSnapshot(s *vdisk.Disk, param string) error {
 	}
 	list, err := sn.Snapshots()
 	if err != nil {
-		return driver.WithFile(err, "list snapshots", top.Name)
+		return nil, driver.WithFile(err, "list snapshots", top.Name)
 	}
-	for _, x := range list {
-		if (id != "" && x.ID == id) || (name != "" && x.Name == name) {
-			return driver.Unsupportedf(top.Name, "converting snapshot %q: reading a snapshot without applying it is not yet supported", x.Name)
+	// An ID matches before a name, as in qemu.
+	found := -1
+	for i, x := range list {
+		if id != "" && x.ID == id && (name == "" || name == id || x.Name == name) {
+			found = i
+			break
 		}
 	}
-	return driver.Errorf(vdisk.ErrNotFound, top.Name, -1, "no snapshot %q", param)
+	if found < 0 && name != "" {
+		for i, x := range list {
+			if x.Name == name && (id == "" || id == name) {
+				found = i
+				break
+			}
+		}
+	}
+	if found < 0 {
+		return nil, driver.Errorf(vdisk.ErrNotFound, top.Name, -1, "no snapshot %q", param)
+	}
+	v, err := vdisk.Open(a.ctx, top.Name, &vdisk.OpenOptions{
+		Format:             format,
+		Snapshot:           list[found].ID,
+		AllowUnsafeBacking: true,
+		Logger:             a.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.Close()
+	return v, nil
 }

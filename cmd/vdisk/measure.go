@@ -89,12 +89,15 @@ func (a *app) measure(name, format, outFmt string, optArgs []string, sizeArg str
 		if err != nil {
 			return err
 		}
-		defer src.Close()
 		if snapshot != "" {
-			if err := checkSnapshot(src, snapshot); err != nil {
+			v, err := a.openSnapshot(src, format, snapshot)
+			if err != nil {
+				src.Close()
 				return err
 			}
+			src = v
 		}
+		defer src.Close()
 		res, err = vdisk.Measure(a.ctx, f.Name, kvs, 0, src)
 		if err != nil {
 			return err
@@ -102,6 +105,9 @@ func (a *app) measure(name, format, outFmt string, optArgs []string, sizeArg str
 	}
 	if asJSON {
 		n := jobj()
+		if res.Bitmaps != nil {
+			n.set("bitmaps", jint(*res.Bitmaps))
+		}
 		n.set("required", jint(res.Required))
 		n.set("fully-allocated", jint(res.FullyAllocated))
 		var b strings.Builder
@@ -111,5 +117,8 @@ func (a *app) measure(name, format, outFmt string, optArgs []string, sizeArg str
 		return err
 	}
 	_, err = fmt.Fprintf(a.stdout, "required size: %d\nfully allocated size: %d\n", res.Required, res.FullyAllocated)
+	if err == nil && res.Bitmaps != nil {
+		_, err = fmt.Fprintf(a.stdout, "bitmaps size: %d\n", *res.Bitmaps)
+	}
 	return err
 }

@@ -52,7 +52,7 @@ func (im *image) loadBitmaps() error {
 		if nameLen == 0 || nameLen > 1023 || extra > 1<<20 {
 			return driver.Corruptf(im.name, at, "bitmap directory entry %d has an invalid name or extra data size", i)
 		}
-		entLen := (24 + extra + nameLen + 7) &^ 7
+		entLen := bitmapDirEntrySize(int(nameLen), int(extra))
 		if off+24+extra+nameLen > int64(len(dir)) {
 			return driver.Corruptf(im.name, at, "bitmap directory entry %d runs past the directory", i)
 		}
@@ -117,7 +117,7 @@ func (im *image) markBitmapsInUse() error {
 			im.bitmaps[i].flags = fl | bitmapInUse
 			changed = true
 		}
-		off += (24 + extra + nameLen + 7) &^ 7
+		off += bitmapDirEntrySize(int(nameLen), int(extra))
 	}
 	if !changed {
 		return nil
@@ -126,4 +126,21 @@ func (im *image) markBitmapsInUse() error {
 		return err
 	}
 	return im.f.Sync()
+}
+
+// bitmapDirEntrySize is the size of a bitmap directory entry: 24 bytes of
+// fields, the extra data and the name, padded to 8 bytes.
+func bitmapDirEntrySize(nameLen, extra int) int64 {
+	return (24 + int64(extra) + int64(nameLen) + 7) &^ 7
+}
+
+// PersistentBitmaps lists the image's bitmaps (driver.BitmapLister).
+func (im *image) PersistentBitmaps() ([]driver.Bitmap, error) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	out := make([]driver.Bitmap, 0, len(im.bitmaps))
+	for _, b := range im.bitmaps {
+		out = append(out, driver.Bitmap{Name: b.name, Granularity: int64(1) << b.granBits, Size: im.size})
+	}
+	return out, nil
 }

@@ -32,7 +32,30 @@ func measure(p *driver.MeasureParams) (driver.MeasureResult, error) {
 		}
 		data = n
 	}
-	return driver.MeasureResult{Required: data + meta, FullyAllocated: aligned + meta}, nil
+	res := driver.MeasureResult{Required: data + meta, FullyAllocated: aligned + meta}
+	if c := p.Options.String("compat"); p.SourceHasBitmaps && c != "0.10" && c != "v2" {
+		n := bitmapsSize(p.SourceBitmaps, cs)
+		res.Bitmaps = &n
+	}
+	return res, nil
+}
+
+// bitmapsSize is the space bitmaps take in an image of cluster size cs,
+// counted as qemu counts it for measure: every bitmap fully allocated, its
+// table, and the directory.
+func bitmapsSize(bms []driver.Bitmap, cs int64) int64 {
+	roundUp := func(n, m int64) int64 { return (n + m - 1) / m * m }
+	var total, dir int64
+	for _, b := range bms {
+		if b.Granularity <= 0 {
+			continue
+		}
+		bits := (b.Size + b.Granularity - 1) / b.Granularity
+		clusters := ((bits+7)/8 + cs - 1) / cs
+		total += clusters*cs + roundUp(clusters*8, cs)
+		dir += bitmapDirEntrySize(len(b.Name), 0)
+	}
+	return total + roundUp(dir, cs)
 }
 
 // metadataSize is the size of the header cluster, the L2 and L1 tables and

@@ -1,7 +1,9 @@
 package qcow2_test
 
 import (
+	"encoding/json"
 	"errors"
+	"maps"
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
@@ -197,5 +199,45 @@ func TestCommitEmptiesTop(t *testing.T) {
 				t.Errorf("top still has %d allocated clusters", r.AllocatedClusters)
 			}
 		})
+	}
+}
+
+// TestMeasureBitmapsMatchesQemu measures qemu-made images with persistent
+// bitmaps (and one without) as qcow2 targets of several layouts: every
+// figure, bitmaps included, equals qemu-img measure's.
+func TestMeasureBitmapsMatchesQemu(t *testing.T) {
+	qemutest.Require(t)
+	dir := tempDir(t)
+	plain := filepath.Join(dir, "plain.qcow2")
+	bm := filepath.Join(dir, "bm.qcow2")
+	qemutest.Create(t, "qcow2", plain, "100M")
+	qemutest.Create(t, "qcow2", bm, "300M")
+	qemutest.IO(t, "qcow2", bm, "write -P 0x5a 1M 3M")
+	qemutest.Img(t, "bitmap", "--add", "-g", "64k", bm, "b1")
+	qemutest.Img(t, "bitmap", "--add", "-g", "512", bm, "a-much-longer-bitmap-name-for-the-directory")
+	qemutest.Img(t, "bitmap", "--add", "--disable", "-g", "2M", bm, "off")
+	for _, img := range []string{plain, bm} {
+		for _, opts := range []string{"cluster_size=64k", "cluster_size=4k", "cluster_size=2M", "compat=0.10", "cluster_size=512,refcount_bits=64"} {
+			out := qemutest.Img(t, "measure", "--output", "json", "-O", "qcow2", "-o", opts, img)
+			var want, got map[string]int64
+			if err := json.Unmarshal([]byte(out), &want); err != nil {
+				t.Fatal(err)
+			}
+			d, err := vdisk.Open(ctx, img, &vdisk.OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			kvs, _ := driver.SplitOptions(opts)
+			res, err := vdisk.Measure(ctx, "qcow2", kvs, 0, d)
+			d.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := json.Marshal(res)
+			json.Unmarshal(b, &got)
+			if !maps.Equal(got, want) {
+				t.Errorf("%s -o %s: got %v, qemu-img says %v", filepath.Base(img), opts, got, want)
+			}
+		}
 	}
 }

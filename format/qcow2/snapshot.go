@@ -559,13 +559,7 @@ func (im *image) DeleteSnapshot(key string) error {
 	})
 }
 
-// SnapshotOpener is implemented by images that can expose an internal
-// snapshot read-only without applying it (convert -l).
-type SnapshotOpener interface {
-	OpenSnapshot(key string) (driver.Image, error)
-}
-
-var _ SnapshotOpener = (*image)(nil)
+var _ driver.SnapshotOpener = (*image)(nil)
 
 // OpenSnapshot returns a read-only image showing the snapshot with ID or
 // name key. It shares the image's files: close it before the image.

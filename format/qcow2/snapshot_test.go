@@ -11,7 +11,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
-	"github.com/vdisk/vdisk/format/qcow2"
+	_ "github.com/vdisk/vdisk/format/qcow2"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -77,7 +77,7 @@ func TestSnapshotsWithQemu(t *testing.T) {
 			}
 			// Read snapshots without applying them.
 			for name, want := range states {
-				v, err := d.Top().Image.(qcow2.SnapshotOpener).OpenSnapshot(name)
+				v, err := d.Top().Image.(driver.SnapshotOpener).OpenSnapshot(name)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -181,6 +181,14 @@ type Snapshotter interface {
 	DeleteSnapshot(name string) error
 }
 
+// Amender is implemented by images whose creation options can be changed
+// in place (qemu-img amend). opts are the -o pairs as given; the driver
+// validates them and refuses, before changing anything, options it cannot
+// amend.
+type Amender interface {
+	Amend(ctx context.Context, opts []KV) error
+}
+
 // SnapshotOpener is implemented by images that can show an internal
 // snapshot read-only without applying it (convert -l, measure -l). key is
 // the snapshot's ID or, when no ID matches, its name. The returned image

@@ -73,7 +73,7 @@ func (a *app) amend(name, format string, kvs []driver.KV, showProgress bool) err
 	}
 	defer d.Close()
 	top := d.Top()
-	am, ok := top.Image.(amender)
+	am, ok := top.Image.(driver.Amender)
 	if !ok {
 		return driver.Unsupportedf(top.Name, "Format driver '%s' does not support option amendment", top.Format.Name)
 	}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -15,13 +14,6 @@ import (
 
 // Helpers shared by the image-operation commands (commit, merge, rebase,
 // resize, check, snapshot, ...).
-
-// amender is implemented by images whose creation options can be changed
-// in place (qemu-img amend). Drivers implement it on their Image; opts are
-// the -o pairs as given, validated by the driver.
-type amender interface {
-	Amend(ctx context.Context, opts []driver.KV) error
-}
 
 // openRW opens name read-write (only the top is written), following parent
 // references wherever they point, as qemu-img does.

@@ -31,7 +31,7 @@ var (
 	_ driver.Identifier  = (*vdtImage)(nil)
 	_ driver.Geometry    = (*vdtImage)(nil)
 	_ driver.Commenter   = (*vdtImage)(nil)
-	_ amender            = (*vdtImage)(nil)
+	_ driver.Amender     = (*vdtImage)(nil)
 )
 
 func vdtUUID() string {

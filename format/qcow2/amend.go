@@ -340,3 +340,4 @@ func (im *image) l2ForWriteShared(t *table) bool {
 	r, err := im.refcount(t.off >> im.cbits)
 	return err != nil || r != 1
 }
+var _ driver.Amender = (*image)(nil)

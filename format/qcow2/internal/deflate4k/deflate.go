@@ -66,6 +66,7 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 	blockStart := 0
 	prevLen, prevDist := 0, 0
 	available := false
+	lits := 0 // literals since the last match
 	for p := 0; p < n; {
 		if p <= hashEnd {
 			h := hash3(src[p:])
@@ -73,7 +74,7 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 			e.head[h] = int32(p + 1)
 		}
 		curLen, curDist := minMatch-1, 0
-		if prevLen < maxLazy {
+		if prevLen < maxLazy && (lits < skipAfter || p&skipMask(lits) == 0) {
 			curLen, curDist = e.longest(src, p, prevLen)
 			if curLen == minMatch && curDist > windowSize/2 {
 				curLen = minMatch - 1 // a far 3-byte match does not pay
@@ -91,7 +92,7 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 				}
 			}
 			p = end
-			prevLen, available = 0, false
+			prevLen, available, lits = 0, false, 0
 			if len(e.toks) >= blockToks {
 				e.writeBlock(src[blockStart:p], false)
 				blockStart = p
@@ -101,6 +102,7 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 		}
 		if available {
 			e.toks = append(e.toks, uint32(src[p-1]))
+			lits++
 			if len(e.toks) >= blockToks {
 				e.writeBlock(src[blockStart:p], false)
 				blockStart = p
@@ -116,6 +118,20 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 	}
 	e.writeBlock(src[blockStart:], true)
 	return e.w.flush()
+}
+
+// Incompressible stretches: after skipAfter literals in a row, matches are
+// searched at fewer positions (every 4th, then every 16th byte); positions
+// still enter the hash chains, so a repeat is found a few bytes late at
+// worst. Random data compresses about twice as fast; ordinary content
+// rarely goes that long without a match.
+const skipAfter = 128
+
+func skipMask(lits int) int {
+	if lits < 1024 {
+		return 3
+	}
+	return 15
 }
 
 func hash3(b []byte) uint32 {

@@ -340,4 +340,5 @@ func (im *image) l2ForWriteShared(t *table) bool {
 	r, err := im.refcount(t.off >> im.cbits)
 	return err != nil || r != 1
 }
+
 var _ driver.Amender = (*image)(nil)

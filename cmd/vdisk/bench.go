@@ -126,12 +126,11 @@ func (a *app) bench(name string, fl *benchFlags) error {
 	if err := checkFormat(fl.format); err != nil {
 		return err
 	}
-	d, err := vdisk.Open(a.ctx, name, &vdisk.OpenOptions{
+	d, err := a.open(name, vdisk.OpenOptions{
 		Format:             fl.format,
 		ReadOnly:           !fl.write,
 		Direct:             direct,
 		AllowUnsafeBacking: true,
-		Logger:             a.log,
 	})
 	if err != nil {
 		return err

@@ -18,22 +18,20 @@ import (
 // openRW opens name read-write (only the top is written), following parent
 // references wherever they point, as qemu-img does.
 func (a *app) openRW(name, format string, noBacking bool) (*vdisk.Disk, error) {
-	return vdisk.Open(a.ctx, name, &vdisk.OpenOptions{
+	return a.open(name, vdisk.OpenOptions{
 		Format:             format,
 		NoBacking:          noBacking,
 		AllowUnsafeBacking: true,
-		Logger:             a.log,
 	})
 }
 
 // openTopInfo opens only the top image, read-only, for reading metadata.
 func (a *app) openTopInfo(name, format string) (*vdisk.Disk, error) {
-	return vdisk.Open(a.ctx, name, &vdisk.OpenOptions{
+	return a.open(name, vdisk.OpenOptions{
 		Format:             format,
 		InfoOnly:           true,
 		NoBacking:          true,
 		AllowUnsafeBacking: true,
-		Logger:             a.log,
 	})
 }
 

@@ -40,12 +40,11 @@ it takes on disk, its backing file and format-specific details. With
 }
 
 func (a *app) info(name, format string, chain, asJSON bool) error {
-	d, err := vdisk.Open(a.ctx, name, &vdisk.OpenOptions{
+	d, err := a.open(name, vdisk.OpenOptions{
 		Format:             format,
 		InfoOnly:           true,
 		NoBacking:          !chain, // like qemu-img info: a missing backing file is no error
 		AllowUnsafeBacking: true,
-		Logger:             a.log,
 	})
 	if err != nil {
 		return err
@@ -57,6 +56,9 @@ func (a *app) info(name, format string, chain, asJSON bool) error {
 	}
 	var infos []*jnode
 	display := name
+	if a.imageOpts {
+		display = layers[0].Name
+	}
 	for i, l := range layers {
 		if i > 0 && display == "" {
 			display = l.Name

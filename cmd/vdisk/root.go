@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
 )
 
 // Main runs the vdisk command line with args (without the program name)
@@ -41,6 +42,8 @@ type app struct {
 	hooks  *hooks
 
 	debug bool
+	// imageOpts: image arguments are option strings (--image-opts).
+	imageOpts bool
 	// name is "vdisk <command>", the prefix of every diagnostic line.
 	name string
 	log  *slog.Logger
@@ -93,6 +96,7 @@ Its commands take the same names and flags as qemu-img's.`,
 	root.SetOut(a.stdout)
 	root.SetErr(a.stderr)
 	root.PersistentFlags().BoolVar(&a.debug, "debug", false, "print debug messages of the library on stderr")
+	root.PersistentFlags().BoolVar(&a.imageOpts, "image-opts", false, "image arguments are option strings, as in qemu-img: driver=FMT,file.filename=PATH,KEY=VALUE,... (KEY a format open option such as l2-cache-size)")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(
 		a.newInfoCmd(),
@@ -219,13 +223,69 @@ func outputFormat(s string) (json bool, err error) {
 // openRO opens an image chain read-only, as every read-only command does.
 // Parent references are followed wherever they point, as qemu-img does.
 func (a *app) openRO(name, format string, infoOnly bool) (*vdisk.Disk, error) {
-	return vdisk.Open(a.ctx, name, &vdisk.OpenOptions{
+	return a.open(name, vdisk.OpenOptions{
 		Format:             format,
 		ReadOnly:           true,
 		InfoOnly:           infoOnly,
 		AllowUnsafeBacking: true,
-		Logger:             a.log,
 	})
+}
+
+// open opens an image argument with o (Logger set here). With
+// --image-opts the argument is qemu's option string: driver= names the
+// format, file.filename= (or file=) the file, and the other keys are the
+// format's open options (qemu's hyphens stand for underscores).
+func (a *app) open(arg string, o vdisk.OpenOptions) (*vdisk.Disk, error) {
+	o.Logger = a.log
+	name := arg
+	if a.imageOpts {
+		var err error
+		if name, err = a.imageSpec(arg, &o); err != nil {
+			return nil, err
+		}
+	}
+	return vdisk.Open(a.ctx, name, &o)
+}
+
+// imageSpec parses an --image-opts argument into o and returns the file
+// name.
+func (a *app) imageSpec(arg string, o *vdisk.OpenOptions) (string, error) {
+	if o.Format != "" {
+		return "", driver.OptionErrorf("--image-opts and --format are mutually exclusive")
+	}
+	kvs, err := driver.SplitOptions(arg)
+	if err != nil {
+		return "", err
+	}
+	var name string
+	for _, kv := range kvs {
+		switch kv.Key {
+		case "driver":
+			o.Format = kv.Value
+		case "file.filename", "file":
+			name = kv.Value
+		case "file.driver":
+			if kv.Value != "file" {
+				return "", driver.OptionErrorf("--image-opts: file.driver=%s is not supported (only local files)", kv.Value)
+			}
+		case "file.locking", "file.aio", "cache.direct", "cache.no-flush", "read-only", "force-share":
+			if kv.Key == "cache.direct" && kv.Value == "on" {
+				o.Direct = true
+			}
+			if kv.Key == "read-only" && kv.Value == "on" {
+				o.ReadOnly = true
+			}
+		default:
+			o.Options = append(o.Options, driver.KV{Key: strings.ReplaceAll(kv.Key, "-", "_"), Value: kv.Value})
+		}
+	}
+	if name == "" {
+		return "", driver.OptionErrorf("--image-opts %q names no file (file.filename=PATH)", arg)
+	}
+	if o.Format == "" && len(o.Options) > 0 {
+		return "", driver.OptionErrorf("--image-opts %q: open options need driver=FORMAT", arg)
+	}
+	return name, nil
 }
 
 // addFormatFlag declares -f.

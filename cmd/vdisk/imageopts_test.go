@@ -1,0 +1,49 @@
+package main
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestImageOpts: --image-opts takes qemu's option strings (driver=,
+// file.filename=, open options with hyphens) for info, convert and map,
+// and refuses what qemu-img refuses.
+func TestImageOpts(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "x.qcow2")
+	mustQemu(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "8M")
+	mustQemu(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x61 1M 1M", img)
+	spec := "driver=qcow2,file.filename=" + img + ",l2-cache-size=64k,cache.direct=off"
+
+	r := mustRun(t, "info", "--image-opts", spec)
+	want, _ := runQemu(t, "qemu-img", "info", "--image-opts", "driver=qcow2,file.filename="+img)
+	if r.stdout != want {
+		t.Errorf("info --image-opts:\n%s\nqemu-img:\n%s", r.stdout, want)
+	}
+	out := filepath.Join(dir, "out.raw")
+	mustRun(t, "convert", "--image-opts", "-O", "raw", spec, out)
+	if msg, code := runQemu(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, out); code != 0 {
+		t.Errorf("convert --image-opts: %s", msg)
+	}
+	m := mustRun(t, "map", "--output", "json", "--image-opts", "file.filename="+img)
+	if !strings.Contains(m.stdout, `"start": 1048576, "length": 1048576`) {
+		t.Errorf("map --image-opts: %s", m.stdout)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"info", "-f", "qcow2", "--image-opts", "file.filename=" + img}, "mutually exclusive"},
+		{[]string{"info", "--image-opts", "driver=qcow2"}, "names no file"},
+		{[]string{"info", "--image-opts", "driver=qcow2,file.filename=" + img + ",bogus=1"}, `no option "bogus"`},
+		{[]string{"info", "--image-opts", "file.filename=" + img + ",l2-cache-size=1M"}, "need driver="},
+		{[]string{"info", "--image-opts", "driver=qcow2,file.driver=nbd,file.filename=" + img}, "file.driver=nbd"},
+	} {
+		r := vdiskRun(t, tc.args...)
+		oneErrorLine(t, r, "vdisk "+tc.args[0])
+		if r.code != 1 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%v: exit %d, %q lacks %q", tc.args, r.code, r.stderr, tc.want)
+		}
+	}
+}

@@ -56,7 +56,7 @@ var modelCases = []modelCase{
 	{"extl2", []string{"extended_l2=on"}, 4 << 20, 10000, 48 << 10, nil},
 	{"extl2-16k", []string{"extended_l2=on", "cluster_size=16k"}, 2 << 20, 10000, 24 << 10, nil},
 	{"512-refbits1", []string{"cluster_size=512", "refcount_bits=1"}, 1 << 20, 10000, 4 << 10, nil},
-	{"2m", []string{"cluster_size=2M"}, 12 << 20, 800, 256 << 10, nil},
+	{"2m", []string{"cluster_size=2M"}, 12 << 20, 10000, 64 << 10, nil},
 	// Tiny caches: write-back on eviction in the middle of writes.
 	{"4k-tiny-caches", []string{"cluster_size=4k"}, 4 << 20, 6000, 24 << 10, []string{"l2_cache_size=16k", "refcount_cache_size=16k"}},
 	{"lazy-4k-tiny-caches", []string{"cluster_size=4k", "lazy_refcounts=on"}, 4 << 20, 6000, 24 << 10, []string{"l2_cache_size=16k", "refcount_cache_size=16k"}},

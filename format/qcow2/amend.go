@@ -189,68 +189,21 @@ func (im *image) changeRefcountOrder(ctx context.Context, order uint) error {
 	return nil
 }
 
-// countReferences counts every reference of the image (a check without
-// comparison).
+// countReferences counts every reference of the image (the counting pass
+// of check). A damaged image is refused: amend rewrites the refcounts from
+// these counts, which must be right.
 func (im *image) countReferences(ctx context.Context) (*tally, error) {
 	c := &checker{im: im, mode: driver.RepairNone, res: &driver.CheckResult{}, t: newTally()}
-	cs := im.cs
-	incRange := func(off uint64, n int64) {
-		if n <= 0 {
-			return
-		}
-		for cl := int64(off) >> im.cbits; cl <= (int64(off)+n-1)>>im.cbits; cl++ {
-			c.t.inc(cl)
-		}
-	}
-	h := im.hdr
-	incRange(0, cs)
-	if len(im.l1) > 0 {
-		incRange(h.l1Offset, int64(len(im.l1))*8)
-	}
-	incRange(h.refTableOffset, int64(h.refTableClust)*cs)
-	if len(im.snaps) > 0 {
-		incRange(h.snapshotsOffset, im.snapTableSize())
-	}
-	if b := h.bitmaps; b != nil {
-		incRange(b.dirOffset, int64(b.dirSize))
-		for i := range im.bitmaps {
-			bm := &im.bitmaps[i]
-			if bm.tableSize == 0 {
-				continue
-			}
-			incRange(bm.tableOffset, int64(bm.tableSize)*8)
-			tbl, err := im.bitmapTable(bm)
-			if err != nil {
-				return nil, err
-			}
-			for _, e := range tbl {
-				if o := int64(e & offMask); o != 0 {
-					c.t.inc(o >> im.cbits)
-				}
-			}
-		}
-	}
-	for _, e := range im.rt {
-		if o := int64(e & refTableOffMask); e != 0 && o > 0 {
-			c.t.inc(o >> im.cbits)
-		}
-	}
-	for i := range im.snaps {
-		s := &im.snaps[i]
-		if s.l1Size == 0 {
-			continue
-		}
-		incRange(s.l1Offset, int64(s.l1Size)*8)
-		l1, err := im.readL1(s.l1Offset, s.l1Size)
-		if err != nil {
-			return nil, err
-		}
-		if err := c.walkL1(ctx, l1, false); err != nil {
-			return nil, err
-		}
-	}
-	if err := c.walkL1(ctx, im.l1, true); err != nil {
+	c.nfile = (im.fileEnd + im.cs - 1) / im.cs
+	if err := c.countAll(ctx); err != nil {
 		return nil, err
+	}
+	if n := c.res.Corruptions + c.res.CheckErrors; n > 0 {
+		msg := ""
+		if len(c.res.Messages) > 0 {
+			msg = ": " + c.res.Messages[0]
+		}
+		return nil, driver.Corruptf(im.name, -1, "the image has %d errors (run check -r all first)%s", n, msg)
 	}
 	return c.t, nil
 }

@@ -136,91 +136,7 @@ func (im *image) checkOnce(ctx context.Context, mode driver.RepairMode) (*driver
 	cs := im.cs
 	c.nfile = (im.fileEnd + cs - 1) / cs
 	c.res.TotalClusters = (im.size + cs - 1) / cs
-	incRange := func(off uint64, n int64) {
-		if n <= 0 {
-			return
-		}
-		for cl := int64(off) >> im.cbits; cl <= (int64(off)+n-1)>>im.cbits; cl++ {
-			c.t.inc(cl)
-		}
-	}
-	h := im.hdr
-	incRange(0, cs)
-	if len(im.l1) > 0 {
-		incRange(h.l1Offset, int64(len(im.l1))*8)
-	}
-	incRange(h.refTableOffset, int64(h.refTableClust)*cs)
-	if len(im.snaps) > 0 {
-		incRange(h.snapshotsOffset, im.snapTableSize())
-	}
-	// Bitmaps.
-	if b := h.bitmaps; b != nil {
-		incRange(b.dirOffset, int64(b.dirSize))
-		for i := range im.bitmaps {
-			bm := &im.bitmaps[i]
-			if bm.tableSize == 0 {
-				continue
-			}
-			incRange(bm.tableOffset, int64(bm.tableSize)*8)
-			tbl, err := im.bitmapTable(bm)
-			if err != nil {
-				c.res.CheckErrors++
-				c.msg("ERROR cannot read the table of bitmap %q: %v", bm.name, err)
-				continue
-			}
-			for _, e := range tbl {
-				o := int64(e & offMask)
-				if o == 0 {
-					continue
-				}
-				if o%cs != 0 || o >= im.fileEnd {
-					c.res.Corruptions++
-					c.msg("ERROR bitmap %q: table entry %#x is misaligned or past the end of the file", bm.name, e)
-					continue
-				}
-				c.t.inc(o >> im.cbits)
-			}
-		}
-	}
-	// Refcount blocks.
-	for i, e := range im.rt {
-		if e == 0 {
-			continue
-		}
-		o := int64(e & refTableOffMask)
-		if e&0x1ff != 0 || o%cs != 0 || o <= 0 {
-			c.res.Corruptions++
-			c.rebuild = true
-			c.msg("ERROR refcount block %d is not cluster aligned; refcount table entry corrupted", i)
-			continue
-		}
-		if o+cs > im.fileEnd {
-			c.res.Corruptions++
-			c.rebuild = true
-			c.msg("ERROR refcount block %d is outside the image", i)
-			continue
-		}
-		c.t.inc(o >> im.cbits)
-	}
-	// Snapshots' L1 tables and everything they reference.
-	for i := range im.snaps {
-		s := &im.snaps[i]
-		if s.l1Size == 0 {
-			continue
-		}
-		incRange(s.l1Offset, int64(s.l1Size)*8)
-		l1, err := im.readL1(s.l1Offset, s.l1Size)
-		if err != nil {
-			c.res.CheckErrors++
-			c.msg("ERROR snapshot %q: %v", s.name, err)
-			continue
-		}
-		if err := c.walkL1(ctx, l1, false); err != nil {
-			return nil, err
-		}
-	}
-	// The active L1 table.
-	if err := c.walkL1(ctx, im.l1, true); err != nil {
+	if err := c.countAll(ctx); err != nil {
 		return nil, err
 	}
 	// Compare with the refcounts.
@@ -723,5 +639,102 @@ func (im *image) rebuildRefcounts(t *tally) error {
 	im.rtDirty = false
 	im.freeHint = 1
 	im.rebuildMeta()
+	return nil
+}
+
+// countAll counts every reference to every cluster of the file into c.t:
+// header, L1, refcount table and blocks, snapshots, bitmaps and the L2
+// tables and data they reach. Damage found on the way is recorded in
+// c.res.
+func (c *checker) countAll(ctx context.Context) error {
+	im := c.im
+	cs := im.cs
+	incRange := func(off uint64, n int64) {
+		if n <= 0 {
+			return
+		}
+		for cl := int64(off) >> im.cbits; cl <= (int64(off)+n-1)>>im.cbits; cl++ {
+			c.t.inc(cl)
+		}
+	}
+	h := im.hdr
+	incRange(0, cs)
+	if len(im.l1) > 0 {
+		incRange(h.l1Offset, int64(len(im.l1))*8)
+	}
+	incRange(h.refTableOffset, int64(h.refTableClust)*cs)
+	if len(im.snaps) > 0 {
+		incRange(h.snapshotsOffset, im.snapTableSize())
+	}
+	// Bitmaps.
+	if b := h.bitmaps; b != nil {
+		incRange(b.dirOffset, int64(b.dirSize))
+		for i := range im.bitmaps {
+			bm := &im.bitmaps[i]
+			if bm.tableSize == 0 {
+				continue
+			}
+			incRange(bm.tableOffset, int64(bm.tableSize)*8)
+			tbl, err := im.bitmapTable(bm)
+			if err != nil {
+				c.res.CheckErrors++
+				c.msg("ERROR cannot read the table of bitmap %q: %v", bm.name, err)
+				continue
+			}
+			for _, e := range tbl {
+				o := int64(e & offMask)
+				if o == 0 {
+					continue
+				}
+				if o%cs != 0 || o >= im.fileEnd {
+					c.res.Corruptions++
+					c.msg("ERROR bitmap %q: table entry %#x is misaligned or past the end of the file", bm.name, e)
+					continue
+				}
+				c.t.inc(o >> im.cbits)
+			}
+		}
+	}
+	// Refcount blocks.
+	for i, e := range im.rt {
+		if e == 0 {
+			continue
+		}
+		o := int64(e & refTableOffMask)
+		if e&0x1ff != 0 || o%cs != 0 || o <= 0 {
+			c.res.Corruptions++
+			c.rebuild = true
+			c.msg("ERROR refcount block %d is not cluster aligned; refcount table entry corrupted", i)
+			continue
+		}
+		if o+cs > im.fileEnd {
+			c.res.Corruptions++
+			c.rebuild = true
+			c.msg("ERROR refcount block %d is outside the image", i)
+			continue
+		}
+		c.t.inc(o >> im.cbits)
+	}
+	// Snapshots' L1 tables and everything they reference.
+	for i := range im.snaps {
+		s := &im.snaps[i]
+		if s.l1Size == 0 {
+			continue
+		}
+		incRange(s.l1Offset, int64(s.l1Size)*8)
+		l1, err := im.readL1(s.l1Offset, s.l1Size)
+		if err != nil {
+			c.res.CheckErrors++
+			c.msg("ERROR snapshot %q: %v", s.name, err)
+			continue
+		}
+		if err := c.walkL1(ctx, l1, false); err != nil {
+			return err
+		}
+	}
+	// The active L1 table.
+	if err := c.walkL1(ctx, im.l1, true); err != nil {
+		return err
+	}
 	return nil
 }

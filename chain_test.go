@@ -71,36 +71,11 @@ func TestModelChain(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			top, depth := "/l1.tdf", 1
-			h := &model.Harness{
-				Seed: seed, Ops: 10000, MaxIO: 64 << 10,
-				Reopen: func(d *vdisk.Disk) (*vdisk.Disk, error) {
-					if err := d.Close(); err != nil {
-						return nil, err
-					}
-					nd, err := vdisk.Open(ctx, top, &vdisk.OpenOptions{Storage: st})
-					if err == nil && len(nd.Layers()) != depth+1 {
-						return nil, fmt.Errorf("reopened chain has %d layers, want %d", len(nd.Layers()), depth+1)
-					}
-					return nd, err
-				},
-				Snapshot: func(d *vdisk.Disk) (*vdisk.Disk, error) {
-					if depth >= 3 {
-						return nil, nil
-					}
-					if err := d.Close(); err != nil {
-						return nil, err
-					}
-					depth++
-					name := fmt.Sprintf("l%d.tdf", depth)
-					nd, err := vdisk.Create(ctx, "/"+name, &vdisk.CreateOptions{Format: "testdiff", Backing: strings.TrimPrefix(top, "/"), BackingFormat: "testdiff", Storage: st})
-					top = "/" + name
-					return nd, err
-				},
-			}
+			g := &model.Chain{Storage: st, Format: "testdiff", Ext: "tdf", RecordFormat: true, MaxDepth: 3, Top: "/l1.tdf", Depth: 1}
+			h := &model.Harness{Seed: seed, Ops: 10000, MaxIO: 64 << 10, Reopen: g.Reopen, Snapshot: g.Snapshot}
 			d = h.Run(t, d, m)
-			if depth < 2 {
-				t.Errorf("the chain never grew (depth %d)", depth)
+			if g.Depth < 2 {
+				t.Errorf("the chain never grew (depth %d)", g.Depth)
 			}
 			// The base and lower layers were never written.
 			b, err := vdisk.Open(ctx, "/base.raw", &vdisk.OpenOptions{Format: "raw", ReadOnly: true, Storage: st})

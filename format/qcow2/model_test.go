@@ -2,7 +2,6 @@ package qcow2_test
 
 import (
 	"bytes"
-	"fmt"
 	"strings"
 	"testing"
 
@@ -125,34 +124,11 @@ func TestModelChain(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			top, depth := "/l1.qcow2", 1
-			h := &model.Harness{Seed: 5, Ops: 10000, MaxIO: 32 << 10,
-				Reopen: func(d *vdisk.Disk) (*vdisk.Disk, error) {
-					if err := d.Close(); err != nil {
-						return nil, err
-					}
-					nd, err := vdisk.Open(ctx, top, &vdisk.OpenOptions{Storage: st})
-					if err == nil && len(nd.Layers()) != depth+1 {
-						return nil, fmt.Errorf("reopened chain has %d layers, want %d", len(nd.Layers()), depth+1)
-					}
-					return nd, err
-				},
-				Snapshot: func(d *vdisk.Disk) (*vdisk.Disk, error) {
-					if depth >= 3 {
-						return nil, nil
-					}
-					if err := d.Close(); err != nil {
-						return nil, err
-					}
-					depth++
-					name := fmt.Sprintf("l%d.qcow2", depth)
-					nd, err := vdisk.Create(ctx, "/"+name, &vdisk.CreateOptions{Format: "qcow2", Backing: strings.TrimPrefix(top, "/"), BackingFormat: "qcow2", Options: kvs(opts...), Storage: st})
-					top = "/" + name
-					return nd, err
-				}}
+			g := &model.Chain{Storage: st, Format: "qcow2", Ext: "qcow2", Options: kvs(opts...), RecordFormat: true, MaxDepth: 3, Top: "/l1.qcow2", Depth: 1}
+			h := &model.Harness{Seed: 5, Ops: 10000, MaxIO: 32 << 10, Reopen: g.Reopen, Snapshot: g.Snapshot}
 			d = h.Run(t, d, m)
-			if depth < 3 {
-				t.Errorf("chain depth %d, want 3", depth)
+			if g.Depth < 3 {
+				t.Errorf("chain depth %d, want 3", g.Depth)
 			}
 			checkClean(t, d)
 			d.Close()

@@ -40,36 +40,11 @@ func TestModelChain(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			top, depth := "/l1.vdi", 1
-			h := &model.Harness{
-				Seed: c.seed, Ops: c.ops, MaxIO: 64 << 10,
-				Reopen: func(d *vdisk.Disk) (*vdisk.Disk, error) {
-					if err := d.Close(); err != nil {
-						return nil, err
-					}
-					nd, err := vdisk.Open(ctx, top, &vdisk.OpenOptions{Storage: st})
-					if err == nil && len(nd.Layers()) != depth+1 {
-						return nil, fmt.Errorf("reopened chain has %d layers, want %d", len(nd.Layers()), depth+1)
-					}
-					return nd, err
-				},
-				Snapshot: func(d *vdisk.Disk) (*vdisk.Disk, error) {
-					if depth >= 2 {
-						return nil, nil
-					}
-					if err := d.Close(); err != nil {
-						return nil, err
-					}
-					depth++
-					name := fmt.Sprintf("/l%d.vdi", depth)
-					nd, err := vdisk.Create(ctx, name, &vdisk.CreateOptions{Format: "vdi", Backing: top[1:], Options: opts, Storage: st})
-					top = name
-					return nd, err
-				},
-			}
+			g := &model.Chain{Storage: st, Format: "vdi", Ext: "vdi", Options: opts, MaxDepth: 2, Top: "/l1.vdi", Depth: 1}
+			h := &model.Harness{Seed: c.seed, Ops: c.ops, MaxIO: 64 << 10, Reopen: g.Reopen, Snapshot: g.Snapshot}
 			d = h.Run(t, d, m)
-			if depth < 2 {
-				t.Fatalf("the chain never grew (depth %d)", depth)
+			if g.Depth < 2 {
+				t.Fatalf("the chain never grew (depth %d)", g.Depth)
 			}
 			// The chain links by UUID.
 			ls := d.Layers()
@@ -89,17 +64,17 @@ func TestModelChain(t *testing.T) {
 			}
 
 			// Compact keeps the content and never grows the file.
-			before := fileSize(t, st, top)
+			before := fileSize(t, st, g.Top)
 			if err := d.Compact(ctx, nil); err != nil {
 				t.Fatal(err)
 			}
 			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
-			if after := fileSize(t, st, top); after > before {
+			if after := fileSize(t, st, g.Top); after > before {
 				t.Fatalf("compact grew the file from %d to %d", before, after)
 			}
 			// A reopen after compaction still finds the chain and reads the same.
 			mustClose(t, d)
-			d = openVDI(t, st, top, false)
+			d = openVDI(t, st, g.Top, false)
 			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
 
 			// Writing zeros with unmap over everything leaves an image of
@@ -110,7 +85,7 @@ func TestModelChain(t *testing.T) {
 			m.Zero(0, c.size)
 			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
 			im := topImage(d)
-			if got, want := fileSize(t, st, top), im.offData; got != want {
+			if got, want := fileSize(t, st, g.Top), im.offData; got != want {
 				t.Fatalf("after zeroing everything the file is %d bytes, want %d (no data blocks)", got, want)
 			}
 			res, err = d.Check(ctx, driver.RepairNone)

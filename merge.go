@@ -50,7 +50,7 @@ func openWritable(ctx context.Context, name string, o *OpenOptions, writable map
 	st, log := o.storage(), o.logger()
 	var layers []*Layer
 	for i, s := range specs {
-		l, err := openLayer(ctx, st, log, s.Name, s.Format, nil, writable[i], false, false, i == 0)
+		l, err := openLayer(ctx, st, log, s.Name, s.Format, nil, layerFlags{writable: writable[i], topLevel: i == 0, unsafePaths: o.AllowUnsafeBacking})
 		if err != nil {
 			for _, l := range layers {
 				l.Image.Close()
@@ -397,7 +397,7 @@ func Rebase(ctx context.Context, name, backing, backingFmt string, unsafe bool, 
 	var err error
 	if unsafe {
 		// The old backing may be missing: open the top alone.
-		top, err := openLayer(ctx, oo.storage(), oo.logger(), name, oo.Format, nil, true, false, false, true)
+		top, err := openLayer(ctx, oo.storage(), oo.logger(), name, oo.Format, nil, layerFlags{writable: true, topLevel: true, unsafePaths: oo.AllowUnsafeBacking})
 		if err != nil {
 			return err
 		}

@@ -74,7 +74,7 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 	}
 	st, log := o.storage(), o.logger()
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
-	top, err := openLayer(ctx, st, log, name, o.Format, o.Options, !ro, o.InfoOnly, o.Direct, true)
+	top, err := openLayer(ctx, st, log, name, o.Format, o.Options, layerFlags{writable: !ro, infoOnly: o.InfoOnly, direct: o.Direct, topLevel: true, unsafePaths: o.AllowUnsafeBacking})
 	if err != nil {
 		return nil, err
 	}
@@ -113,7 +113,7 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 				return nil, driver.Corruptf(child.Name, -1, "backing chain loops back to %s", pname)
 			}
 			seen[canonical(pname)] = true
-			p, err := openParent(ctx, st, log, child, ref, pname, pformat, o.InfoOnly)
+			p, err := openParent(ctx, st, log, child, ref, pname, pformat, layerFlags{infoOnly: o.InfoOnly, unsafePaths: o.AllowUnsafeBacking})
 			if err != nil {
 				cleanup()
 				return nil, err
@@ -183,7 +183,7 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
 	var layers []*Layer
 	for i, s := range specs {
-		l, err := openLayer(ctx, st, log, s.Name, s.Format, nil, i == 0 && !ro, o.InfoOnly, o.Direct && i == 0, i == 0)
+		l, err := openLayer(ctx, st, log, s.Name, s.Format, nil, layerFlags{writable: i == 0 && !ro, infoOnly: o.InfoOnly, direct: o.Direct && i == 0, topLevel: i == 0, unsafePaths: o.AllowUnsafeBacking})
 		if err != nil {
 			for _, l := range layers {
 				l.Image.Close()
@@ -195,8 +195,19 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 	return newDisk(layers, ro, st, log), nil
 }
 
-// openLayer opens one image. topLevel allows the raw fallback when probing.
-func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, format string, kvs []driver.KV, writable, infoOnly, direct, topLevel bool) (*Layer, error) {
+// layerFlags say how openLayer opens an image.
+type layerFlags struct {
+	writable, infoOnly, direct bool
+	// topLevel allows the raw fallback when probing.
+	topLevel bool
+	// unsafePaths lets the driver follow file names of its own (VMDK
+	// extents) that are absolute or leave the image's directory.
+	unsafePaths bool
+}
+
+// openLayer opens one image.
+func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, format string, kvs []driver.KV, fl layerFlags) (*Layer, error) {
+	writable := fl.writable
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -208,7 +219,7 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 			return nil, driver.WithFile(err, "open", name)
 		}
 	} else {
-		f, err = probe(st, log, name, topLevel, writable)
+		f, err = probe(st, log, name, fl.topLevel, writable)
 		if err != nil {
 			return nil, err
 		}
@@ -219,14 +230,15 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 	}
 	view := &chainView{}
 	img, err := f.Open(ctx, &driver.OpenParams{
-		Storage:  st,
-		Name:     name,
-		ReadOnly: !writable,
-		InfoOnly: infoOnly,
-		Direct:   direct,
-		Options:  vals,
-		Logger:   log.With("image", name),
-		Parent:   view,
+		Storage:     st,
+		Name:        name,
+		ReadOnly:    !writable,
+		InfoOnly:    fl.infoOnly,
+		Direct:      fl.direct,
+		Options:     vals,
+		UnsafePaths: fl.unsafePaths,
+		Logger:      log.With("image", name),
+		Parent:      view,
 	})
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
@@ -321,8 +333,8 @@ func parentName(ctx context.Context, st driver.Storage, log *slog.Logger, child 
 	return name, format, nil
 }
 
-func openParent(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, infoOnly bool) (*Layer, error) {
-	p, err := openLayer(ctx, st, log, name, format, nil, false, infoOnly, false, false)
+func openParent(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, fl layerFlags) (*Layer, error) {
+	p, err := openLayer(ctx, st, log, name, format, nil, fl)
 	if err != nil {
 		if errors.Is(err, ErrNotFound) {
 			return nil, driver.Errorf(ErrNotFound, child.Name, -1, "cannot open backing file %s: %v", name, err)
@@ -383,7 +395,7 @@ func findByUUID(ctx context.Context, st driver.Storage, log *slog.Logger, child 
 			if tried > maxTried {
 				break
 			}
-			l, err := openLayer(ctx, st, log, full, f.Name, nil, false, true, false, false)
+			l, err := openLayer(ctx, st, log, full, f.Name, nil, layerFlags{infoOnly: true})
 			if err != nil {
 				continue
 			}

@@ -275,6 +275,10 @@ type OpenParams struct {
 	// Options are the format's declared options, validated.
 	Options Values
 	Logger  *slog.Logger
+	// UnsafePaths lets the driver follow file names recorded in the image
+	// (VMDK extent files) that are absolute or leave its directory; the
+	// container sets it with OpenOptions.AllowUnsafeBacking.
+	UnsafePaths bool
 	// Parent is the view of the chain below this image (never nil). It is
 	// bound after Open returns, before any ReadAt or WriteAt; drivers must
 	// not use it during Open.

@@ -5,7 +5,8 @@
 #   bench/convert.sh [RUNS]        (default 5 runs of each, alternating)
 #
 # Pairs: raw->raw (2 GiB sparse source, every other 1 MiB chunk filled).
-# Later formats add their pairs to PAIRS below.
+# Later formats add their pairs to PAIRS below. ONLY=regex limits the run
+# to the matching pairs (ONLY=vmdk bench/convert.sh 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-5}
@@ -40,6 +41,19 @@ qemu-img convert -f raw -O vpc "$src" "$src_vpc"
 src_qcow2=$work/src.qcow2
 qemu-img convert -f raw -O qcow2 "$src" "$src_qcow2"
 
+# VMDK source: the same content, a monolithicSparse image made by qemu-img.
+src_vmdk=$work/src.vmdk
+qemu-img convert -f raw -O vmdk "$src" "$src_vmdk"
+
+# Text-like source for stream-optimized output (compressible, unlike the
+# random chunks): 256 MiB, every other 1 MiB chunk holding log-like lines.
+src_txt=$work/src-txt.raw
+truncate -s 256M "$src_txt"
+seq -f "%09g some log line of a disk image, compressible text" 1 18000 >"$work/tchunk"
+for ((i = 0; i < 256; i += 2)); do
+	dd if="$work/tchunk" of="$src_txt" bs=1M seek=$i conv=notrunc status=none
+done
+
 # PAIRS: "name|src|srcfmt|dstfmt|extra vdisk/qemu args"
 PAIRS=(
 	"raw->raw|$src|raw|raw|"
@@ -51,6 +65,10 @@ PAIRS=(
 	"qcow2->raw|$src_qcow2|qcow2|raw|"
 	"raw->qcow2-c|$src|raw|qcow2|-c"
 	"raw->qcow2-zstd|$src|raw|qcow2|-c -o compression_type=zstd"
+	"raw->vmdk|$src|raw|vmdk|"
+	"vmdk->raw|$src_vmdk|vmdk|raw|"
+	"raw->vmdk-stream|$src|raw|vmdk|-o subformat=streamOptimized"
+	"txt->vmdk-stream|$src_txt|raw|vmdk|-o subformat=streamOptimized"
 )
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
@@ -64,9 +82,11 @@ run() {
 	cat "$work/time"
 }
 
-printf '%-12s %10s %10s %10s %10s %8s %8s\n' pair vdisk_s qemu_s vdisk_MiB qemu_MiB ratio rss_ratio
+printf '%-18s %10s %10s %10s %10s %8s %8s\n' pair vdisk_s qemu_s vdisk_MiB qemu_MiB ratio rss_ratio
 for pair in "${PAIRS[@]}"; do
 	IFS='|' read -r name s sf df extra <<<"$pair"
+	# ONLY=regex runs the matching pairs only (e.g. ONLY=vmdk).
+	if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then continue; fi
 	: >"$work/v" ; : >"$work/q"
 	for ((r = 0; r < RUNS; r++)); do
 		run "$work/out.v" "$VDISK" convert -f "$sf" -O "$df" $extra "$s" "$work/out.v" >>"$work/v"
@@ -76,6 +96,6 @@ for pair in "${PAIRS[@]}"; do
 	vt=$(cut -d' ' -f1 "$work/v" | median); qt=$(cut -d' ' -f1 "$work/q" | median)
 	vm=$(cut -d' ' -f2 "$work/v" | median); qm=$(cut -d' ' -f2 "$work/q" | median)
 	awk -v n="$name" -v vt="$vt" -v qt="$qt" -v vm="$vm" -v qm="$qm" 'BEGIN {
-		printf "%-12s %10.3f %10.3f %10.1f %10.1f %7.2fx %7.2fx\n", n, vt, qt, vm/1024, qm/1024, (qt > 0 ? vt/qt : 0), (qm > 0 ? vm/qm : 0) }'
-	printf '%-12s allocated: vdisk %s KiB, qemu %s KiB\n' "" "$(du -k "$work/out.v" | cut -f1)" "$(du -k "$work/out.q" | cut -f1)"
+		printf "%-18s %10.3f %10.3f %10.1f %10.1f %7.2fx %7.2fx\n", n, vt, qt, vm/1024, qm/1024, (qt > 0 ? vt/qt : 0), (qm > 0 ? vm/qm : 0) }'
+	printf '%-18s allocated: vdisk %s KiB, qemu %s KiB\n' "" "$(du -k "$work/out.v" | cut -f1)" "$(du -k "$work/out.q" | cut -f1)"
 done

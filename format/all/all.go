@@ -9,4 +9,5 @@ import (
 	_ "github.com/vdisk/vdisk/format/raw"
 	_ "github.com/vdisk/vdisk/format/vdi"
 	_ "github.com/vdisk/vdisk/format/vhd"
+	_ "github.com/vdisk/vdisk/format/vmdk"
 )

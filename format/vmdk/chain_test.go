@@ -1,0 +1,103 @@
+package vmdk
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/model"
+	"github.com/vdisk/vdisk/internal/qemutest"
+	"github.com/vdisk/vdisk/storage/memfs"
+)
+
+// TestDeltaInterop: delta disks made by qemu-img read as qemu reads them;
+// delta disks vdisk makes over a qemu parent pass qemu-img check and read
+// the same in qemu; a parent modified after the child was made (CID
+// mismatch) is refused.
+func TestDeltaInterop(t *testing.T) {
+	qemutest.Require(t)
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.vmdk")
+	qemutest.Create(t, "vmdk", base, "6M")
+	qemutest.IO(t, "vmdk", base, "write -P 0x11 0 3M", "write -P 0x12 5M 1M")
+
+	// qemu's child.
+	qc := filepath.Join(dir, "qchild.vmdk")
+	qemutest.Img(t, "create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", qc)
+	qemutest.IO(t, "vmdk", qc, "write -P 0x21 1M 100k", "write -P 0x22 4M 4k")
+	want := qemuRaw(t, qc)
+	d := openDisk(t, nil, qc, true)
+	if len(d.Layers()) != 2 {
+		t.Fatalf("%d layers", len(d.Layers()))
+	}
+	if got := readAll(t, d); !bytes.Equal(got, want) {
+		t.Fatal("qemu's delta disk reads differently")
+	}
+	ref := d.Top().Image.Parent()
+	if ref == nil || ref.Name != "base.vmdk" || ref.Format != "vmdk" || ref.UUID != d.Layers()[1].Image.(driver.Identifier).UUID() {
+		t.Fatalf("parent ref %+v", ref)
+	}
+	mustClose(t, d)
+
+	// vdisk's child over qemu's base.
+	vc := filepath.Join(dir, "vchild.vmdk")
+	d = createDisk(t, nil, vc, 0, "base.vmdk")
+	if d.Size() != 6<<20 {
+		t.Fatalf("child size %d", d.Size())
+	}
+	mustWrite(t, d, nil, fill(5000, 0x31), 2<<20+700) // copy-on-write of a partial grain
+	mustWrite(t, d, nil, fill(64<<10, 0x32), 5<<20)
+	mustClose(t, d)
+	qemutest.Check(t, "vmdk", vc)
+	raw := filepath.Join(dir, "v.raw")
+	d = openDisk(t, nil, vc, true)
+	if err := os.WriteFile(raw, readAll(t, d), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, d)
+	if !qemutest.Compare(t, "vmdk", vc, "raw", raw) {
+		t.Fatal("qemu reads vdisk's delta disk differently")
+	}
+	if got := qemutest.Info(t, "vmdk", vc)["backing-filename"]; got != "base.vmdk" {
+		t.Fatalf("qemu sees backing %v", got)
+	}
+
+	// Writing the parent changes its CID: the children no longer match.
+	qemutest.IO(t, "vmdk", base, "write -P 0x13 0 512")
+	if _, err := vdisk.Open(ctx, vc, &vdisk.OpenOptions{ReadOnly: true}); !errors.Is(err, driver.ErrCorrupt) {
+		t.Fatalf("open with a modified parent: %v", err)
+	}
+}
+
+// TestCommitKeepsCIDChain: committing a delta disk into its parent changes
+// the parent's CID; the child's parentCID follows, so the chain still opens
+// and reads the same.
+func TestCommitKeepsCIDChain(t *testing.T) {
+	for _, keep := range []bool{true, false} {
+		t.Run(fmt.Sprint("keep=", keep), func(t *testing.T) { commitChain(t, keep) })
+	}
+}
+
+func commitChain(t *testing.T, keep bool) {
+	st := memfs.New()
+	m := model.New(4 << 20)
+	b := createDisk(t, st, "/base.vmdk", 4<<20, "")
+	mustWrite(t, b, m, fill(1<<20, 1), 0)
+	mustClose(t, b)
+	c := createDisk(t, st, "/child.vmdk", 0, "base.vmdk")
+	mustWrite(t, c, m, fill(100000, 2), 500000)
+	mustClose(t, c)
+	if err := vdisk.Commit(ctx, "/child.vmdk", 1, keep, &vdisk.MergeOptions{Storage: st}); err != nil {
+		t.Fatal(err)
+	}
+	d := openDisk(t, st, "/child.vmdk", true)
+	if got := readAll(t, d); !bytes.Equal(got, m.Data) {
+		t.Fatal("content after commit differs")
+	}
+	mustClose(t, d)
+}

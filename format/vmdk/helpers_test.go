@@ -1,0 +1,116 @@
+package vmdk
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
+	_ "github.com/vdisk/vdisk/format/raw"
+	"github.com/vdisk/vdisk/internal/model"
+	"github.com/vdisk/vdisk/internal/qemutest"
+	"github.com/vdisk/vdisk/storage/memfs"
+)
+
+var ctx = context.Background()
+
+func kvs(opts ...string) []driver.KV {
+	var out []driver.KV
+	for _, o := range opts {
+		kv, err := driver.SplitOptions(o)
+		if err != nil {
+			panic(err)
+		}
+		out = append(out, kv...)
+	}
+	return out
+}
+
+func createDisk(t testing.TB, st driver.Storage, name string, size int64, backing string, opts ...string) *vdisk.Disk {
+	t.Helper()
+	o := &vdisk.CreateOptions{Format: "vmdk", Size: size, Options: kvs(opts...), Storage: st}
+	if backing != "" {
+		o.Backing, o.BackingFormat = backing, "vmdk"
+	}
+	d, err := vdisk.Create(ctx, name, o)
+	if err != nil {
+		t.Fatalf("create %s: %v", name, err)
+	}
+	return d
+}
+
+func openDisk(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk {
+	t.Helper()
+	d, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, ReadOnly: ro})
+	if err != nil {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	return d
+}
+
+func readAll(t testing.TB, d *vdisk.Disk) []byte {
+	t.Helper()
+	buf := make([]byte, d.Size())
+	if _, err := d.ReadAt(buf, 0); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	return buf
+}
+
+func mustWrite(t testing.TB, d *vdisk.Disk, m *model.Model, p []byte, off int64) {
+	t.Helper()
+	if _, err := d.WriteAt(p, off); err != nil {
+		t.Fatalf("write %d+%d: %v", off, len(p), err)
+	}
+	if m != nil {
+		m.Write(p, off)
+	}
+}
+
+func mustClose(t testing.TB, d *vdisk.Disk) {
+	t.Helper()
+	if err := d.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+}
+
+func fill(n int, c byte) []byte { return bytes.Repeat([]byte{c}, n) }
+
+func topImage(d *vdisk.Disk) *image { return d.Top().Image.(*image) }
+
+// qemuRaw converts an image to raw with qemu-img and returns the bytes.
+func qemuRaw(t testing.TB, f string) []byte {
+	t.Helper()
+	out := f + ".qemu.raw"
+	qemutest.Img(t, "convert", "-f", "vmdk", "-O", "raw", f, out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(out)
+	return b
+}
+
+// saveAll copies every memfs file of the image set to dir.
+func saveAll(t testing.TB, st *memfs.FS, dir string) {
+	t.Helper()
+	names, err := st.List("/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range names {
+		b, err := st.ReadFile("/" + n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, n), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func errorsIs(err, target error) bool { return errors.Is(err, target) }

@@ -1,0 +1,882 @@
+package vmdk
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"path"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+func init() { driver.Register(Format) }
+
+// Subformats (qemu's names for createType).
+var subformats = []string{"monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"}
+
+// Format is the VMDK format descriptor.
+var Format = &driver.Format{
+	Name:        "vmdk",
+	Extensions:  []string{"vmdk"},
+	Description: "VMware Virtual Machine Disk",
+	Caps: driver.CapCreateFixed | driver.CapCreateDynamic | driver.CapCreateSplit | driver.CapDiff |
+		driver.CapZero | driver.CapCompress | driver.CapUUID | driver.CapCheck | driver.CapWrite,
+	CreateOptions: []driver.Option{
+		{Name: "subformat", Type: driver.TypeEnum, Default: "monolithicSparse", Values: subformats,
+			Doc: "VMDK flavour (createType)"},
+		{Name: "adapter_type", Type: driver.TypeEnum, Default: "ide", Values: []string{"ide", "buslogic", "lsilogic", "legacyESX"},
+			Doc: "virtual adapter type recorded in the descriptor"},
+		{Name: "hwversion", Type: driver.TypeString, Doc: "VMDK hardware version (default 4)"},
+		{Name: "toolsversion", Type: driver.TypeString, Doc: "VMware guest tools version (default 2147483647)"},
+		{Name: "compat6", Type: driver.TypeBool, Default: "off", Doc: "VMDK version 6 image (hwversion 6)"},
+		{Name: "zeroed_grain", Type: driver.TypeBool, Default: "off", Doc: "enable zeroed-grain GTEs"},
+	},
+	OpenOptions: []driver.Option{
+		{Name: "allow_unsafe_extents", Type: driver.TypeBool, Default: "off",
+			Doc: "follow extent file names that are absolute or leave the descriptor's directory"},
+	},
+	Probe:  probe,
+	Create: create,
+	Open:   open,
+}
+
+func probe(r io.ReaderAt, size int64) int {
+	var b [4096]byte
+	n, _ := r.ReadAt(b[:min(int64(len(b)), max(size, 0))], 0)
+	if n < 4 {
+		return 0
+	}
+	switch binary.LittleEndian.Uint32(b[:]) {
+	case magicKDMV, magicCOWD:
+		return 100
+	}
+	s := string(b[:n])
+	if strings.HasPrefix(s, "# Disk DescriptorFile") {
+		return 100
+	}
+	// Comments and blank lines, then version=N and a createType.
+	for _, l := range strings.Split(s, "\n") {
+		l = strings.TrimSpace(l)
+		if l == "" || l[0] == '#' {
+			continue
+		}
+		if strings.HasPrefix(strings.ToLower(l), "version=") && strings.Contains(strings.ToLower(s), "createtype") {
+			return 100
+		}
+		return 0
+	}
+	return 0
+}
+
+// extent is one extent of the disk.
+type extent struct {
+	line    extentLine
+	start   int64 // virtual byte offset
+	size    int64
+	path    string // resolved file name
+	f       driver.File
+	flatOff int64 // bytes
+	sp      *sparse
+}
+
+// image is an open VMDK disk.
+type image struct {
+	st   driver.Storage
+	name string
+	ro   bool
+	log  *slog.Logger
+	view driver.ParentView
+
+	files map[string]driver.File // by resolved name, every open file
+	main  driver.File
+
+	mu         sync.Mutex // guards desc, cid, the descriptor's file
+	desc       *descriptor
+	descEmbed  bool  // the descriptor lives in the sparse file main
+	descOff    int64 // bytes, embedded
+	descCap    int64 // bytes available for an embedded descriptor
+	noDesc     bool  // a bare sparse file: there is no descriptor to write
+	cid        uint32
+	parentCID  uint32
+	createType string
+	cidDone    bool
+
+	exts []*extent
+	size int64
+
+	stream *streamWriter // a streamOptimized image being written
+}
+
+func open(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
+	im := &image{st: p.Storage, name: p.Name, ro: p.ReadOnly, log: p.Logger, view: p.Parent, files: map[string]driver.File{}}
+	if im.log == nil {
+		im.log = slog.New(slog.DiscardHandler)
+	}
+	if im.view == nil {
+		im.view = driver.NoParent{}
+	}
+	if err := im.load(p.Options.Bool("allow_unsafe_extents") || p.UnsafePaths); err != nil {
+		im.closeFiles()
+		return nil, err
+	}
+	return im, nil
+}
+
+func (im *image) openFile(name string) (driver.File, error) {
+	if f, ok := im.files[name]; ok {
+		return f, nil
+	}
+	flag := driver.ReadOnly
+	if !im.ro {
+		flag = driver.ReadWrite
+	}
+	f, err := im.st.Open(name, flag)
+	if err != nil {
+		return nil, err
+	}
+	im.files[name] = f
+	return f, nil
+}
+
+func (im *image) closeFiles() error {
+	var first error
+	for _, f := range im.files {
+		if err := f.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	im.files = map[string]driver.File{}
+	return first
+}
+
+// load opens the descriptor (or monolithic sparse file) and every extent.
+func (im *image) load(unsafe bool) error {
+	f, err := im.openFile(im.name)
+	if err != nil {
+		return err
+	}
+	im.main = f
+	fsz, err := f.Size()
+	if err != nil {
+		return driver.WithFile(err, "open", im.name)
+	}
+	var magic [4]byte
+	if fsz >= 4 {
+		if err := driver.ReadFullAt(f, magic[:], 0); err != nil {
+			return driver.WithFile(err, "read", im.name)
+		}
+	}
+	switch binary.LittleEndian.Uint32(magic[:]) {
+	case magicKDMV, magicCOWD:
+		return im.loadMonolithic(f, fsz)
+	}
+	if fsz > maxDescriptor {
+		return driver.Corruptf(im.name, 0, "descriptor file of %d bytes is larger than the %d-byte limit", fsz, maxDescriptor)
+	}
+	text := make([]byte, fsz)
+	if err := driver.ReadFullAt(f, text, 0); err != nil {
+		return driver.WithFile(err, "read descriptor", im.name)
+	}
+	d, err := parseDescriptor(text, im.name, 0)
+	if err != nil {
+		return err
+	}
+	im.desc = d
+	if err := im.readDescKeys(); err != nil {
+		return err
+	}
+	return im.loadExtents(unsafe)
+}
+
+// loadMonolithic opens a file that starts with a sparse header: the disk is
+// that one extent; an embedded descriptor supplies CID, createType and the
+// disk database (qemu does the same, ignoring its extent lines).
+func (im *image) loadMonolithic(f driver.File, fsz int64) error {
+	sp, err := openSparse(f, im.name)
+	if err != nil {
+		return err
+	}
+	if !sp.cowd && sp.h.capacity == 0 && sp.h.descOffset != 0 {
+		// A descriptor inside a sparse file that lists other extents.
+		return im.loadEmbeddedWithExtents(sp, fsz)
+	}
+	im.createType = "monolithicSparse"
+	if sp.compressed {
+		im.createType = "streamOptimized"
+	}
+	if sp.cowd {
+		im.createType = "vmfsSparse"
+	}
+	im.cid, im.parentCID = 0xffffffff, 0xffffffff
+	if !sp.cowd && sp.h.descOffset != 0 && sp.h.descSize != 0 {
+		if err := im.readEmbedded(sp, fsz); err != nil {
+			return err
+		}
+	}
+	if im.desc == nil {
+		// A bare sparse file without a descriptor: nothing to rewrite.
+		im.desc, im.noDesc = &descriptor{}, true
+	}
+	im.exts = []*extent{{line: extentLine{access: "RW", sectors: sp.capacity / sectorSize, kind: "SPARSE", file: path.Base(im.name)},
+		size: sp.capacity, path: im.name, f: f, sp: sp}}
+	im.size = sp.capacity
+	if sp.cowd || (sp.h.version == 3 && !sp.compressed) {
+		im.exts[0].line.access = "RDONLY"
+	}
+	return nil
+}
+
+func (im *image) readEmbedded(sp *sparse, fsz int64) error {
+	off := int64(sp.h.descOffset) * sectorSize
+	n := int64(sp.h.descSize) * sectorSize
+	if sp.h.descOffset > maxSectors || sp.h.descSize > maxDescriptor/sectorSize {
+		return driver.Corruptf(im.name, 28, "embedded descriptor of %d sectors is larger than the %d-byte limit", sp.h.descSize, maxDescriptor)
+	}
+	if off+n > fsz {
+		return driver.Corruptf(im.name, 28, "embedded descriptor at offset %d runs past the end of the %d-byte file", off, fsz)
+	}
+	text := make([]byte, n)
+	if err := driver.ReadFullAt(im.main, text, off); err != nil {
+		return driver.WithFile(err, "read descriptor", im.name)
+	}
+	d, err := parseDescriptor(text, im.name, off)
+	if err != nil {
+		return err
+	}
+	im.desc, im.descEmbed, im.descOff, im.descCap = d, true, off, n
+	return im.readDescKeys()
+}
+
+func (im *image) loadEmbeddedWithExtents(sp *sparse, fsz int64) error {
+	if err := im.readEmbedded(sp, fsz); err != nil {
+		return err
+	}
+	if len(im.desc.extents) == 0 {
+		return driver.Corruptf(im.name, im.descOff, "descriptor lists no extents")
+	}
+	return im.loadExtents(false)
+}
+
+// readDescKeys reads CID, parentCID and createType.
+func (im *image) readDescKeys() error {
+	d := im.desc
+	im.cid, im.parentCID = 0xffffffff, 0xffffffff
+	if v, ok := d.get("CID"); ok {
+		c, ok := hex32(v)
+		if !ok {
+			return driver.Corruptf(im.name, -1, "invalid CID %q", clip(v))
+		}
+		im.cid = c
+	}
+	if v, ok := d.get("parentCID"); ok {
+		c, ok := hex32(v)
+		if !ok {
+			return driver.Corruptf(im.name, -1, "invalid parentCID %q", clip(v))
+		}
+		im.parentCID = c
+	}
+	if v, ok := d.get("createType"); ok {
+		im.createType = v
+	}
+	return nil
+}
+
+// resolve resolves an extent file name against the descriptor's directory.
+func (im *image) resolve(name string, unsafe bool) (string, error) {
+	if path.IsAbs(name) || strings.HasPrefix(name, `\`) || (len(name) > 1 && name[1] == ':') {
+		if !unsafe {
+			return "", driver.Errorf(driver.ErrInvalidOption, im.name, -1,
+				"extent file %q is an absolute path; refusing to follow it (open option allow_unsafe_extents=on)", name)
+		}
+		return path.Clean(name), nil
+	}
+	clean := path.Clean(name)
+	if (clean == ".." || strings.HasPrefix(clean, "../")) && !unsafe {
+		return "", driver.Errorf(driver.ErrInvalidOption, im.name, -1,
+			"extent file %q leaves the descriptor's directory; refusing to follow it (open option allow_unsafe_extents=on)", name)
+	}
+	return path.Join(path.Dir(im.name), clean), nil
+}
+
+// loadExtents opens the extents the descriptor lists.
+func (im *image) loadExtents(unsafe bool) error {
+	ct := strings.ToLower(im.createType)
+	switch ct {
+	case "fulldevice", "partitioneddevice", "vmfsraw", "vmfsrawdevicemap", "vmfspassthroughrawdevicemap":
+		return driver.Unsupportedf(im.name, "createType %q gives access to a raw host device; vdisk does not open raw devices", im.createType)
+	case "":
+		return driver.Corruptf(im.name, -1, "descriptor has no createType")
+	}
+	d := im.desc
+	if len(d.extents) == 0 {
+		return driver.Corruptf(im.name, -1, "descriptor lists no extents")
+	}
+	var pos int64
+	sparseFiles := map[string]bool{}
+	for i, el := range d.extents {
+		if el.sectors > maxSectors || pos+el.sectors*sectorSize > maxSectors*sectorSize {
+			return driver.Corruptf(im.name, -1, "extent %d makes the disk larger than the %d-sector limit", i, int64(maxSectors))
+		}
+		e := &extent{line: el, start: pos, size: el.sectors * sectorSize}
+		if el.sectors == 0 {
+			continue // qemu skips empty extents too
+		}
+		switch el.kind {
+		case "ZERO":
+		case "FLAT", "VMFS", "SPARSE", "VMFSSPARSE":
+			if el.access == "NOACCESS" {
+				break
+			}
+			p, err := im.resolve(el.file, unsafe)
+			if err != nil {
+				return err
+			}
+			if path.Clean(p) == path.Clean(im.name) {
+				return driver.Corruptf(im.name, -1, "extent %d is the descriptor file itself", i)
+			}
+			e.path = p
+			if e.f, err = im.openFile(p); err != nil {
+				return driver.WithFile(err, "open extent", p)
+			}
+			if el.kind == "FLAT" || el.kind == "VMFS" {
+				e.flatOff = el.offset * sectorSize
+				break
+			}
+			if sparseFiles[p] {
+				return driver.Corruptf(im.name, -1, "sparse extent file %s is listed twice", p)
+			}
+			sparseFiles[p] = true
+			if e.sp, err = openSparse(e.f, p); err != nil {
+				return err
+			}
+			if e.sp.capacity < e.size {
+				return driver.Corruptf(p, 12, "sparse extent holds %d bytes, the descriptor gives it %d", e.sp.capacity, e.size)
+			}
+			// VMFS sparse is read only here; version 3 hosted sparse
+			// extents carry changed-block tracking that writes would
+			// make stale (qemu opens them read-only too).
+			if e.sp.cowd || el.kind == "VMFSSPARSE" || (e.sp.h.version == 3 && !e.sp.compressed) {
+				e.line.access = "RDONLY"
+			}
+		default:
+			return driver.Unsupportedf(im.name, "extent type %s", el.kind)
+		}
+		im.exts = append(im.exts, e)
+		pos += e.size
+	}
+	im.size = pos
+	return nil
+}
+
+// find returns the index of the extent holding virtual offset off.
+func (im *image) find(off int64) int {
+	return sort.Search(len(im.exts), func(i int) bool { return im.exts[i].start+im.exts[i].size > off })
+}
+
+func (im *image) Size() int64 { return im.size }
+
+// erun is a run inside one extent.
+type erun struct {
+	st      driver.State
+	n       int64
+	fileOff int64 // byte offset in e.f for uncompressed data, else -1
+	e       *extent
+	gte     uint32 // compressed grain entry
+}
+
+func (im *image) runAt(off, n int64) (erun, error) {
+	i := im.find(off)
+	if i >= len(im.exts) {
+		return erun{}, driver.Errorf(driver.ErrOutOfRange, im.name, off, "offset past the end of the disk")
+	}
+	e := im.exts[i]
+	rel := off - e.start
+	n = min(n, e.size-rel)
+	if e.line.access == "NOACCESS" {
+		return erun{}, driver.Errorf(driver.ErrUnsupported, im.name, off, "extent %d is NOACCESS", i)
+	}
+	switch e.line.kind {
+	case "ZERO":
+		return erun{st: driver.Zero, n: n, fileOff: -1, e: e}, nil
+	case "FLAT", "VMFS":
+		return erun{st: driver.Data, n: n, fileOff: e.flatOff + rel, e: e}, nil
+	}
+	st, ln, foff, err := e.sp.run(rel, n)
+	if err != nil {
+		return erun{}, err
+	}
+	r := erun{st: st, n: ln, fileOff: foff, e: e}
+	if st == driver.Data && foff < 0 {
+		r.gte, err = e.sp.gte(rel / e.sp.grain)
+	}
+	return r, err
+}
+
+func (im *image) Status(off, n int64) (driver.Extent, error) {
+	if err := driver.CheckRange(im.name, off, n, im.size); err != nil {
+		return driver.Extent{}, err
+	}
+	r, err := im.runAt(off, n)
+	if err != nil {
+		return driver.Extent{}, err
+	}
+	x := driver.Extent{State: r.st, Length: r.n, Offset: -1}
+	if r.st == driver.Data && r.fileOff >= 0 && r.e.f == im.main {
+		x.Offset = r.fileOff
+	}
+	return x, nil
+}
+
+func (im *image) ReadAt(p []byte, off int64) (int, error) {
+	if err := driver.CheckRange(im.name, off, int64(len(p)), im.size); err != nil {
+		return 0, err
+	}
+	done := 0
+	var gbuf []byte
+	for done < len(p) {
+		r, err := im.runAt(off+int64(done), int64(len(p)-done))
+		if err != nil {
+			return done, err
+		}
+		q := p[done : done+int(r.n)]
+		switch {
+		case r.st == driver.Zero:
+			clear(q)
+		case r.st == driver.Unallocated:
+			if _, err := im.view.ReadAt(q, off+int64(done)); err != nil {
+				return done, err
+			}
+		case r.fileOff >= 0:
+			if r.e.sp != nil {
+				err = r.e.sp.readData(q, r.fileOff)
+			} else {
+				err = readFlat(r.e, q, r.fileOff)
+			}
+			if err != nil {
+				return done, err
+			}
+		default:
+			sp := r.e.sp
+			if int64(len(gbuf)) < sp.grain {
+				gbuf = make([]byte, sp.grain)
+			}
+			if err := sp.readCompressed(r.gte, gbuf[:sp.grain]); err != nil {
+				return done, err
+			}
+			in := (off + int64(done) - r.e.start) % sp.grain
+			copy(q, gbuf[in:])
+		}
+		done += int(r.n)
+	}
+	return done, nil
+}
+
+func readFlat(e *extent, p []byte, off int64) error {
+	n, err := e.f.ReadAt(p, off)
+	if n < len(p) {
+		if err != nil && err != io.EOF {
+			return driver.WithFile(err, "read", e.path)
+		}
+		clear(p[n:]) // a flat extent file shorter than the extent reads zeros
+	}
+	return nil
+}
+
+// beginWrite refreshes the CID on the first write of the session.
+func (im *image) beginWrite(off int64) error {
+	if im.ro {
+		return driver.Errorf(driver.ErrReadOnly, im.name, off, "image opened read-only")
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.cidDone || im.stream != nil {
+		return nil
+	}
+	c := rand.Uint32()
+	for c == 0xffffffff || c == 0xfffffffe || c == im.cid {
+		c = rand.Uint32()
+	}
+	old := im.cid
+	im.cid = c
+	im.desc.set("CID", fmt.Sprintf("%08x", c), false)
+	if err := im.writeDescriptor(); err != nil {
+		im.cid = old
+		return err
+	}
+	im.cidDone = true
+	return nil
+}
+
+// writeDescriptor writes the descriptor back. Called with mu held.
+func (im *image) writeDescriptor() error {
+	if im.noDesc {
+		return nil
+	}
+	b := im.desc.bytes()
+	if im.descEmbed {
+		if int64(len(b)) > im.descCap {
+			return driver.Errorf(driver.ErrUnsupported, im.name, im.descOff, "descriptor of %d bytes does not fit the %d bytes reserved for it", len(b), im.descCap)
+		}
+		pad := make([]byte, im.descCap)
+		copy(pad, b)
+		_, err := im.main.WriteAt(pad, im.descOff)
+		return driver.WithFile(err, "write descriptor", im.name)
+	}
+	if _, err := im.main.WriteAt(b, 0); err != nil {
+		return driver.WithFile(err, "write descriptor", im.name)
+	}
+	return driver.WithFile(im.main.Truncate(int64(len(b))), "write descriptor", im.name)
+}
+
+func (im *image) WriteAt(p []byte, off int64) (int, error) {
+	if err := driver.CheckRange(im.name, off, int64(len(p)), im.size); err != nil {
+		return 0, err
+	}
+	if im.stream != nil {
+		if err := im.stream.writeAt(p, off); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	if err := im.checkWritable(off, int64(len(p)), false); err != nil {
+		return 0, err
+	}
+	if err := im.beginWrite(off); err != nil {
+		return 0, err
+	}
+	done := 0
+	for done < len(p) {
+		o := off + int64(done)
+		e := im.exts[im.find(o)]
+		rel := o - e.start
+		n := min(int64(len(p)-done), e.size-rel)
+		if err := im.writeExtent(e, p[done:done+int(n)], rel); err != nil {
+			return done, err
+		}
+		done += int(n)
+	}
+	return done, nil
+}
+
+// checkWritable refuses a write (or zeroing) touching an extent that
+// cannot take it, before anything changes.
+func (im *image) checkWritable(off, n int64, zero bool) error {
+	if im.ro {
+		return driver.Errorf(driver.ErrReadOnly, im.name, off, "image opened read-only")
+	}
+	for i := im.find(off); i < len(im.exts) && im.exts[i].start < off+n; i++ {
+		e := im.exts[i]
+		if zero && e.line.kind == "ZERO" {
+			continue
+		}
+		if err := im.extentWritable(e, max(off, e.start)-e.start); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (im *image) extentWritable(e *extent, rel int64) error {
+	switch {
+	case e.line.access != "RW":
+		return driver.Errorf(driver.ErrReadOnly, im.name, e.start+rel, "extent %s is %s (VMFS sparse and version 3 sparse extents are read only)", e.line.file, e.line.access)
+	case e.line.kind == "ZERO":
+		return driver.Errorf(driver.ErrUnsupported, im.name, e.start+rel, "cannot write into a ZERO extent")
+	case e.sp != nil && e.sp.compressed:
+		return driver.Errorf(driver.ErrUnsupported, e.path, e.start+rel, "stream-optimized (compressed) extents cannot be modified; convert the image to another subformat")
+	}
+	return nil
+}
+
+func (im *image) writeExtent(e *extent, p []byte, rel int64) error {
+	if err := im.extentWritable(e, rel); err != nil {
+		return err
+	}
+	if e.sp == nil {
+		_, err := e.f.WriteAt(p, e.flatOff+rel)
+		return driver.WithFile(err, "write", e.path)
+	}
+	sp := e.sp
+	done := int64(0)
+	for done < int64(len(p)) {
+		r := rel + done
+		g, in := r/sp.grain, r%sp.grain
+		n := min(int64(len(p))-done, sp.grain-in)
+		if err := im.writeGrain(e, g, in, p[done:done+n]); err != nil {
+			return err
+		}
+		done += n
+	}
+	return nil
+}
+
+// writeGrain writes q at offset in inside grain g of sparse extent e.
+func (im *image) writeGrain(e *extent, g, in int64, q []byte) error {
+	sp := e.sp
+	v, err := sp.gte(g)
+	if err != nil {
+		return err
+	}
+	if sp.grainState(v) == driver.Data {
+		off := int64(v) * sectorSize
+		if off < sectorSize {
+			return driver.Corruptf(e.path, off, "grain %d points into the header", g)
+		}
+		sp.mu.Lock()
+		end := sp.fileSizeNow()
+		sp.mu.Unlock()
+		if off >= end {
+			return driver.Corruptf(e.path, off, "grain %d points past the end of the file", g)
+		}
+		_, err := e.f.WriteAt(q, off+in)
+		return driver.WithFile(err, "write", e.path)
+	}
+	// Allocate: the whole grain, filled from the parent (or zeros).
+	gl := sp.grain
+	buf := q
+	if int64(len(q)) != gl {
+		buf = make([]byte, gl)
+		vstart := e.start + g*gl
+		if v == 0 {
+			pn := min(gl, im.size-vstart)
+			if pn > 0 && im.view.Present() {
+				if _, err := im.view.ReadAt(buf[:pn], vstart); err != nil {
+					return err
+				}
+			}
+		}
+		copy(buf[in:], q)
+	}
+	off, err := sp.reserve()
+	if err != nil {
+		return err
+	}
+	if _, err := e.f.WriteAt(buf, off); err != nil {
+		return driver.WithFile(err, "write", e.path)
+	}
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.setGTE(g, uint32(off/sectorSize))
+}
+
+// WriteZeroes zeroes [off, off+n). Whole grains become zeroed-grain
+// entries where the extent enables them, or unallocated in a base image
+// with unmap; the rest is written as zeros.
+func (im *image) WriteZeroes(off, n int64, unmap bool) error {
+	if err := driver.CheckRange(im.name, off, n, im.size); err != nil {
+		return err
+	}
+	if im.stream != nil {
+		return im.stream.writeZeroes(off, n)
+	}
+	if err := im.checkWritable(off, n, true); err != nil {
+		return err
+	}
+	if err := im.beginWrite(off); err != nil {
+		return err
+	}
+	for n > 0 {
+		e := im.exts[im.find(off)]
+		rel := off - e.start
+		k := min(n, e.size-rel)
+		if err := im.zeroExtent(e, rel, k, unmap); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+func (im *image) zeroExtent(e *extent, rel, n int64, unmap bool) error {
+	if e.line.kind == "ZERO" {
+		return nil
+	}
+	if err := im.extentWritable(e, rel); err != nil {
+		return err
+	}
+	if e.sp == nil {
+		if unmap {
+			return driver.WithFile(e.f.PunchHole(e.flatOff+rel, n), "punch hole", e.path)
+		}
+		return writeZeros(e.f, e.path, e.flatOff+rel, n)
+	}
+	sp := e.sp
+	for n > 0 {
+		g, in := rel/sp.grain, rel%sp.grain
+		k := min(n, sp.grain-in)
+		whole := in == 0 && (k == sp.grain || e.start+rel+k == im.size)
+		v, err := sp.gte(g)
+		if err != nil {
+			return err
+		}
+		st := sp.grainState(v)
+		switch {
+		case st == driver.Zero:
+		case st == driver.Unallocated && !im.view.Present():
+		case whole && sp.zeroGrain && (unmap || st == driver.Unallocated):
+			sp.mu.Lock()
+			err = sp.setGTE(g, gteZeroed)
+			sp.mu.Unlock()
+		case whole && unmap && !im.view.Present():
+			sp.mu.Lock()
+			err = sp.setGTE(g, 0)
+			sp.mu.Unlock()
+		default:
+			err = im.writeGrain(e, g, in, make([]byte, k))
+		}
+		if err != nil {
+			return err
+		}
+		rel += k
+		n -= k
+	}
+	return nil
+}
+
+func writeZeros(f driver.File, name string, off, n int64) error {
+	z := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(z)))
+		if _, err := f.WriteAt(z[:k], off); err != nil {
+			return driver.WithFile(err, "write", name)
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+func (im *image) Flush() error {
+	if im.stream != nil {
+		if err := im.stream.wait(); err != nil {
+			return err
+		}
+	}
+	if im.ro {
+		return nil
+	}
+	for n, f := range im.files {
+		if err := f.Sync(); err != nil {
+			return driver.WithFile(err, "sync", n)
+		}
+	}
+	return nil
+}
+
+func (im *image) Close() error {
+	var err error
+	if im.stream != nil {
+		err = im.stream.finish()
+		im.stream = nil
+	}
+	if cerr := im.closeFiles(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (im *image) Parent() *driver.ParentRef {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	hint, ok := im.desc.get("parentFileNameHint")
+	if im.parentCID == 0xffffffff && !ok {
+		return nil
+	}
+	ref := &driver.ParentRef{Name: hint, Format: "vmdk"}
+	if im.parentCID != 0xffffffff {
+		ref.UUID = fmt.Sprintf("%08x", im.parentCID)
+	}
+	return ref
+}
+
+// clusterSize is the grain size of the first sparse extent (0 when flat).
+func (im *image) clusterSize() int64 {
+	for _, e := range im.exts {
+		if e.sp != nil {
+			return e.sp.grain
+		}
+	}
+	return 0
+}
+
+// ExtentInfo describes one extent as qemu-img info does.
+type ExtentInfo struct {
+	Filename    string `json:"filename"`
+	Format      string `json:"format"`
+	VirtualSize int64  `json:"virtual-size"`
+	ClusterSize int64  `json:"cluster-size,omitempty"`
+	Compressed  bool   `json:"compressed,omitempty"`
+	Access      string `json:"access,omitempty"`
+	Offset      int64  `json:"offset,omitempty"`
+}
+
+// Info is VMDK's format-specific information (qemu's field names first).
+type Info struct {
+	CID         uint32       `json:"cid"`
+	ParentCID   uint32       `json:"parent-cid"`
+	CreateType  string       `json:"create-type"`
+	Extents     []ExtentInfo `json:"extents"`
+	AdapterType string       `json:"adapter-type,omitempty"`
+	HWVersion   string       `json:"hwversion,omitempty"`
+	Geometry    *driver.CHS  `json:"geometry,omitempty"`
+	ParentHint  string       `json:"parent-filename-hint,omitempty"`
+}
+
+func (im *image) Info() driver.Info {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	s := &Info{CID: im.cid, ParentCID: im.parentCID, CreateType: im.createType}
+	for _, e := range im.exts {
+		x := ExtentInfo{Filename: e.path, VirtualSize: e.size, Offset: e.flatOff}
+		if e.line.access != "RW" {
+			x.Access = e.line.access
+		}
+		if e.sp != nil {
+			x.ClusterSize = e.sp.grain
+			x.Compressed = e.sp.compressed
+		}
+		if im.descEmbed || e.f != im.main || len(im.desc.extents) > 0 {
+			x.Format = e.line.kind
+		}
+		if len(im.exts) == 1 && e.f == im.main {
+			x.Format = "" // qemu leaves the type of a monolithic sparse extent empty
+		}
+		s.Extents = append(s.Extents, x)
+	}
+	s.AdapterType, _ = im.desc.get("ddb.adapterType")
+	s.HWVersion, _ = im.desc.get("ddb.virtualHWVersion")
+	if g, ok := im.chs("ddb.geometry."); ok {
+		s.Geometry = &g
+	}
+	s.ParentHint, _ = im.desc.get("parentFileNameHint")
+	return driver.Info{Format: "vmdk", VirtualSize: im.size, ClusterSize: im.clusterSize(), Specific: s}
+}
+
+// chs reads a geometry from the disk database (prefix "ddb.geometry." or
+// "ddb.geometry.bios"). Called with mu held.
+func (im *image) chs(prefix string) (driver.CHS, bool) {
+	var g driver.CHS
+	for _, f := range []struct {
+		k string
+		p *uint32
+	}{{"cylinders", &g.Cylinders}, {"heads", &g.Heads}, {"sectors", &g.Sectors}} {
+		v, ok := im.desc.get(prefix + f.k)
+		if !ok {
+			return g, false
+		}
+		n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 32)
+		if err != nil {
+			return g, false
+		}
+		*f.p = uint32(n)
+	}
+	return g, true
+}

@@ -17,6 +17,10 @@ func (im *image) Check(ctx context.Context, mode driver.RepairMode) (*driver.Che
 	if im.stream != nil {
 		return nil, driver.Errorf(driver.ErrUnsupported, im.name, -1, "a streamOptimized image being written cannot be checked before it is closed")
 	}
+	// Check reads the tables from the file: write back what is in memory.
+	if err := im.writeBack(); err != nil {
+		return nil, err
+	}
 	res := &driver.CheckResult{}
 	const maxReported = 1000
 	bad := func(file string, off int64, format string, a ...any) {

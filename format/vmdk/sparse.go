@@ -99,9 +99,14 @@ func (h *header) encode() []byte {
 // sparse is one sparse extent file (hosted sparse KDMV, or VMFS sparse COWD
 // read-only).
 //
-// Locking: mu guards gd, rgd, gts, end and the writes of grain table and
-// directory entries. Grain data is written outside it: the container never
-// writes one grain from two requests at once.
+// Locking: mu guards gd, rgd, gts, end, the dirty sets and the writes of
+// grain table and directory entries. Grain data is written outside it: the
+// container never writes one grain from two requests at once.
+//
+// Crash ordering: grain data is written at once, the tables and directory
+// entries that point at it only change in memory (dirtyGT, dirtyGD) and
+// reach the file in Flush after a sync of the data (or in Close), so a
+// crash never leaves an entry pointing at a grain that was not written.
 type sparse struct {
 	f        driver.File
 	name     string
@@ -123,6 +128,8 @@ type sparse struct {
 	mu       sync.Mutex
 	gd, rgd  []uint32
 	gts      map[int64][]uint32 // loaded grain tables by directory index
+	dirtyGT  map[int64]bool     // tables changed since they were last written
+	dirtyGD  map[int64]bool     // directory entries not yet written
 	end      int64              // allocation cursor (bytes, sector aligned)
 	fileSize int64              // at open
 }
@@ -320,7 +327,7 @@ func (s *sparse) gt(i int64) ([]uint32, error) {
 			if len(s.gts) < maxCachedGTs/2 {
 				break
 			}
-			if k < int64(len(s.gd)) && s.gd[k] != 0 {
+			if k < int64(len(s.gd)) && s.gd[k] != 0 && !s.dirtyGT[k] && !s.dirtyGD[k] {
 				delete(s.gts, k)
 			}
 		}
@@ -505,23 +512,21 @@ func (s *sparse) setGTE(g int64, v uint32) error {
 			return err
 		}
 	}
-	var b [4]byte
-	binary.LittleEndian.PutUint32(b[:], v)
-	idx := (g % s.gtes) * 4
-	if _, err := s.f.WriteAt(b[:], int64(s.gd[gi])*sectorSize+idx); err != nil {
-		return driver.WithFile(err, "write grain table", s.name)
-	}
-	if s.rgd != nil && s.rgd[gi] != 0 {
-		if _, err := s.f.WriteAt(b[:], int64(s.rgd[gi])*sectorSize+idx); err != nil {
-			return driver.WithFile(err, "write redundant grain table", s.name)
-		}
-	}
 	t[g%s.gtes] = v
+	s.markGT(gi)
 	return nil
 }
 
+func (s *sparse) markGT(gi int64) {
+	if s.dirtyGT == nil {
+		s.dirtyGT = map[int64]bool{}
+	}
+	s.dirtyGT[gi] = true
+}
+
 // allocGT allocates grain table gi (and its redundant copy) at the end of
-// the file: the zeroed tables are written before the directory entries.
+// the file. The zeroed tables are written at once; the directory entries
+// that point at them are written with the tables (see writeMeta).
 func (s *sparse) allocGT(gi int64) ([]uint32, error) {
 	sz := (s.gtBytes() + sectorSize - 1) &^ (sectorSize - 1)
 	zero := make([]byte, sz)
@@ -539,25 +544,90 @@ func (s *sparse) allocGT(gi int64) ([]uint32, error) {
 		}
 	}
 	s.end += n * sz
-	put := func(dirOff int64, v uint32) error {
+	s.gd[gi] = uint32(base / sectorSize)
+	if s.rgd != nil {
+		s.rgd[gi] = uint32((base + sz) / sectorSize)
+	}
+	if s.dirtyGD == nil {
+		s.dirtyGD = map[int64]bool{}
+	}
+	s.dirtyGD[gi] = true
+	t := make([]uint32, s.gtes)
+	s.gts[gi] = t
+	return t, nil
+}
+
+// metaUpdate is a snapshot of the metadata to write: grain tables (both
+// copies) and directory entries.
+type metaUpdate struct {
+	gts map[int64][]byte // encoded tables by directory index
+	gd  map[int64]bool   // directory entries
+}
+
+// takeMeta snapshots and clears the dirty tables and directory entries.
+// Callers hold mu; putBack undoes it after a failed write.
+func (s *sparse) takeMeta() *metaUpdate {
+	if len(s.dirtyGT) == 0 && len(s.dirtyGD) == 0 {
+		return nil
+	}
+	u := &metaUpdate{gts: map[int64][]byte{}, gd: s.dirtyGD}
+	for gi := range s.dirtyGT {
+		t := s.gts[gi]
+		b := make([]byte, s.gtBytes())
+		for j, v := range t {
+			binary.LittleEndian.PutUint32(b[j*4:], v)
+		}
+		u.gts[gi] = b
+	}
+	s.dirtyGT, s.dirtyGD = nil, nil
+	return u
+}
+
+func (s *sparse) putBack(u *metaUpdate) {
+	for gi := range u.gts {
+		s.markGT(gi)
+	}
+	if len(u.gd) > 0 && s.dirtyGD == nil {
+		s.dirtyGD = map[int64]bool{}
+	}
+	for gi := range u.gd {
+		s.dirtyGD[gi] = true
+	}
+}
+
+// writeMeta writes u: the tables first, then the directory entries that
+// point at them.
+func (s *sparse) writeMeta(u *metaUpdate) error {
+	s.mu.Lock()
+	gd, rgd := s.gd, s.rgd
+	s.mu.Unlock()
+	for gi, b := range u.gts {
+		if _, err := s.f.WriteAt(b, int64(gd[gi])*sectorSize); err != nil {
+			return driver.WithFile(err, "write grain table", s.name)
+		}
+		if rgd != nil && rgd[gi] != 0 {
+			if _, err := s.f.WriteAt(b, int64(rgd[gi])*sectorSize); err != nil {
+				return driver.WithFile(err, "write redundant grain table", s.name)
+			}
+		}
+	}
+	put := func(dirOff int64, gi int64, v uint32) error {
 		var b [4]byte
 		binary.LittleEndian.PutUint32(b[:], v)
 		_, err := s.f.WriteAt(b[:], dirOff+gi*4)
 		return driver.WithFile(err, "write grain directory", s.name)
 	}
-	if err := put(s.gdOff, uint32(base/sectorSize)); err != nil {
-		return nil, err
-	}
-	s.gd[gi] = uint32(base / sectorSize)
-	if s.rgd != nil {
-		if err := put(s.rgdOff, uint32((base+sz)/sectorSize)); err != nil {
-			return nil, err
+	for gi := range u.gd {
+		if err := put(s.gdOff, gi, gd[gi]); err != nil {
+			return err
 		}
-		s.rgd[gi] = uint32((base + sz) / sectorSize)
+		if rgd != nil {
+			if err := put(s.rgdOff, gi, rgd[gi]); err != nil {
+				return err
+			}
+		}
 	}
-	t := make([]uint32, s.gtes)
-	s.gts[gi] = t
-	return t, nil
+	return nil
 }
 
 // reserve returns the file offset of a new grain at the end of the file.

@@ -97,6 +97,7 @@ type image struct {
 	files map[string]driver.File // by resolved name, every open file
 	main  driver.File
 
+	flushMu    sync.Mutex // one Flush (or metadata write-back) at a time
 	mu         sync.Mutex // guards desc, cid, the descriptor's file
 	desc       *descriptor
 	descEmbed  bool  // the descriptor lives in the sparse file main
@@ -763,6 +764,25 @@ func (im *image) Flush() error {
 	if im.ro {
 		return nil
 	}
+	im.flushMu.Lock()
+	defer im.flushMu.Unlock()
+	// The tables as they are now point only at grains written already:
+	// take them, make those grains durable, then write the tables.
+	ups := im.takeMeta()
+	if err := im.syncFiles(); err != nil {
+		im.putBack(ups)
+		return err
+	}
+	if len(ups) == 0 {
+		return nil
+	}
+	if err := im.writeMeta(ups); err != nil {
+		return err
+	}
+	return im.syncFiles()
+}
+
+func (im *image) syncFiles() error {
 	for n, f := range im.files {
 		if err := f.Sync(); err != nil {
 			return driver.WithFile(err, "sync", n)
@@ -771,11 +791,64 @@ func (im *image) Flush() error {
 	return nil
 }
 
+// takeMeta collects the metadata changed in memory of every sparse extent.
+func (im *image) takeMeta() map[*sparse]*metaUpdate {
+	ups := map[*sparse]*metaUpdate{}
+	for _, e := range im.exts {
+		if sp := e.sp; sp != nil && ups[sp] == nil {
+			sp.mu.Lock()
+			if u := sp.takeMeta(); u != nil {
+				ups[sp] = u
+			}
+			sp.mu.Unlock()
+		}
+	}
+	return ups
+}
+
+func (im *image) putBack(ups map[*sparse]*metaUpdate) {
+	for sp, u := range ups {
+		sp.mu.Lock()
+		sp.putBack(u)
+		sp.mu.Unlock()
+	}
+}
+
+// writeMeta writes the collected metadata; what fails to be written stays
+// dirty for the next flush.
+func (im *image) writeMeta(ups map[*sparse]*metaUpdate) error {
+	var first error
+	for sp, u := range ups {
+		if err := sp.writeMeta(u); err != nil {
+			sp.mu.Lock()
+			sp.putBack(u)
+			sp.mu.Unlock()
+			if first == nil {
+				first = err
+			}
+		}
+	}
+	return first
+}
+
+// writeBack writes the metadata held in memory without syncing (Close,
+// Check).
+func (im *image) writeBack() error {
+	if im.ro || im.stream != nil {
+		return nil
+	}
+	im.flushMu.Lock()
+	defer im.flushMu.Unlock()
+	return im.writeMeta(im.takeMeta())
+}
+
 func (im *image) Close() error {
 	var err error
 	if im.stream != nil {
 		err = im.stream.finish()
 		im.stream = nil
+	} else {
+		err = im.writeBack()
 	}
 	if cerr := im.closeFiles(); err == nil {
 		err = cerr

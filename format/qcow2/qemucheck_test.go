@@ -1,6 +1,7 @@
 package qcow2_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"maps"
@@ -239,5 +240,72 @@ func TestMeasureBitmapsMatchesQemu(t *testing.T) {
 				t.Errorf("%s -o %s: got %v, qemu-img says %v", filepath.Base(img), opts, got, want)
 			}
 		}
+	}
+}
+
+// TestFreshClusterWrites: small writes into new clusters at the end of the
+// file write only their data (the file grows over the whole cluster, the
+// rest reads zeros); over a backing file the rest is copied as before.
+func TestFreshClusterWrites(t *testing.T) {
+	qemutest.Require(t)
+	dir := tempDir(t)
+	base := filepath.Join(dir, "base.qcow2")
+	qemutest.Create(t, "qcow2", base, "4M")
+	qemutest.IO(t, "qcow2", base, "write -P 0x5b 0 4M")
+	for _, tc := range []struct {
+		name    string
+		opts    []string
+		backing bool
+	}{
+		{"plain", nil, false},
+		{"extl2", []string{"extended_l2=on"}, false},
+		{"backing", nil, true},
+		{"backing-extl2", []string{"extended_l2=on"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := filepath.Join(dir, tc.name+".qcow2")
+			co := &vdisk.CreateOptions{Format: "qcow2", Size: 4 << 20, Options: kvs(tc.opts...)}
+			if tc.backing {
+				co.Backing, co.BackingFormat = "base.qcow2", "qcow2"
+			}
+			d, err := vdisk.Create(ctx, img, co)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := make([]byte, 4<<20)
+			if tc.backing {
+				for i := range want {
+					want[i] = 0x5b
+				}
+			}
+			for i, off := range []int64{3 << 20, 100 << 10, 2<<20 + 7000, 65536 - 512} {
+				p := bytes.Repeat([]byte{byte(0xa0 + i)}, 4096)
+				if _, err := d.WriteAt(p, off); err != nil {
+					t.Fatal(err)
+				}
+				copy(want[off:], p)
+			}
+			if got := readAll(t, d); !bytes.Equal(got, want) {
+				t.Fatal("content differs before close")
+			}
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			fi, err := os.Stat(img)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fi.Size()%(64<<10) != 0 {
+				t.Errorf("file size %d does not end on a cluster boundary", fi.Size())
+			}
+			qemutest.Check(t, "qcow2", img)
+			raw := filepath.Join(dir, tc.name+".raw")
+			if err := os.WriteFile(raw, want, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if !qemutest.Compare(t, "qcow2", img, "raw", raw) {
+				t.Fatal("qemu-img compare: content differs")
+			}
+		})
 	}
 }

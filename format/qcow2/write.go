@@ -22,6 +22,7 @@ type cplan struct {
 	oldBm      uint64
 	host       int64 // host cluster offset written to
 	alloc      bool  // host is newly allocated (refcount taken)
+	fresh      bool  // host lies past the old end of the file: it reads zeros
 	a, b       int64 // range of the cluster (re)written
 	newE       uint64
 	newBm      uint64
@@ -200,6 +201,7 @@ func (im *image) planCluster(pl *cplan) error {
 // allocPlans gives new host clusters to the plans that need one, using
 // contiguous runs where possible.
 func (im *image) allocPlans(plans []cplan) error {
+	oldEnd := im.fileEnd
 	for i := 0; i < len(plans); {
 		if plans[i].host >= 0 {
 			i++
@@ -218,6 +220,7 @@ func (im *image) allocPlans(plans []cplan) error {
 			pl := &plans[i+int(n)]
 			pl.host = (s + n) << im.cbits
 			pl.alloc = true
+			pl.fresh = pl.host >= oldEnd
 			pl.newE = uint64(pl.host) | oflagCopied
 			pl.changed = true
 		}
@@ -256,10 +259,19 @@ func (im *image) writeData(plans []cplan, p []byte) error {
 		}
 		ops = append(ops, o)
 	}
+	// A new cluster past the old end of the file reads zeros already:
+	// when the rest of it must read zeros too, only the data is written,
+	// and the file is extended over the cluster by one byte at its end
+	// (instead of a cluster of zeros).
+	var tail int64
 	for i := range plans {
 		pl := &plans[i]
-		if pl.a == pl.ws && pl.b == pl.we {
+		skipZeros := pl.fresh && im.restIsZero(pl)
+		if pl.a == pl.ws && pl.b == pl.we || skipZeros {
 			add(wop{host: pl.host + pl.ws, data: p[pl.pOff : pl.pOff+pl.we-pl.ws], pOff: pl.pOff})
+			if skipZeros && pl.we < im.cs {
+				tail = max(tail, pl.host+im.cs)
+			}
 			continue
 		}
 		buf, err := im.compose(pl, p)
@@ -272,8 +284,40 @@ func (im *image) writeData(plans []cplan, p []byte) error {
 		if _, err := im.df.WriteAt(o.data, o.host); err != nil {
 			return err
 		}
+		if o.host+int64(len(o.data)) >= tail {
+			tail = 0
+		}
+	}
+	if tail > 0 {
+		if _, err := im.df.WriteAt([]byte{0}, tail-1); err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// restIsZero reports whether every byte of [pl.a, pl.b) outside the
+// written range must read zeros (no backing data, no old data).
+func (im *image) restIsZero(pl *cplan) bool {
+	unit := im.scSize
+	if !im.ext || pl.oldE&oflagCompressed != 0 {
+		unit = im.cs
+	}
+	for u := pl.a &^ (unit - 1); u < pl.b; u += unit {
+		if u >= pl.ws && u+unit <= pl.we {
+			continue
+		}
+		switch src, _ := im.unitSource(pl, u); src {
+		case srcZero:
+		case srcParent:
+			if im.parent.Present() {
+				return false
+			}
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // compose builds the bytes [pl.a, pl.b) of a cluster: the written data

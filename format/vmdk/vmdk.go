@@ -176,7 +176,7 @@ func (im *image) load(unsafe bool) error {
 	}
 	switch binary.LittleEndian.Uint32(magic[:]) {
 	case magicKDMV, magicCOWD:
-		return im.loadMonolithic(f, fsz)
+		return im.loadMonolithic(f, fsz, unsafe)
 	}
 	if fsz > maxDescriptor {
 		return driver.Corruptf(im.name, 0, "descriptor file of %d bytes is larger than the %d-byte limit", fsz, maxDescriptor)
@@ -199,14 +199,14 @@ func (im *image) load(unsafe bool) error {
 // loadMonolithic opens a file that starts with a sparse header: the disk is
 // that one extent; an embedded descriptor supplies CID, createType and the
 // disk database (qemu does the same, ignoring its extent lines).
-func (im *image) loadMonolithic(f driver.File, fsz int64) error {
+func (im *image) loadMonolithic(f driver.File, fsz int64, unsafe bool) error {
 	sp, err := openSparse(f, im.name)
 	if err != nil {
 		return err
 	}
 	if !sp.cowd && sp.h.capacity == 0 && sp.h.descOffset != 0 {
 		// A descriptor inside a sparse file that lists other extents.
-		return im.loadEmbeddedWithExtents(sp, fsz)
+		return im.loadEmbeddedWithExtents(sp, fsz, unsafe)
 	}
 	im.createType = "monolithicSparse"
 	if sp.compressed {
@@ -255,14 +255,14 @@ func (im *image) readEmbedded(sp *sparse, fsz int64) error {
 	return im.readDescKeys()
 }
 
-func (im *image) loadEmbeddedWithExtents(sp *sparse, fsz int64) error {
+func (im *image) loadEmbeddedWithExtents(sp *sparse, fsz int64, unsafe bool) error {
 	if err := im.readEmbedded(sp, fsz); err != nil {
 		return err
 	}
 	if len(im.desc.extents) == 0 {
 		return driver.Corruptf(im.name, im.descOff, "descriptor lists no extents")
 	}
-	return im.loadExtents(false)
+	return im.loadExtents(unsafe)
 }
 
 // readDescKeys reads CID, parentCID and createType.

@@ -121,20 +121,29 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 			layers = append(layers, p)
 		}
 	}
-	if o.Snapshot != "" {
-		so, ok := top.Image.(driver.SnapshotOpener)
-		if !ok {
-			cleanup()
-			return nil, driver.Unsupportedf(name, "format %s cannot read an internal snapshot", top.Format.Name)
-		}
-		v, err := so.OpenSnapshot(o.Snapshot)
-		if err != nil {
-			cleanup()
-			return nil, driver.WithFile(err, "open snapshot", name)
-		}
-		top.Image = &snapshotImage{Image: v, owner: top.Image}
+	if err := showSnapshot(top, o.Snapshot); err != nil {
+		cleanup()
+		return nil, err
 	}
 	return newDisk(layers, ro, st, log), nil
+}
+
+// showSnapshot replaces the top layer's image by a read-only view of its
+// internal snapshot key ("" leaves it alone).
+func showSnapshot(top *Layer, key string) error {
+	if key == "" {
+		return nil
+	}
+	so, ok := top.Image.(driver.SnapshotOpener)
+	if !ok {
+		return driver.Unsupportedf(top.Name, "format %s cannot read an internal snapshot", top.Format.Name)
+	}
+	v, err := so.OpenSnapshot(key)
+	if err != nil {
+		return driver.WithFile(err, "open snapshot", top.Name)
+	}
+	top.Image = &snapshotImage{Image: v, owner: top.Image}
+	return nil
 }
 
 // snapshotImage is an internal snapshot shown as a layer: closing it also
@@ -191,6 +200,12 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 			return nil, err
 		}
 		layers = append(layers, l)
+	}
+	if err := showSnapshot(layers[0], o.Snapshot); err != nil {
+		for _, l := range layers {
+			l.Image.Close()
+		}
+		return nil, err
 	}
 	return newDisk(layers, ro, st, log), nil
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
@@ -35,7 +36,7 @@ func TestAmend(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := d.Top().Image.(amender).Amend(ctx, kvs(s...)); err != nil {
+		if err := d.Top().Image.(amender).Amend(ctx, disktest.KVs(s...)); err != nil {
 			t.Fatalf("amend %v: %v", s, err)
 		}
 		checkClean(t, d)
@@ -53,7 +54,7 @@ func TestAmend(t *testing.T) {
 	}
 	d, _ := openRetry(f, nil)
 	defer d.Close()
-	if err := d.Top().Image.(amender).Amend(ctx, kvs("cluster_size=4k")); err == nil {
+	if err := d.Top().Image.(amender).Amend(ctx, disktest.KVs("cluster_size=4k")); err == nil {
 		t.Fatal("changing the cluster size was accepted")
 	}
 }

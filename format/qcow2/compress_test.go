@@ -10,6 +10,7 @@ import (
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/format/qcow2"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
@@ -81,12 +82,12 @@ func TestCompressedWrites(t *testing.T) {
 			if err := os.WriteFile(src, data, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: int64(len(data)), Options: kvs(c.opts...)})
+			d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: int64(len(data)), Options: disktest.KVs(c.opts...)})
 			if err != nil {
 				t.Fatal(err)
 			}
 			writeCompressed(t, d, data)
-			got := readAll(t, d)
+			got := disktest.ReadAll(t, d)
 			if !bytes.Equal(got, data) {
 				t.Fatalf("read back differs at %d", firstDiff(got, data))
 			}
@@ -137,7 +138,7 @@ func TestCompressedSizeVsQemu(t *testing.T) {
 			q := filepath.Join(dir, "q.qcow2")
 			qemutest.Img(t, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type="+ct, src, q)
 			v := filepath.Join(dir, "v.qcow2")
-			d, err := vdisk.Create(ctx, v, &vdisk.CreateOptions{Format: "qcow2", Size: int64(len(data)), Options: kvs("compression_type=" + ct)})
+			d, err := vdisk.Create(ctx, v, &vdisk.CreateOptions{Format: "qcow2", Size: int64(len(data)), Options: disktest.KVs("compression_type=" + ct)})
 			if err != nil {
 				t.Fatal(err)
 			}

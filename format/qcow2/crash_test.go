@@ -11,6 +11,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/faultfs"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -235,7 +236,7 @@ func TestCrashPoints(t *testing.T) {
 			// A dry run counts the writes.
 			mem := memfs.New()
 			ffs := faultfs.New(mem)
-			d, err := vdisk.Create(ctx, "/c.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: l.size, Options: kvs(l.opts...), Storage: ffs})
+			d, err := vdisk.Create(ctx, "/c.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: l.size, Options: disktest.KVs(l.opts...), Storage: ffs})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -251,7 +252,7 @@ func TestCrashPoints(t *testing.T) {
 				n := 1 + rng.IntN(nw)
 				mem := memfs.New()
 				ffs := faultfs.New(mem)
-				d, err := vdisk.Create(ctx, "/c.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: l.size, Options: kvs(l.opts...), Storage: ffs})
+				d, err := vdisk.Create(ctx, "/c.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: l.size, Options: disktest.KVs(l.opts...), Storage: ffs})
 				if err != nil {
 					t.Fatal(err)
 				}

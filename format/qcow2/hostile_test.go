@@ -11,6 +11,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
@@ -22,7 +23,7 @@ func smallImage(t testing.TB, opts ...string) []byte {
 	t.Helper()
 	st := memfs.New()
 	d, err := vdisk.Create(ctx, "/s.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: 1 << 20, Storage: st,
-		Options: kvs(append([]string{"cluster_size=512"}, opts...)...)})
+		Options: disktest.KVs(append([]string{"cluster_size=512"}, opts...)...)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -232,7 +233,7 @@ func TestZipBomb(t *testing.T) {
 // compressedSeed is a small image with compressed clusters.
 func compressedSeed(t testing.TB) []byte {
 	st := memfs.New()
-	d, err := vdisk.Create(ctx, "/c.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: 64 << 10, Storage: st, Options: kvs("cluster_size=512")})
+	d, err := vdisk.Create(ctx, "/c.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: 64 << 10, Storage: st, Options: disktest.KVs("cluster_size=512")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -245,7 +246,7 @@ func compressedSeed(t testing.TB) []byte {
 // snapshotSeed is a small image with an internal snapshot.
 func snapshotSeed(t testing.TB) []byte {
 	st := memfs.New()
-	d, err := vdisk.Create(ctx, "/n.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: 64 << 10, Storage: st, Options: kvs("cluster_size=512")})
+	d, err := vdisk.Create(ctx, "/n.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: 64 << 10, Storage: st, Options: disktest.KVs("cluster_size=512")})
 	if err != nil {
 		t.Fatal(err)
 	}

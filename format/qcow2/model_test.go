@@ -7,18 +7,10 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
-
-func kvs(opts ...string) []driver.KV {
-	var out []driver.KV
-	for _, o := range opts {
-		k, v, _ := strings.Cut(o, "=")
-		out = append(out, driver.KV{Key: k, Value: v})
-	}
-	return out
-}
 
 // checkClean runs our own check and fails on anything but a clean image.
 func checkClean(t testing.TB, d *vdisk.Disk) {
@@ -69,13 +61,13 @@ func TestModel(t *testing.T) {
 			t.Parallel()
 			st := memfs.New()
 			name := "/m.qcow2"
-			d, err := vdisk.Create(ctx, name, &vdisk.CreateOptions{Format: "qcow2", Size: c.size, Options: kvs(c.opts...), Storage: st})
+			d, err := vdisk.Create(ctx, name, &vdisk.CreateOptions{Format: "qcow2", Size: c.size, Options: disktest.KVs(c.opts...), Storage: st})
 			if err != nil {
 				t.Fatal(err)
 			}
 			if c.open != nil {
 				d.Close()
-				if d, err = vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, Options: kvs(c.open...)}); err != nil {
+				if d, err = vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, Options: disktest.KVs(c.open...)}); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -85,7 +77,7 @@ func TestModel(t *testing.T) {
 					if err := d.Close(); err != nil {
 						return nil, err
 					}
-					nd, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, Options: kvs(c.open...)})
+					nd, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st, Options: disktest.KVs(c.open...)})
 					if err != nil {
 						return nil, err
 					}
@@ -120,11 +112,11 @@ func TestModelChain(t *testing.T) {
 			base.WriteAt(pat, size-65536-300000)
 			m.Write(pat, size-65536-300000)
 			base.Close()
-			d, err := vdisk.Create(ctx, "/l1.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: size, Backing: "base.raw", BackingFormat: "raw", Options: kvs(opts...), Storage: st})
+			d, err := vdisk.Create(ctx, "/l1.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: size, Backing: "base.raw", BackingFormat: "raw", Options: disktest.KVs(opts...), Storage: st})
 			if err != nil {
 				t.Fatal(err)
 			}
-			g := &model.Chain{Storage: st, Format: "qcow2", Ext: "qcow2", Options: kvs(opts...), RecordFormat: true, MaxDepth: 3, Top: "/l1.qcow2", Depth: 1}
+			g := &model.Chain{Storage: st, Format: "qcow2", Ext: "qcow2", Options: disktest.KVs(opts...), RecordFormat: true, MaxDepth: 3, Top: "/l1.qcow2", Depth: 1}
 			h := &model.Harness{Seed: 5, Ops: 10000, MaxIO: 32 << 10, Reopen: g.Reopen, Snapshot: g.Snapshot}
 			d = h.Run(t, d, m)
 			if g.Depth < 3 {

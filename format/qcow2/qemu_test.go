@@ -14,6 +14,7 @@ import (
 	"github.com/vdisk/vdisk/driver"
 	_ "github.com/vdisk/vdisk/format/qcow2"
 	_ "github.com/vdisk/vdisk/format/raw"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
@@ -30,21 +31,6 @@ func rawOf(t testing.TB, format, file string, extra ...string) []byte {
 		t.Fatal(err)
 	}
 	return b
-}
-
-// readAll reads the whole disk through vdisk.
-func readAll(t testing.TB, d *vdisk.Disk) []byte {
-	t.Helper()
-	got := make([]byte, d.Size())
-	// Read in odd-sized pieces to cross cluster and table boundaries.
-	for off := int64(0); off < d.Size(); {
-		n := min(int64(777777), d.Size()-off)
-		if _, err := d.ReadAt(got[off:off+n], off); err != nil {
-			t.Fatalf("read at %d: %v", off, err)
-		}
-		off += n
-	}
-	return got
 }
 
 // checkStatusAgainstContent verifies that every run reported as zero reads
@@ -187,7 +173,7 @@ func TestReadQemuImages(t *testing.T) {
 			if d.Size() != int64(len(want)) {
 				t.Fatalf("size %d, qemu says %d", d.Size(), len(want))
 			}
-			got := readAll(t, d)
+			got := disktest.ReadAll(t, d)
 			if !bytes.Equal(got, want) {
 				i := firstDiff(got, want)
 				t.Fatalf("content differs at %d: got %#x want %#x", i, got[i], want[i])

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -54,7 +55,7 @@ func TestWritesPassQemuCheck(t *testing.T) {
 			for _, o := range c.opts {
 				opts = append(opts, strings.ReplaceAll(o, "DIR", dir))
 			}
-			d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: c.size, Options: kvs(opts...)})
+			d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: c.size, Options: disktest.KVs(opts...)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -106,7 +107,7 @@ func TestRefcountTableGrowth(t *testing.T) {
 	dir := tempDir(t)
 	img := filepath.Join(dir, "g.qcow2")
 	const size = 6 << 20
-	d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: size, Options: kvs("cluster_size=512", "refcount_bits=64")})
+	d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: size, Options: disktest.KVs("cluster_size=512", "refcount_bits=64")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,11 +146,11 @@ func TestCreateOverExistingFile(t *testing.T) {
 	if err := os.WriteFile(img, garbage, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: 2 << 20, Overwrite: true, Options: kvs("cluster_size=512")})
+	d, err := vdisk.Create(ctx, img, &vdisk.CreateOptions{Format: "qcow2", Size: 2 << 20, Overwrite: true, Options: disktest.KVs("cluster_size=512")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := readAll(t, d); !driver.IsZero(got) {
+	if got := disktest.ReadAll(t, d); !driver.IsZero(got) {
 		t.Fatal("a new image over an old file does not read zeros")
 	}
 	d.Close()
@@ -264,7 +265,7 @@ func TestFreshClusterWrites(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			img := filepath.Join(dir, tc.name+".qcow2")
-			co := &vdisk.CreateOptions{Format: "qcow2", Size: 4 << 20, Options: kvs(tc.opts...)}
+			co := &vdisk.CreateOptions{Format: "qcow2", Size: 4 << 20, Options: disktest.KVs(tc.opts...)}
 			if tc.backing {
 				co.Backing, co.BackingFormat = "base.qcow2", "qcow2"
 			}
@@ -285,7 +286,7 @@ func TestFreshClusterWrites(t *testing.T) {
 				}
 				copy(want[off:], p)
 			}
-			if got := readAll(t, d); !bytes.Equal(got, want) {
+			if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 				t.Fatal("content differs before close")
 			}
 			if err := d.Close(); err != nil {

@@ -12,6 +12,7 @@ import (
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	_ "github.com/vdisk/vdisk/format/qcow2"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -37,7 +38,7 @@ func TestSnapshotsWithQemu(t *testing.T) {
 			dir := tempDir(t)
 			f := filepath.Join(dir, "s.qcow2")
 			const size = 4 << 20
-			d, err := vdisk.Create(ctx, f, &vdisk.CreateOptions{Format: "qcow2", Size: size, Options: kvs(opts...)})
+			d, err := vdisk.Create(ctx, f, &vdisk.CreateOptions{Format: "qcow2", Size: size, Options: disktest.KVs(opts...)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -96,7 +97,7 @@ func TestSnapshotsWithQemu(t *testing.T) {
 			if err := snapshotter(t, d).ApplySnapshot("two"); err != nil {
 				t.Fatal(err)
 			}
-			if got := readAll(t, d); !bytes.Equal(got, states["two"]) {
+			if got := disktest.ReadAll(t, d); !bytes.Equal(got, states["two"]) {
 				t.Fatalf("after apply, content differs at %d", firstDiff(got, states["two"]))
 			}
 			checkClean(t, d)
@@ -179,7 +180,7 @@ func TestModelInternalSnapshots(t *testing.T) {
 			t.Parallel()
 			st := memfs.New()
 			const size = 2 << 20
-			d, err := vdisk.Create(ctx, "/s.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: size, Options: kvs(opts...), Storage: st})
+			d, err := vdisk.Create(ctx, "/s.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: size, Options: disktest.KVs(opts...), Storage: st})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -226,7 +227,7 @@ func TestResize(t *testing.T) {
 			qemutest.Create(t, "raw", base, "16M")
 			qemutest.IO(t, "raw", base, "write -P 0x99 0 16M")
 			f := filepath.Join(dir, "r.qcow2")
-			d, err := vdisk.Create(ctx, f, &vdisk.CreateOptions{Format: "qcow2", Size: 1 << 20, Backing: "base.raw", BackingFormat: "raw", Options: kvs(opts...)})
+			d, err := vdisk.Create(ctx, f, &vdisk.CreateOptions{Format: "qcow2", Size: 1 << 20, Backing: "base.raw", BackingFormat: "raw", Options: disktest.KVs(opts...)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -261,7 +262,7 @@ func TestResize(t *testing.T) {
 // refcounts is refused and leaves the image clean.
 func TestSnapshotRefcountOverflow(t *testing.T) {
 	st := memfs.New()
-	d, err := vdisk.Create(ctx, "/o.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: 1 << 20, Options: kvs("refcount_bits=1"), Storage: st})
+	d, err := vdisk.Create(ctx, "/o.qcow2", &vdisk.CreateOptions{Format: "qcow2", Size: 1 << 20, Options: disktest.KVs("refcount_bits=1"), Storage: st})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
@@ -48,22 +49,22 @@ func TestParentByUUID(t *testing.T) {
 	st := memfs.New()
 	const size = 3 << 20
 	base := createVDI(t, st, "/d/base.vdi", size, "")
-	mustWrite(t, base, nil, fill(1<<20, 1), 0)
-	mustClose(t, base)
+	disktest.MustWrite(t, base, nil, disktest.Fill(1<<20, 1), 0)
+	disktest.MustClose(t, base)
 	top := createVDI(t, st, "/d/top.vdi", 0, "base.vdi")
 	if top.Size() != size {
 		t.Fatalf("diff size %d, want the parent's %d", top.Size(), size)
 	}
-	mustWrite(t, top, nil, fill(4096, 2), 4096)
+	disktest.MustWrite(t, top, nil, disktest.Fill(4096, 2), 4096)
 	ref := top.Top().Image.Parent()
 	bid := top.Layers()[1].Image.(driver.Identifier)
 	if ref == nil || ref.Name != "" || ref.UUID != bid.UUID() || ref.ModUUID != bid.ModificationUUID() {
 		t.Fatalf("parent ref %+v, base %s/%s", ref, bid.UUID(), bid.ModificationUUID())
 	}
-	mustClose(t, top)
+	disktest.MustClose(t, top)
 	want := make([]byte, size)
-	copy(want, fill(1<<20, 1))
-	copy(want[4096:], fill(4096, 2))
+	copy(want, disktest.Fill(1<<20, 1))
+	copy(want[4096:], disktest.Fill(4096, 2))
 
 	// Renamed parent: found by UUID.
 	if err := st.Rename("/d/base.vdi", "/d/zz-renamed.vdi"); err != nil {
@@ -73,10 +74,10 @@ func TestParentByUUID(t *testing.T) {
 	if got := d.Layers()[1].Name; got != "/d/zz-renamed.vdi" {
 		t.Fatalf("parent resolved to %s", got)
 	}
-	if !bytes.Equal(readAll(t, d), want) {
+	if !bytes.Equal(disktest.ReadAll(t, d), want) {
 		t.Fatal("chain content differs")
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 
 	// Parent elsewhere: a clear ErrNotFound, unless named.
 	if err := st.Rename("/d/zz-renamed.vdi", "/e/base.vdi"); err != nil {
@@ -90,13 +91,13 @@ func TestParentByUUID(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(readAll(t, d), want) {
+	if !bytes.Equal(disktest.ReadAll(t, d), want) {
 		t.Fatal("chain content differs with an explicit parent")
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 
 	// A different image named as the parent: UUID mismatch is an error.
-	mustClose(t, createVDI(t, st, "/e/other.vdi", size, ""))
+	disktest.MustClose(t, createVDI(t, st, "/e/other.vdi", size, ""))
 	_, err = vdisk.Open(ctx, "/d/top.vdi", &vdisk.OpenOptions{Storage: st, ReadOnly: true, Parents: []string{"/e/other.vdi"}})
 	if !errors.Is(err, driver.ErrCorrupt) || !strings.Contains(err.Error(), "UUID") {
 		t.Fatalf("wrong parent: %v", err)
@@ -104,14 +105,14 @@ func TestParentByUUID(t *testing.T) {
 
 	// Modifying the parent changes its modification UUID: a warning.
 	b := openVDI(t, st, "/e/base.vdi", false)
-	mustWrite(t, b, nil, []byte{9}, 2<<20)
-	mustClose(t, b)
+	disktest.MustWrite(t, b, nil, []byte{9}, 2<<20)
+	disktest.MustClose(t, b)
 	rec := &logRecorder{}
 	d, err = vdisk.Open(ctx, "/d/top.vdi", &vdisk.OpenOptions{Storage: st, ReadOnly: true, Parents: []string{"/e/base.vdi"}, Logger: slog.New(rec)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	if !rec.warned("modified") {
 		t.Fatalf("no warning about the modified parent: %q", rec.msgs)
 	}
@@ -124,29 +125,29 @@ func TestModificationUUID(t *testing.T) {
 	d := createVDI(t, st, "/m.vdi", 2<<20, "")
 	im := topImage(d)
 	m0 := im.ModificationUUID()
-	mustWrite(t, d, nil, []byte{1}, 0)
+	disktest.MustWrite(t, d, nil, []byte{1}, 0)
 	m1 := im.ModificationUUID()
-	mustWrite(t, d, nil, []byte{2}, 1<<20)
+	disktest.MustWrite(t, d, nil, []byte{2}, 1<<20)
 	if err := d.Discard(1<<20, 1<<20); err != nil {
 		t.Fatal(err)
 	}
 	if m1 == m0 || im.ModificationUUID() != m1 {
 		t.Fatalf("session: %s -> %s -> %s", m0, m1, im.ModificationUUID())
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	d = openVDI(t, st, "/m.vdi", true)
 	if got := topImage(d).ModificationUUID(); got != m1 {
 		t.Fatalf("on disk %s, want %s", got, m1)
 	}
-	readAll(t, d)
-	mustClose(t, d)
+	disktest.ReadAll(t, d)
+	disktest.MustClose(t, d)
 	d = openVDI(t, st, "/m.vdi", false)
 	if got := topImage(d).ModificationUUID(); got != m1 {
 		t.Fatal("opening for write changed the modification UUID")
 	}
-	mustWrite(t, d, nil, []byte{3}, 5)
+	disktest.MustWrite(t, d, nil, []byte{3}, 5)
 	m2 := topImage(d).ModificationUUID()
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	if m2 == m1 {
 		t.Fatal("a second session kept the modification UUID")
 	}
@@ -176,8 +177,8 @@ func TestMetadata(t *testing.T) {
 	if err := im.SetUUID("not-a-uuid"); !errors.Is(err, driver.ErrInvalidOption) {
 		t.Fatalf("bad uuid: %v", err)
 	}
-	mustWrite(t, d, nil, []byte{1}, 0) // must not replace the explicit modification UUID
-	mustClose(t, d)
+	disktest.MustWrite(t, d, nil, []byte{1}, 0) // must not replace the explicit modification UUID
+	disktest.MustClose(t, d)
 	d = openVDI(t, st, "/meta.vdi", true)
 	im = topImage(d)
 	if im.UUID() != u1 || im.ModificationUUID() != u2 || im.ParentUUID() != "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee" || im.ParentModificationUUID() != u4 {
@@ -205,32 +206,32 @@ func TestMetadata(t *testing.T) {
 	if err := im.SetComment("x"); !errors.Is(err, driver.ErrReadOnly) {
 		t.Fatalf("read-only set: %v", err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 
 	// Reparent: standalone and back.
 	base := createVDI(t, st, "/p/base.vdi", 4<<20, "")
-	mustWrite(t, base, nil, fill(4096, 5), 0)
-	mustClose(t, base)
+	disktest.MustWrite(t, base, nil, disktest.Fill(4096, 5), 0)
+	disktest.MustClose(t, base)
 	top := createVDI(t, st, "/p/top.vdi", 0, "base.vdi")
-	mustClose(t, top)
+	disktest.MustClose(t, top)
 	d = openVDI(t, st, "/p/top.vdi", false)
 	rp := d.Top().Image.(driver.Reparenter)
 	pref := d.Top().Image.Parent()
 	if err := rp.SetParent(nil); err != nil {
 		t.Fatal(err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	d = openVDI(t, st, "/p/top.vdi", false)
-	if len(d.Layers()) != 1 || d.Top().Image.Parent() != nil || readAll(t, d)[0] != 0 {
+	if len(d.Layers()) != 1 || d.Top().Image.Parent() != nil || disktest.ReadAll(t, d)[0] != 0 {
 		t.Fatal("standalone image still has a parent")
 	}
 	if err := d.Top().Image.(driver.Reparenter).SetParent(pref); err != nil {
 		t.Fatal(err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	d = openVDI(t, st, "/p/top.vdi", true)
-	if len(d.Layers()) != 2 || readAll(t, d)[0] != 5 {
+	if len(d.Layers()) != 2 || disktest.ReadAll(t, d)[0] != 5 {
 		t.Fatal("reparented image does not read through its parent")
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/storage/faultfs"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -24,8 +25,8 @@ func checkCrashed(t *testing.T, st driver.Storage, top string, want []byte, what
 	if err != nil {
 		t.Fatalf("%s: the image does not open after the crash: %v", what, err)
 	}
-	got := readAll(t, d)
-	mustClose(t, d)
+	got := disktest.ReadAll(t, d)
+	disktest.MustClose(t, d)
 	if len(got) < len(want) || !bytes.Equal(got[:len(want)], want) || !driver.IsZero(got[len(want):]) {
 		t.Fatalf("%s: content after the crash differs from what was flushed", what)
 	}
@@ -45,10 +46,10 @@ func checkCrashed(t *testing.T, st driver.Storage, top string, want []byte, what
 	if err != nil || res.Corruptions+res.Leaks != 0 {
 		t.Fatalf("%s: repair after the crash: %+v %v", what, res, err)
 	}
-	if got := readAll(t, d); !bytes.Equal(got[:len(want)], want) {
+	if got := disktest.ReadAll(t, d); !bytes.Equal(got[:len(want)], want) {
 		t.Fatalf("%s: repair changed the content", what)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }
 
 // TestCrashWrites: random writes (allocating, in place, copy-on-write over
@@ -62,12 +63,12 @@ func TestCrashWrites(t *testing.T) {
 		m := model.New(size)
 		b := createVDI(t, mem, "/base.vdi", size, "", opts...)
 		for i := int64(0); i < size; i += 192 << 10 {
-			mustWrite(t, b, m, fill(70000, byte(i>>16)), i)
+			disktest.MustWrite(t, b, m, disktest.Fill(70000, byte(i>>16)), i)
 		}
-		mustClose(t, b)
+		disktest.MustClose(t, b)
 		top := createVDI(t, mem, "/top.vdi", 0, "base.vdi", opts...)
-		mustWrite(t, top, m, fill(100000, 0xAB), 50000)
-		mustClose(t, top)
+		disktest.MustWrite(t, top, m, disktest.Fill(100000, 0xAB), 50000)
+		disktest.MustClose(t, top)
 		return mem, m
 	}
 	// phaseB runs the crash-prone phase and returns the last flushed content.
@@ -89,7 +90,7 @@ func TestCrashWrites(t *testing.T) {
 			}
 			n := rng.Int64N(100000) + 1
 			off := rng.Int64N(size - n)
-			p := fill(int(n), byte(i+1))
+			p := disktest.Fill(int(n), byte(i+1))
 			if _, err := d.WriteAt(p, off); err != nil {
 				break
 			}
@@ -157,22 +158,22 @@ func TestCrashCompact(t *testing.T) {
 	mem := memfs.New()
 	m := model.New(size)
 	b := createVDI(t, mem, "/base.vdi", size, "", opts...)
-	mustWrite(t, b, m, fill(size/2, 3), 0)
-	mustClose(t, b)
+	disktest.MustWrite(t, b, m, disktest.Fill(size/2, 3), 0)
+	disktest.MustClose(t, b)
 	top := createVDI(t, mem, "/top.vdi", 0, "base.vdi", opts...)
 	for i := int64(0); i < size; i += 64 << 10 {
 		switch (i >> 16) % 4 {
 		case 0: // equal to the parent
 			p := bytes.Clone(m.Data[i : i+64<<10])
-			mustWrite(t, top, m, p, i)
+			disktest.MustWrite(t, top, m, p, i)
 		case 1: // zeros
-			mustWrite(t, top, m, []byte{1}, i)
-			mustWrite(t, top, m, []byte{0}, i)
+			disktest.MustWrite(t, top, m, []byte{1}, i)
+			disktest.MustWrite(t, top, m, []byte{0}, i)
 		default: // data
-			mustWrite(t, top, m, fill(64<<10, byte(i>>16)), i)
+			disktest.MustWrite(t, top, m, disktest.Fill(64<<10, byte(i>>16)), i)
 		}
 	}
-	mustClose(t, top)
+	disktest.MustClose(t, top)
 	crashEach(t, mem, "/top.vdi", m.Data, func(d *vdisk.Disk) error { return d.Compact(ctx, nil) })
 }
 
@@ -185,7 +186,7 @@ func TestCrashDiscard(t *testing.T) {
 	m := model.New(size)
 	d := createVDI(t, mem, "/z.vdi", size, "", opts...)
 	for i := int64(0); i < size; i += 64 << 10 {
-		mustWrite(t, d, m, fill(64<<10, byte(i>>16)+1), i)
+		disktest.MustWrite(t, d, m, disktest.Fill(64<<10, byte(i>>16)+1), i)
 	}
 	for _, i := range []int64{1, 4, 5, 9} {
 		if err := d.WriteZeroes(i<<16, 64<<10, false); err != nil {
@@ -193,7 +194,7 @@ func TestCrashDiscard(t *testing.T) {
 		}
 		m.Zero(i<<16, 64<<10)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	crashEach(t, mem, "/z.vdi", m.Data, func(d *vdisk.Disk) error {
 		for _, i := range []int64{1, 4, 5, 9} {
 			if err := d.WriteZeroes(i<<16, 64<<10, true); err != nil {
@@ -215,9 +216,9 @@ func TestCrashGrow(t *testing.T) {
 	m := model.New(size)
 	d := createVDI(t, mem, "/g.vdi", size, "", opts...)
 	for i := int64(0); i+5000 < size; i += 12 << 10 {
-		mustWrite(t, d, m, fill(5000, byte(i>>12)+1), i)
+		disktest.MustWrite(t, d, m, disktest.Fill(5000, byte(i>>12)+1), i)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	raw, _ := mem.ReadFile("/g.vdi")
 	if off := binary.LittleEndian.Uint32(raw[preHeaderSize+272:]); off != 1536 {
 		t.Fatalf("data at %d", off)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
@@ -24,19 +25,19 @@ func tinyImages(t testing.TB) map[string][]byte {
 	st := memfs.New()
 	bs := driver.KV{Key: "block_size", Value: "512"}
 	d := createVDI(t, st, "/dynamic.vdi", 4096, "", bs, driver.KV{Key: "comment", Value: "tiny"})
-	mustWrite(t, d, nil, fill(700, 0x11), 300)
-	mustWrite(t, d, nil, fill(512, 0x22), 3072)
+	disktest.MustWrite(t, d, nil, disktest.Fill(700, 0x11), 300)
+	disktest.MustWrite(t, d, nil, disktest.Fill(512, 0x22), 3072)
 	if err := d.WriteZeroes(2048, 512, true); err != nil {
 		t.Fatal(err)
 	}
 	topImage(d).SetLCHS(driver.CHS{Cylinders: 1, Heads: 1, Sectors: 8})
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	d = createVDI(t, st, "/fixed.vdi", 2048, "", bs, driver.KV{Key: "static", Value: "on"})
-	mustWrite(t, d, nil, fill(100, 0x33), 1000)
-	mustClose(t, d)
+	disktest.MustWrite(t, d, nil, disktest.Fill(100, 0x33), 1000)
+	disktest.MustClose(t, d)
 	d = createVDI(t, st, "/diff.vdi", 0, "dynamic.vdi", bs)
-	mustWrite(t, d, nil, fill(10, 0x44), 3000)
-	mustClose(t, d)
+	disktest.MustWrite(t, d, nil, disktest.Fill(10, 0x44), 3000)
+	disktest.MustClose(t, d)
 	out := map[string][]byte{}
 	for _, n := range []string{"dynamic", "fixed", "diff"} {
 		b, err := st.ReadFile("/" + n + ".vdi")
@@ -66,8 +67,8 @@ func tinyImages(t testing.TB) map[string][]byte {
 		le.PutUint32(m[4*i:], e)
 	}
 	data := v0[preHeaderSize+hdrV0Size+16:]
-	copy(data, fill(512, 0x55))
-	copy(data[512:], fill(512, 0x66))
+	copy(data, disktest.Fill(512, 0x55))
+	copy(data[512:], disktest.Fill(512, 0x66))
 	out["v0"] = v0
 	return out
 }
@@ -79,25 +80,25 @@ func TestVersion0(t *testing.T) {
 	st.WriteFile("/v0.vdi", tinyImages(t)["v0"])
 	d := openVDI(t, st, "/v0.vdi", false)
 	want := make([]byte, 2048)
-	copy(want, fill(512, 0x66))
-	copy(want[1024:], fill(512, 0x55))
-	if got := readAll(t, d); !bytes.Equal(got, want) {
+	copy(want, disktest.Fill(512, 0x66))
+	copy(want[1024:], disktest.Fill(512, 0x55))
+	if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 		t.Fatal("version 0 content")
 	}
 	if c := topImage(d).Comment(); c != "version 0" {
 		t.Fatalf("comment %q", c)
 	}
-	mustWrite(t, d, nil, fill(10, 0x77), 600)
-	copy(want[600:], fill(10, 0x77))
-	mustClose(t, d)
+	disktest.MustWrite(t, d, nil, disktest.Fill(10, 0x77), 600)
+	copy(want[600:], disktest.Fill(10, 0x77))
+	disktest.MustClose(t, d)
 	d = openVDI(t, st, "/v0.vdi", true)
-	if got := readAll(t, d); !bytes.Equal(got, want) {
+	if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 		t.Fatal("version 0 content after a write")
 	}
 	if res, err := d.Check(ctx, driver.RepairNone); err != nil || res.Corruptions+res.Leaks != 0 {
 		t.Fatalf("check %+v %v", res, err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }
 
 // TestFuzzSeeds keeps testdata/fuzz/FuzzOpen in step with tinyImages
@@ -275,7 +276,7 @@ func TestHostileHeaders(t *testing.T) {
 	if d.Top().Image.Parent() != nil || len(d.Layers()) != 1 || topImage(d).Info().Specific.(*Info).Type != "undo" {
 		t.Fatal("undo image")
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 
 	// A comment without its NUL reads as 255 bytes.
 	b = bytes.Clone(good)
@@ -285,7 +286,7 @@ func TestHostileHeaders(t *testing.T) {
 	if c := topImage(d).Comment(); c != strings.Repeat("x", 255) {
 		t.Fatalf("comment of %d bytes", len(c))
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 
 	// A block map entry past the end of the file: the image opens, the
 	// block reads as an error, writes are refused, check finds it.
@@ -302,5 +303,5 @@ func TestHostileHeaders(t *testing.T) {
 	if _, err := d.WriteAt([]byte{1}, 0); !errors.Is(err, driver.ErrCorrupt) {
 		t.Fatalf("writing the damaged image: %v", err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }

@@ -1,7 +1,6 @@
 package vdi
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -10,7 +9,6 @@ import (
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	_ "github.com/vdisk/vdisk/format/raw"
-	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
@@ -37,34 +35,6 @@ func openVDI(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk 
 	}
 	return d
 }
-
-func readAll(t testing.TB, d *vdisk.Disk) []byte {
-	t.Helper()
-	buf := make([]byte, d.Size())
-	if _, err := d.ReadAt(buf, 0); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	return buf
-}
-
-func mustWrite(t testing.TB, d *vdisk.Disk, m *model.Model, p []byte, off int64) {
-	t.Helper()
-	if _, err := d.WriteAt(p, off); err != nil {
-		t.Fatalf("write %d+%d: %v", off, len(p), err)
-	}
-	if m != nil {
-		m.Write(p, off)
-	}
-}
-
-func mustClose(t testing.TB, d *vdisk.Disk) {
-	t.Helper()
-	if err := d.Close(); err != nil {
-		t.Fatalf("close: %v", err)
-	}
-}
-
-func fill(n int, c byte) []byte { return bytes.Repeat([]byte{c}, n) }
 
 // topImage returns the driver image of the top layer.
 func topImage(d *vdisk.Disk) *image { return d.Top().Image.(*image) }

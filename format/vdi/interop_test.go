@@ -9,6 +9,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -67,7 +68,7 @@ func TestReadsQemuImages(t *testing.T) {
 				t.Fatalf("size %d, qemu-img says %d", got, want)
 			}
 			want := qemuRaw(t, f)
-			if got := readAll(t, d); !bytes.Equal(got, want) {
+			if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 				t.Fatal("content differs from qemu-img convert's")
 			}
 			for _, e := range qemutest.Map(t, "vdi", f) {
@@ -125,7 +126,7 @@ func TestWritesPassQemu(t *testing.T) {
 					return vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st})
 				}}
 			d = h.Run(t, d, m)
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 			img := saveTo(t, st, name, dir)
 			ref := filepath.Join(dir, c.name+".raw")
 			writeRaw(t, ref, m.Data)
@@ -135,16 +136,16 @@ func TestWritesPassQemu(t *testing.T) {
 			}
 			// qemu writes into our layout; we read it.
 			qemutest.IO(t, "vdi", img, "write -P 0x5a 1049000 3000", fmt.Sprintf("write -P 0x6b %d 512", c.size-512))
-			copy(m.Data[1049000:], fill(3000, 0x5a))
-			copy(m.Data[c.size-512:], fill(512, 0x6b))
+			copy(m.Data[1049000:], disktest.Fill(3000, 0x5a))
+			copy(m.Data[c.size-512:], disktest.Fill(512, 0x6b))
 			d, err := vdisk.Open(ctx, img, &vdisk.OpenOptions{ReadOnly: true})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := readAll(t, d); !bytes.Equal(got, m.Data) {
+			if got := disktest.ReadAll(t, d); !bytes.Equal(got, m.Data) {
 				t.Fatal("vdisk does not read what qemu-io wrote")
 			}
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 		})
 	}
 }
@@ -163,7 +164,7 @@ func TestCompactDiscardShrink(t *testing.T) {
 	}
 	m := model.New(size)
 	for i := int64(0); i < 16; i++ {
-		mustWrite(t, d, m, fill(1<<20, byte(i+1)), i<<20)
+		disktest.MustWrite(t, d, m, disktest.Fill(1<<20, byte(i+1)), i<<20)
 	}
 	// Zero some blocks in place (they stay allocated), and parts of others.
 	for _, b := range []int64{2, 3, 9, 11, 15} {
@@ -176,7 +177,7 @@ func TestCompactDiscardShrink(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.Zero(10<<20+100, 5000)
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	writeRaw(t, ref, m.Data)
 	before := fileSizeOS(t, img)
 	d, err = vdisk.Open(ctx, img, nil)
@@ -186,7 +187,7 @@ func TestCompactDiscardShrink(t *testing.T) {
 	if err := d.Compact(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	after := fileSizeOS(t, img)
 	if after != before-5<<20 {
 		t.Fatalf("compact: file %d -> %d bytes, want %d fewer", before, after, 5<<20)
@@ -208,7 +209,7 @@ func TestCompactDiscardShrink(t *testing.T) {
 		}
 		m.Zero(r[0], r[1])
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	writeRaw(t, ref, m.Data)
 	if got := fileSizeOS(t, img); got != after-3<<20 {
 		t.Fatalf("discard: file %d -> %d bytes, want 3 MiB fewer", after, got)

@@ -7,6 +7,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
@@ -33,8 +34,8 @@ func TestModelChain(t *testing.T) {
 			// The base is smaller than the images above it.
 			base := createVDI(t, st, "/base.vdi", c.size-8192, "", opts...)
 			pat := bytes.Repeat([]byte{0xb7}, 300000)
-			mustWrite(t, base, m, pat, c.size-8192-300000)
-			mustClose(t, base)
+			disktest.MustWrite(t, base, m, pat, c.size-8192-300000)
+			disktest.MustClose(t, base)
 			d, err := vdisk.Create(ctx, "/l1.vdi", &vdisk.CreateOptions{Format: "vdi", Size: c.size, Backing: "base.vdi",
 				BackingFormat: "vdi", Options: opts, Storage: st})
 			if err != nil {
@@ -73,7 +74,7 @@ func TestModelChain(t *testing.T) {
 				t.Fatalf("compact grew the file from %d to %d", before, after)
 			}
 			// A reopen after compaction still finds the chain and reads the same.
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 			d = openVDI(t, st, g.Top, false)
 			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
 
@@ -92,7 +93,7 @@ func TestModelChain(t *testing.T) {
 			if err != nil || res.Corruptions != 0 || res.Leaks != 0 {
 				t.Fatalf("final check: %+v %v %q", res, err, res.Messages)
 			}
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 		})
 	}
 }

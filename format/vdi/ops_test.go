@@ -10,6 +10,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -41,12 +42,12 @@ func TestResize(t *testing.T) {
 	if im.offData <= 1024 || d.Size() != big {
 		t.Fatalf("after growing: data at %d, size %d", im.offData, d.Size())
 	}
-	mustWrite(t, d, nil, fill(512, 0x24), big-512)
+	disktest.MustWrite(t, d, nil, disktest.Fill(512, 0x24), big-512)
 	got := make([]byte, len(want))
 	if _, err := d.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("content differs after growing (%v)", err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	qemutest.Check(t, "vdi", f)
 	// A sparse reference for qemu-img compare.
 	ref := filepath.Join(dir, "r.raw")
@@ -55,7 +56,7 @@ func TestResize(t *testing.T) {
 		t.Fatal(err)
 	}
 	rf.WriteAt(want, 0)
-	rf.WriteAt(fill(512, 0x24), big-512)
+	rf.WriteAt(disktest.Fill(512, 0x24), big-512)
 	rf.Close()
 	if !qemutest.Compare(t, "vdi", f, "raw", ref) {
 		t.Fatal("qemu reads different content after growing")
@@ -65,7 +66,7 @@ func TestResize(t *testing.T) {
 	st := memfs.New()
 	d = createVDI(t, st, "/g.vdi", 5<<20, "")
 	m := model.New(5 << 20)
-	mustWrite(t, d, m, fill(3<<20, 7), 1<<20)
+	disktest.MustWrite(t, d, m, disktest.Fill(3<<20, 7), 1<<20)
 	off := topImage(d).offData
 	if err := d.Resize(ctx, 64<<20, "off"); err != nil {
 		t.Fatal(err)
@@ -78,7 +79,7 @@ func TestResize(t *testing.T) {
 	}
 	m2 := model.New(64 << 20)
 	copy(m2.Data, m.Data)
-	mustWrite(t, d, m2, fill(1000, 8), 63<<20)
+	disktest.MustWrite(t, d, m2, disktest.Fill(1000, 8), 63<<20)
 	// Shrinking over data is refused, over zeros allowed.
 	if err := d.Resize(ctx, 40<<20, ""); !errors.Is(err, driver.ErrInvalidOption) {
 		t.Fatalf("shrink over data: %v", err)
@@ -97,23 +98,23 @@ func TestResize(t *testing.T) {
 	if after := fileSize(t, st, "/g.vdi"); after != before-1<<20 {
 		t.Fatalf("shrink left the file at %d bytes (was %d)", after, before)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	d = openVDI(t, st, "/g.vdi", false)
-	if d.Size() != 4<<20 || !bytes.Equal(readAll(t, d), m2.Data[:4<<20]) {
+	if d.Size() != 4<<20 || !bytes.Equal(disktest.ReadAll(t, d), m2.Data[:4<<20]) {
 		t.Fatal("content differs after shrinking")
 	}
 	res, err := d.Check(ctx, driver.RepairNone)
 	if err != nil || res.Corruptions+res.Leaks != 0 {
 		t.Fatalf("check: %+v %v %q", res, err, res.Messages)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 
 	// Fixed images are not resized.
 	d = createVDI(t, st, "/fixed.vdi", 2<<20, "", driver.KV{Key: "static", Value: "on"})
 	if err := d.Resize(ctx, 4<<20, ""); !errors.Is(err, driver.ErrUnsupported) {
 		t.Fatalf("fixed resize: %v", err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }
 
 // corrupt edits a closed image's block map entry and header count.
@@ -162,7 +163,7 @@ func TestCheckRepair(t *testing.T) {
 		{"count", func(st *memfs.FS) { setHeaderU32(t, st, "/c.vdi", allocOff, 3) }, 1, 0, false},
 		{"leak", func(st *memfs.FS) {
 			data, _ := st.ReadFile("/c.vdi")
-			st.WriteFile("/c.vdi", append(data, fill(1<<20, 0x99)...))
+			st.WriteFile("/c.vdi", append(data, disktest.Fill(1<<20, 0x99)...))
 		}, 0, 1, false},
 		{"hole", func(st *memfs.FS) { setMapEntry(t, st, "/c.vdi", 2, entZero) }, 1, 1, false},
 		{"reuse", func(st *memfs.FS) {
@@ -186,9 +187,9 @@ func TestCheckRepair(t *testing.T) {
 			d := createVDI(t, st, "/c.vdi", 10<<20, "")
 			m := model.New(10 << 20)
 			for i := int64(0); i < 4; i++ {
-				mustWrite(t, d, m, fill(1000, byte(0x10+i)), i<<20+4096)
+				disktest.MustWrite(t, d, m, disktest.Fill(1000, byte(0x10+i)), i<<20+4096)
 			}
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 			c.damage(st)
 			d = openVDI(t, st, "/c.vdi", false)
 			if c.broken {
@@ -213,13 +214,13 @@ func TestCheckRepair(t *testing.T) {
 			if _, err := d.WriteAt([]byte{1}, 9<<20); err != nil {
 				t.Fatalf("write after repair: %v", err)
 			}
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 			d = openVDI(t, st, "/c.vdi", true)
 			if res, err := d.Check(ctx, driver.RepairNone); err != nil || res.Corruptions+res.Leaks != 0 {
 				t.Fatalf("check after repair: %+v %v", res, err)
 			}
-			got := readAll(t, d)
-			mustClose(t, d)
+			got := disktest.ReadAll(t, d)
+			disktest.MustClose(t, d)
 			// Blocks whose entries survived read as before.
 			for i := int64(0); i < 4; i++ {
 				if (c.name == "hole" || c.name == "reuse") && i == 2 {
@@ -245,30 +246,30 @@ func TestDiffCompactDropsParentBlocks(t *testing.T) {
 	m := model.New(size)
 	base := createVDI(t, st, "/base.vdi", size, "")
 	for i := int64(0); i < 16; i += 2 {
-		mustWrite(t, base, m, fill(1<<20, byte(i+1)), i<<20)
+		disktest.MustWrite(t, base, m, disktest.Fill(1<<20, byte(i+1)), i<<20)
 	}
-	mustClose(t, base)
+	disktest.MustClose(t, base)
 	top := createVDI(t, st, "/top.vdi", 0, "base.vdi")
 	// Same as the parent: blocks 0, 2, 4. Different: 6 (1 byte), 1, 3.
 	// Zeros over parent data: 8. Zeros over parent zeros: 9.
 	for _, i := range []int64{0, 2, 4} {
-		mustWrite(t, top, m, fill(1<<20, byte(i+1)), i<<20)
+		disktest.MustWrite(t, top, m, disktest.Fill(1<<20, byte(i+1)), i<<20)
 	}
-	mustWrite(t, top, m, fill(1<<20, 7), 6<<20)
-	mustWrite(t, top, m, []byte{0xEE}, 6<<20+777)
-	mustWrite(t, top, m, fill(1<<20, 0x31), 1<<20)
-	mustWrite(t, top, m, fill(1000, 0x33), 3<<20+5)
-	mustWrite(t, top, m, make([]byte, 1<<20-512), 8<<20+512) // partial: allocates the block
-	mustWrite(t, top, m, make([]byte, 512), 8<<20)
-	mustWrite(t, top, m, fill(100, 1), 9<<20) // allocates 9 ...
-	mustWrite(t, top, m, make([]byte, 100), 9<<20)
+	disktest.MustWrite(t, top, m, disktest.Fill(1<<20, 7), 6<<20)
+	disktest.MustWrite(t, top, m, []byte{0xEE}, 6<<20+777)
+	disktest.MustWrite(t, top, m, disktest.Fill(1<<20, 0x31), 1<<20)
+	disktest.MustWrite(t, top, m, disktest.Fill(1000, 0x33), 3<<20+5)
+	disktest.MustWrite(t, top, m, make([]byte, 1<<20-512), 8<<20+512) // partial: allocates the block
+	disktest.MustWrite(t, top, m, make([]byte, 512), 8<<20)
+	disktest.MustWrite(t, top, m, disktest.Fill(100, 1), 9<<20) // allocates 9 ...
+	disktest.MustWrite(t, top, m, make([]byte, 100), 9<<20)
 	im := topImage(top)
 	if im.count != 8 {
 		t.Fatalf("%d blocks allocated before compaction, want 8", im.count)
 	}
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "before.raw")
-	writeRaw(t, raw, readAll(t, top))
+	writeRaw(t, raw, disktest.ReadAll(t, top))
 	before := fileSize(t, st, "/top.vdi")
 	if err := top.Compact(ctx, nil); err != nil {
 		t.Fatal(err)
@@ -286,12 +287,12 @@ func TestDiffCompactDropsParentBlocks(t *testing.T) {
 		t.Fatalf("file %d -> %d bytes, want 5 MiB fewer", before, after)
 	}
 	(&model.Harness{Seed: -1}).Verify(t, top, m)
-	mustClose(t, top)
+	disktest.MustClose(t, top)
 	// Flatten through vdisk, compare with qemu.
 	d := openVDI(t, st, "/top.vdi", true)
 	flat := filepath.Join(dir, "after.raw")
-	writeRaw(t, flat, readAll(t, d))
-	mustClose(t, d)
+	writeRaw(t, flat, disktest.ReadAll(t, d))
+	disktest.MustClose(t, d)
 	if !qemutest.Compare(t, "raw", raw, "raw", flat) {
 		t.Fatal("compaction changed the content")
 	}

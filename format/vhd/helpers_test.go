@@ -6,30 +6,21 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	_ "github.com/vdisk/vdisk/format/raw"
 	"github.com/vdisk/vdisk/format/vhd"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
 var ctx = context.Background()
 
-func kvs(opts ...string) []driver.KV {
-	var out []driver.KV
-	for _, o := range opts {
-		k, v, _ := strings.Cut(o, "=")
-		out = append(out, driver.KV{Key: k, Value: v})
-	}
-	return out
-}
-
 func create(t testing.TB, st driver.Storage, name string, size int64, backing string, opts ...string) *vdisk.Disk {
 	t.Helper()
-	co := &vdisk.CreateOptions{Format: "vpc", Size: size, Options: kvs(opts...), Storage: st, Overwrite: true}
+	co := &vdisk.CreateOptions{Format: "vpc", Size: size, Options: disktest.KVs(opts...), Storage: st, Overwrite: true}
 	if backing != "" {
 		co.Backing, co.BackingFormat = backing, "vpc"
 	}
@@ -47,15 +38,6 @@ func openDisk(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk
 		t.Fatalf("open %s: %v", name, err)
 	}
 	return d
-}
-
-func readAll(t testing.TB, d *vdisk.Disk) []byte {
-	t.Helper()
-	b := make([]byte, d.Size())
-	if _, err := d.ReadAt(b, 0); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	return b
 }
 
 func spec(d *vdisk.Disk) *vhd.Specific {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/storage/faultfs"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -103,7 +104,7 @@ func TestModelChain(t *testing.T) {
 						depth++
 						name := fmt.Sprintf("/vm/l%d.vhd", depth-1)
 						nd, err := vdisk.Create(ctx, name, &vdisk.CreateOptions{Format: "vpc", Storage: st,
-							Backing: strings.TrimPrefix(top, "/vm/"), BackingFormat: "vpc", Options: kvs("block_size=" + bs)})
+							Backing: strings.TrimPrefix(top, "/vm/"), BackingFormat: "vpc", Options: disktest.KVs("block_size=" + bs)})
 						top = name
 						return nd, err
 					},
@@ -193,7 +194,7 @@ func TestCrash(t *testing.T) {
 					t.Fatalf("image does not open after the crash: %v", err)
 				}
 				defer nd.Close()
-				got := readAll(t, nd)
+				got := disktest.ReadAll(t, nd)
 				// Bytes the extra writes did not touch keep their flushed
 				// content; flushed data was not lost.
 				touched := make([]bool, size)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -55,7 +56,7 @@ func TestDiscardAndZero(t *testing.T) {
 	if n := alloc(base); n != 14 {
 		t.Fatalf("after discard/zero: %d blocks", n)
 	}
-	got := readAll(t, base)
+	got := disktest.ReadAll(t, base)
 	want := append([]byte(nil), pb...)
 	clear(want[2*bs : 4*bs])
 	clear(want[4*bs+100 : 4*bs+1100])
@@ -76,7 +77,7 @@ func TestDiscardAndZero(t *testing.T) {
 	clear(want[9*bs : 10*bs])
 	clear(want[10*bs+512 : 10*bs+1212])
 	want[11*bs+1], want[11*bs+2] = 0x33, 0x33
-	mustEqual(t, "diff", readAll(t, d), want)
+	mustEqual(t, "diff", disktest.ReadAll(t, d), want)
 	if n := alloc(d); n != 5 {
 		t.Fatalf("diff has %d blocks, want 5", n)
 	}
@@ -96,7 +97,7 @@ func TestDiscardAndZero(t *testing.T) {
 	checkClean(t, d)
 	d.Close()
 	d = openDisk(t, st, "/top.vhd", true)
-	mustEqual(t, "diff reopened", readAll(t, d), want)
+	mustEqual(t, "diff reopened", disktest.ReadAll(t, d), want)
 	d.Close()
 }
 
@@ -166,7 +167,7 @@ func TestCompact(t *testing.T) {
 	want := append([]byte(nil), pat...)
 	copy(want[5<<20:], []byte{1, 2, 3})
 	clear(want[6<<20 : 6<<20+64<<10])
-	mustEqual(t, "diff after compact", readAll(t, c), want)
+	mustEqual(t, "diff after compact", disktest.ReadAll(t, c), want)
 	c.Close()
 }
 
@@ -247,7 +248,7 @@ func TestResize(t *testing.T) {
 	}
 	want := make([]byte, 6<<20)
 	copy(want, bytes.Repeat([]byte{0x66}, 1<<20))
-	mustEqual(t, "diff after resize", readAll(t, d), want)
+	mustEqual(t, "diff after resize", disktest.ReadAll(t, d), want)
 	checkClean(t, d)
 	d.Close()
 }
@@ -355,7 +356,7 @@ func TestDiffParent(t *testing.T) {
 
 	// A fixed diff and a raw parent are refused.
 	if _, err := vdisk.Create(ctx, "/vms/f.vhd", &vdisk.CreateOptions{Format: "vpc", Storage: st, Backing: "base.vhd",
-		BackingFormat: "vpc", Options: kvs("subformat=fixed")}); !errors.Is(err, driver.ErrInvalidOption) {
+		BackingFormat: "vpc", Options: disktest.KVs("subformat=fixed")}); !errors.Is(err, driver.ErrInvalidOption) {
 		t.Fatalf("fixed diff: %v", err)
 	}
 	create(t, st, "/vms/r.raw", 0, "").Close()
@@ -416,13 +417,13 @@ func TestInfoAndOptions(t *testing.T) {
 	d.Close()
 	// force_size_calc=chs reads a force_size image by its marker geometry
 	// (as qemu does, the marker still means current size).
-	d, err := vdisk.Open(ctx, "/b.vhd", &vdisk.OpenOptions{Format: "vpc", Storage: st, Options: kvs("force_size_calc=chs")})
+	d, err := vdisk.Open(ctx, "/b.vhd", &vdisk.OpenOptions{Format: "vpc", Storage: st, Options: disktest.KVs("force_size_calc=chs")})
 	if err != nil || d.Size() != 10<<20 {
 		t.Fatalf("force_size_calc=chs: %v", err)
 	}
 	d.Close()
 	for _, bad := range [][]string{{"subformat=sparse"}, {"block_size=3K"}, {"block_size=1G"}, {"preallocation=full"}} {
-		if _, err := vdisk.Create(ctx, "/c.vhd", &vdisk.CreateOptions{Format: "vpc", Size: 1 << 20, Storage: st, Options: kvs(bad...)}); !errors.Is(err, driver.ErrInvalidOption) {
+		if _, err := vdisk.Create(ctx, "/c.vhd", &vdisk.CreateOptions{Format: "vpc", Size: 1 << 20, Storage: st, Options: disktest.KVs(bad...)}); !errors.Is(err, driver.ErrInvalidOption) {
 			t.Errorf("%v: %v", bad, err)
 		}
 	}
@@ -443,7 +444,7 @@ func TestInfoAndOptions(t *testing.T) {
 	} {
 		var logb bytes.Buffer
 		d, err := vdisk.Create(ctx, "/az.vhd", &vdisk.CreateOptions{Format: "vpc", Size: c.size, Storage: st, Overwrite: true,
-			Options: kvs(c.opts...), Logger: slog.New(slog.NewTextHandler(&logb, nil))})
+			Options: disktest.KVs(c.opts...), Logger: slog.New(slog.NewTextHandler(&logb, nil))})
 		if err != nil {
 			t.Fatal(err)
 		}

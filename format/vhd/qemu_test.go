@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/osfs"
@@ -108,7 +109,7 @@ func TestReadsQemuImages(t *testing.T) {
 			if d.Size() != int64(len(want)) {
 				t.Fatalf("size %d, qemu %d", d.Size(), len(want))
 			}
-			mustEqual(t, "vdisk vs qemu", readAll(t, d), want)
+			mustEqual(t, "vdisk vs qemu", disktest.ReadAll(t, d), want)
 			// Every run qemu calls data is data (or allocated) for vdisk.
 			for _, e := range qemutest.Map(t, "vpc", f) {
 				if !e.Data {

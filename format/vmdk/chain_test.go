@@ -10,6 +10,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -35,14 +36,14 @@ func TestDeltaInterop(t *testing.T) {
 	if len(d.Layers()) != 2 {
 		t.Fatalf("%d layers", len(d.Layers()))
 	}
-	if got := readAll(t, d); !bytes.Equal(got, want) {
+	if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 		t.Fatal("qemu's delta disk reads differently")
 	}
 	ref := d.Top().Image.Parent()
 	if ref == nil || ref.Name != "base.vmdk" || ref.Format != "vmdk" || ref.UUID != d.Layers()[1].Image.(driver.Identifier).UUID() {
 		t.Fatalf("parent ref %+v", ref)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 
 	// vdisk's child over qemu's base.
 	vc := filepath.Join(dir, "vchild.vmdk")
@@ -50,16 +51,16 @@ func TestDeltaInterop(t *testing.T) {
 	if d.Size() != 6<<20 {
 		t.Fatalf("child size %d", d.Size())
 	}
-	mustWrite(t, d, nil, fill(5000, 0x31), 2<<20+700) // copy-on-write of a partial grain
-	mustWrite(t, d, nil, fill(64<<10, 0x32), 5<<20)
-	mustClose(t, d)
+	disktest.MustWrite(t, d, nil, disktest.Fill(5000, 0x31), 2<<20+700) // copy-on-write of a partial grain
+	disktest.MustWrite(t, d, nil, disktest.Fill(64<<10, 0x32), 5<<20)
+	disktest.MustClose(t, d)
 	qemutest.Check(t, "vmdk", vc)
 	raw := filepath.Join(dir, "v.raw")
 	d = openDisk(t, nil, vc, true)
-	if err := os.WriteFile(raw, readAll(t, d), 0o644); err != nil {
+	if err := os.WriteFile(raw, disktest.ReadAll(t, d), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	if !qemutest.Compare(t, "vmdk", vc, "raw", raw) {
 		t.Fatal("qemu reads vdisk's delta disk differently")
 	}
@@ -87,17 +88,17 @@ func commitChain(t *testing.T, keep bool) {
 	st := memfs.New()
 	m := model.New(4 << 20)
 	b := createDisk(t, st, "/base.vmdk", 4<<20, "")
-	mustWrite(t, b, m, fill(1<<20, 1), 0)
-	mustClose(t, b)
+	disktest.MustWrite(t, b, m, disktest.Fill(1<<20, 1), 0)
+	disktest.MustClose(t, b)
 	c := createDisk(t, st, "/child.vmdk", 0, "base.vmdk")
-	mustWrite(t, c, m, fill(100000, 2), 500000)
-	mustClose(t, c)
+	disktest.MustWrite(t, c, m, disktest.Fill(100000, 2), 500000)
+	disktest.MustClose(t, c)
 	if err := vdisk.Commit(ctx, "/child.vmdk", 1, keep, &vdisk.MergeOptions{Storage: st}); err != nil {
 		t.Fatal(err)
 	}
 	d := openDisk(t, st, "/child.vmdk", true)
-	if got := readAll(t, d); !bytes.Equal(got, m.Data) {
+	if got := disktest.ReadAll(t, d); !bytes.Equal(got, m.Data) {
 		t.Fatal("content after commit differs")
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/storage/faultfs"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -23,7 +24,7 @@ func checkCrashed(t *testing.T, st driver.Storage, top string, want, alt []byte,
 	if err != nil {
 		t.Fatalf("%s: the image does not open after the crash: %v", what, err)
 	}
-	got := readAll(t, d)
+	got := disktest.ReadAll(t, d)
 	for i := range got {
 		if got[i] != want[i] && (alt == nil || got[i] != alt[i]) {
 			t.Fatalf("%s: content after the crash differs from what was flushed at byte %d (%#x, want %#x)", what, i, got[i], want[i])
@@ -33,8 +34,8 @@ func checkCrashed(t *testing.T, st driver.Storage, top string, want, alt []byte,
 	if err != nil || res.Corruptions != 0 {
 		t.Fatalf("%s: check after the crash: %+v %v %q", what, res, err, res.Messages)
 	}
-	mustWrite(t, d, nil, fill(70000, 0xee), 1000)
-	mustClose(t, d)
+	disktest.MustWrite(t, d, nil, disktest.Fill(70000, 0xee), 1000)
+	disktest.MustClose(t, d)
 }
 
 // TestCrashWrites: random writes that allocate grains (and grain tables in
@@ -59,14 +60,14 @@ func TestCrashWrites(t *testing.T) {
 				m := model.New(size)
 				b := createDisk(t, mem, "/base.vmdk", size, "", c.opts...)
 				for i := int64(0); i < size; i += 192 << 10 {
-					mustWrite(t, b, m, fill(70000, byte(i>>16)), i)
+					disktest.MustWrite(t, b, m, disktest.Fill(70000, byte(i>>16)), i)
 				}
-				mustClose(t, b)
+				disktest.MustClose(t, b)
 				if c.delta {
 					top = "/top.vmdk"
 					d := createDisk(t, mem, top, 0, "base.vmdk", c.opts...)
-					mustWrite(t, d, m, fill(100000, 0xab), 50000)
-					mustClose(t, d)
+					disktest.MustWrite(t, d, m, disktest.Fill(100000, 0xab), 50000)
+					disktest.MustClose(t, d)
 				}
 				return mem, m
 			}
@@ -96,7 +97,7 @@ func TestCrashWrites(t *testing.T) {
 						m.Zero(off, n)
 						continue
 					}
-					p := fill(int(n), byte(i+1))
+					p := disktest.Fill(int(n), byte(i+1))
 					if _, err := d.WriteAt(p, off); err != nil {
 						break
 					}
@@ -135,27 +136,27 @@ func TestTablesWaitForFlush(t *testing.T) {
 		t.Run(sub, func(t *testing.T) {
 			mem := memfs.New()
 			d := createDisk(t, mem, "/t.vmdk", 4<<20, "", "subformat="+sub)
-			mustWrite(t, d, nil, fill(4096, 0x11), 0)
+			disktest.MustWrite(t, d, nil, disktest.Fill(4096, 0x11), 0)
 			if err := d.Flush(); err != nil {
 				t.Fatal(err)
 			}
-			flushed := readAll(t, d)
-			mustWrite(t, d, nil, fill(70000, 0x22), 1<<20)
-			mustWrite(t, d, nil, fill(100, 0x33), 2)
-			now := readAll(t, d)
+			flushed := disktest.ReadAll(t, d)
+			disktest.MustWrite(t, d, nil, disktest.Fill(70000, 0x22), 1<<20)
+			disktest.MustWrite(t, d, nil, disktest.Fill(100, 0x33), 2)
+			now := disktest.ReadAll(t, d)
 			// Every write so far reached the file, in order: the new grain
 			// is there, unreferenced; the write into the allocated grain 0
 			// went to its place.
 			want := bytes.Clone(flushed)
-			copy(want[2:], fill(100, 0x33))
+			copy(want[2:], disktest.Fill(100, 0x33))
 			checkCrashed(t, mem.Clone(), "/t.vmdk", want, nil, "before the flush")
 			if err := d.Flush(); err != nil {
 				t.Fatal(err)
 			}
 			checkCrashed(t, mem.Clone(), "/t.vmdk", now, nil, "after the flush")
 			// Close without a flush writes the tables as well.
-			mustWrite(t, d, nil, fill(5000, 0x44), 3<<20)
-			now = readAll(t, d)
+			disktest.MustWrite(t, d, nil, disktest.Fill(5000, 0x44), 3<<20)
+			now = disktest.ReadAll(t, d)
 			if err := d.CloseUnsynced(); err != nil {
 				t.Fatal(err)
 			}

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
@@ -54,10 +55,10 @@ func TestVMFSDescriptors(t *testing.T) {
 	st.WriteFile("/v-flat.vmdk", flat)
 	st.WriteFile("/v.vmdk", []byte("# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"vmfs\"\nRW 32 VMFS \"v-flat.vmdk\"\n"))
 	d := openDisk(t, st, "/v.vmdk", true)
-	if got := readAll(t, d); !bytes.Equal(got, flat) {
+	if got := disktest.ReadAll(t, d); !bytes.Equal(got, flat) {
 		t.Fatal("vmfs content differs")
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 
 	// A COWD extent: 64 sectors, 8-sector grains, one 4096-entry grain
 	// table at sector 5, grain 1 stored at sector 37.
@@ -76,7 +77,7 @@ func TestVMFSDescriptors(t *testing.T) {
 	st.WriteFile("/c-delta.vmdk", c)
 	st.WriteFile("/c.vmdk", []byte("# Disk DescriptorFile\nversion=1\nCID=2\nparentCID=ffffffff\ncreateType=\"vmfsSparse\"\nRW 64 VMFSSPARSE \"c-delta.vmdk\"\n"))
 	d = openDisk(t, st, "/c.vmdk", true)
-	got := readAll(t, d)
+	got := disktest.ReadAll(t, d)
 	want := make([]byte, 64*512)
 	copy(want[4096:], bytes.Repeat([]byte{0xc0}, 4096))
 	if !bytes.Equal(got, want) {
@@ -86,7 +87,7 @@ func TestVMFSDescriptors(t *testing.T) {
 	if x.State != driver.Unallocated || x.Length != 4096 {
 		t.Fatalf("status %+v", x)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }
 
 // TestCIDOncePerSession: the first write of an open session gives the
@@ -95,23 +96,23 @@ func TestCIDOncePerSession(t *testing.T) {
 	st := memfs.New()
 	d := createDisk(t, st, "/a.vmdk", 1<<20, "")
 	c0 := topImage(d).UUID()
-	mustWrite(t, d, nil, fill(10, 1), 0)
+	disktest.MustWrite(t, d, nil, disktest.Fill(10, 1), 0)
 	if topImage(d).UUID() != c0 {
 		t.Fatal("the first write after create changed the CID")
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	d = openDisk(t, st, "/a.vmdk", false)
-	readAll(t, d)
+	disktest.ReadAll(t, d)
 	if topImage(d).UUID() != c0 {
 		t.Fatal("a read changed the CID")
 	}
-	mustWrite(t, d, nil, fill(10, 2), 0)
+	disktest.MustWrite(t, d, nil, disktest.Fill(10, 2), 0)
 	c1 := topImage(d).UUID()
-	mustWrite(t, d, nil, fill(10, 3), 70000)
+	disktest.MustWrite(t, d, nil, disktest.Fill(10, 3), 70000)
 	if c1 == c0 || topImage(d).UUID() != c1 {
 		t.Fatalf("CIDs %s %s %s", c0, c1, topImage(d).UUID())
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	d = openDisk(t, st, "/a.vmdk", true)
 	if topImage(d).UUID() != c1 {
 		t.Fatal("the new CID was not stored")
@@ -120,7 +121,7 @@ func TestCIDOncePerSession(t *testing.T) {
 	if !ok || g.Heads != 16 || g.Sectors != 63 {
 		t.Fatalf("geometry %+v %v", g, ok)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }
 
 // TestVersion3ReadOnly: an uncompressed version 3 sparse image (VMware's
@@ -131,8 +132,8 @@ func TestVersion3ReadOnly(t *testing.T) {
 	st.WriteFile("/v3.vmdk", b)
 	d := openDisk(t, st, "/v3.vmdk", false)
 	defer d.Close()
-	got := readAll(t, d)
-	if !bytes.Equal(got[3000:8000], fill(5000, 0x41)) {
+	got := disktest.ReadAll(t, d)
+	if !bytes.Equal(got[3000:8000], disktest.Fill(5000, 0x41)) {
 		t.Fatal("content differs")
 	}
 	if _, err := d.WriteAt([]byte{1}, 0); !errors.Is(err, driver.ErrReadOnly) {
@@ -146,22 +147,22 @@ func TestVersion3ReadOnly(t *testing.T) {
 func TestBareSparseFile(t *testing.T) {
 	st := memfs.New()
 	d := createDisk(t, st, "/b.vmdk", 3<<20, "", "subformat=twoGbMaxExtentSparse")
-	mustWrite(t, d, nil, fill(1000, 0x33), 0)
-	mustClose(t, d)
+	disktest.MustWrite(t, d, nil, disktest.Fill(1000, 0x33), 0)
+	disktest.MustClose(t, d)
 	// Make the extent's descriptor area absent.
 	b, _ := st.ReadFile("/b-s001.vmdk")
 	b = putU64(putU64(b, 28, 0), 36, 0)
 	st.WriteFile("/b-s001.vmdk", b)
 	d = openDisk(t, st, "/b-s001.vmdk", false)
-	mustWrite(t, d, nil, fill(1000, 0x44), 1000)
+	disktest.MustWrite(t, d, nil, disktest.Fill(1000, 0x44), 1000)
 	if err := d.Top().Image.(driver.Identifier).SetUUID("12345678"); !errors.Is(err, driver.ErrUnsupported) {
 		t.Fatalf("SetUUID: %v", err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	d = openDisk(t, st, "/b.vmdk", true)
-	got := readAll(t, d)
-	if !bytes.Equal(got[:1000], fill(1000, 0x33)) || !bytes.Equal(got[1000:2000], fill(1000, 0x44)) {
+	got := disktest.ReadAll(t, d)
+	if !bytes.Equal(got[:1000], disktest.Fill(1000, 0x33)) || !bytes.Equal(got[1000:2000], disktest.Fill(1000, 0x44)) {
 		t.Fatal("content differs")
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 }

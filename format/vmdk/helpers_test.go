@@ -1,7 +1,6 @@
 package vmdk
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -11,28 +10,16 @@ import (
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	_ "github.com/vdisk/vdisk/format/raw"
-	"github.com/vdisk/vdisk/internal/model"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
 var ctx = context.Background()
 
-func kvs(opts ...string) []driver.KV {
-	var out []driver.KV
-	for _, o := range opts {
-		kv, err := driver.SplitOptions(o)
-		if err != nil {
-			panic(err)
-		}
-		out = append(out, kv...)
-	}
-	return out
-}
-
 func createDisk(t testing.TB, st driver.Storage, name string, size int64, backing string, opts ...string) *vdisk.Disk {
 	t.Helper()
-	o := &vdisk.CreateOptions{Format: "vmdk", Size: size, Options: kvs(opts...), Storage: st}
+	o := &vdisk.CreateOptions{Format: "vmdk", Size: size, Options: disktest.KVs(opts...), Storage: st}
 	if backing != "" {
 		o.Backing, o.BackingFormat = backing, "vmdk"
 	}
@@ -51,34 +38,6 @@ func openDisk(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk
 	}
 	return d
 }
-
-func readAll(t testing.TB, d *vdisk.Disk) []byte {
-	t.Helper()
-	buf := make([]byte, d.Size())
-	if _, err := d.ReadAt(buf, 0); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	return buf
-}
-
-func mustWrite(t testing.TB, d *vdisk.Disk, m *model.Model, p []byte, off int64) {
-	t.Helper()
-	if _, err := d.WriteAt(p, off); err != nil {
-		t.Fatalf("write %d+%d: %v", off, len(p), err)
-	}
-	if m != nil {
-		m.Write(p, off)
-	}
-}
-
-func mustClose(t testing.TB, d *vdisk.Disk) {
-	t.Helper()
-	if err := d.Close(); err != nil {
-		t.Fatalf("close: %v", err)
-	}
-}
-
-func fill(n int, c byte) []byte { return bytes.Repeat([]byte{c}, n) }
 
 func topImage(d *vdisk.Disk) *image { return d.Top().Image.(*image) }
 

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
@@ -23,14 +24,14 @@ func smallImage(t testing.TB, opts ...string) []byte {
 func sparseImage(t testing.TB, size int64, opts ...string) []byte {
 	st := memfs.New()
 	d := createDisk(t, st, "/s.vmdk", size, "", opts...)
-	mustWrite(t, d, nil, fill(int(min(5000, size/16)), 0x41), 3000)
-	mustWrite(t, d, nil, fill(512, 0x42), size-size/8)
+	disktest.MustWrite(t, d, nil, disktest.Fill(int(min(5000, size/16)), 0x41), 3000)
+	disktest.MustWrite(t, d, nil, disktest.Fill(512, 0x42), size-size/8)
 	if strings.Contains(strings.Join(opts, ","), "zeroed_grain=on") {
 		if err := d.WriteZeroes(size/4, defaultGrain, true); err != nil {
 			t.Fatal(err)
 		}
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	b, err := st.ReadFile("/s.vmdk")
 	if err != nil {
 		t.Fatal(err)
@@ -43,9 +44,9 @@ func streamImage(t testing.TB, size int64) []byte {
 	t.Helper()
 	st := memfs.New()
 	d := createDisk(t, st, "/s.vmdk", size, "", "subformat=streamOptimized")
-	mustWrite(t, d, nil, []byte(strings.Repeat("stream-optimized grain ", int(size/100))), 0)
-	mustWrite(t, d, nil, fill(512, 0x42), size*2/3)
-	mustClose(t, d)
+	disktest.MustWrite(t, d, nil, []byte(strings.Repeat("stream-optimized grain ", int(size/100))), 0)
+	disktest.MustWrite(t, d, nil, disktest.Fill(512, 0x42), size*2/3)
+	disktest.MustClose(t, d)
 	b, err := st.ReadFile("/s.vmdk")
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +63,7 @@ const flatDesc = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffff
 func openBytes(t testing.TB, b []byte, rw bool) error {
 	st := memfs.New()
 	st.WriteFile("/f.vmdk", b)
-	st.WriteFile("/f-flat.vmdk", fill(8<<10, 0x5f))
+	st.WriteFile("/f-flat.vmdk", disktest.Fill(8<<10, 0x5f))
 	img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: !rw, Parent: driver.NoParent{}})
 	if err != nil {
 		return err
@@ -87,7 +88,7 @@ func openBytes(t testing.TB, b []byte, rw bool) error {
 	img.Info()
 	img.Parent()
 	if rw && size > 0 {
-		img.WriteAt(fill(3000, 7), size/3)
+		img.WriteAt(disktest.Fill(3000, 7), size/3)
 		img.(driver.Zeroer).WriteZeroes(0, min(size, 70000), true)
 		img.ReadAt(buf[:min(size, int64(len(buf)))], 0)
 		img.Flush()
@@ -249,7 +250,7 @@ func TestFlatZeroReadOnlyExtents(t *testing.T) {
 	want := model.New(256 * 512)
 	copy(want.Data, flat)
 	copy(want.Data[192*512:], flat[64*512:])
-	if got := readAll(t, d); string(got) != string(want.Data) {
+	if got := disktest.ReadAll(t, d); string(got) != string(want.Data) {
 		t.Fatal("content differs")
 	}
 	if _, err := d.WriteAt([]byte{1}, 130*512); !errors.Is(err, driver.ErrUnsupported) {
@@ -258,7 +259,7 @@ func TestFlatZeroReadOnlyExtents(t *testing.T) {
 	if _, err := d.WriteAt([]byte{1}, 200*512); !errors.Is(err, driver.ErrReadOnly) {
 		t.Fatalf("write into a RDONLY extent: %v", err)
 	}
-	mustWrite(t, d, nil, []byte{0xff}, 5)
+	disktest.MustWrite(t, d, nil, []byte{0xff}, 5)
 	res, err := d.Check(ctx, driver.RepairNone)
 	if err != nil || res.Corruptions != 0 {
 		t.Fatalf("check: %+v %v", res, err)

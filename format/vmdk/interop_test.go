@@ -9,6 +9,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
@@ -57,7 +58,7 @@ func TestReadsQemuImages(t *testing.T) {
 				if d.Size() != 0 {
 					t.Fatalf("size %d", d.Size())
 				}
-				mustClose(t, d)
+				disktest.MustClose(t, d)
 				return
 			}
 			info := qemutest.Info(t, "vmdk", f)
@@ -77,7 +78,7 @@ func TestReadsQemuImages(t *testing.T) {
 			if got, want := d.Size(), int64(info["virtual-size"].(float64)); got != want {
 				t.Fatalf("size %d, qemu-img says %d", got, want)
 			}
-			if got := readAll(t, d); !bytes.Equal(got, want) {
+			if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 				t.Fatal("content differs from qemu-img convert's")
 			}
 			for _, e := range qmap {
@@ -145,13 +146,13 @@ func TestReadsQemuSplit(t *testing.T) {
 	if _, err := d.ReadAt(buf, 2147418112-64<<10); err != nil {
 		t.Fatal(err)
 	}
-	if !driver.IsZero(buf[:64<<10]) || !bytes.Equal(buf[64<<10:192<<10], fill(128<<10, 0x44)) || !driver.IsZero(buf[192<<10:]) {
+	if !driver.IsZero(buf[:64<<10]) || !bytes.Equal(buf[64<<10:192<<10], disktest.Fill(128<<10, 0x44)) || !driver.IsZero(buf[192<<10:]) {
 		t.Fatal("content across the extent boundary differs")
 	}
 	if _, err := d.ReadAt(buf[:8192], 4400<<20); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(buf[:4096], fill(4096, 0x45)) || !driver.IsZero(buf[4096:8192]) {
+	if !bytes.Equal(buf[:4096], disktest.Fill(4096, 0x45)) || !driver.IsZero(buf[4096:8192]) {
 		t.Fatal("content in the third extent differs")
 	}
 	if n := len(topImage(d).exts); n != 3 {

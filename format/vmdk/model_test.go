@@ -7,6 +7,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
@@ -60,7 +61,7 @@ func TestModel(t *testing.T) {
 					depth++
 					name := fmt.Sprintf("/l%d.vmdk", depth)
 					nd, err := vdisk.Create(ctx, name, &vdisk.CreateOptions{Format: "vmdk", Backing: top[1:], BackingFormat: "vmdk",
-						Options: kvs(c.opts...), Storage: st})
+						Options: disktest.KVs(c.opts...), Storage: st})
 					top = name
 					return nd, err
 				}
@@ -81,12 +82,12 @@ func TestModel(t *testing.T) {
 			if err != nil || res.Corruptions != 0 {
 				t.Fatalf("check after the run: %+v %v %q", res, err, res.Messages)
 			}
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 			d = openDisk(t, st, top, true)
-			if got := readAll(t, d); !bytes.Equal(got, m.Data) {
+			if got := disktest.ReadAll(t, d); !bytes.Equal(got, m.Data) {
 				t.Fatal("content after the final reopen differs from the model")
 			}
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 		})
 	}
 }

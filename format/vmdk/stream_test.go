@@ -9,6 +9,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
@@ -62,8 +63,8 @@ func TestStreamOptimizedConvert(t *testing.T) {
 		if err := vdisk.Convert(ctx, d, s, nil); err != nil {
 			t.Fatal(err)
 		}
-		mustClose(t, d)
-		mustClose(t, s)
+		disktest.MustClose(t, d)
+		disktest.MustClose(t, s)
 		qemutest.Check(t, "vmdk", ours)
 		if !qemutest.Compare(t, "vmdk", ours, "raw", src) {
 			t.Fatal("qemu-img compare: differs from the source")
@@ -88,10 +89,10 @@ func TestStreamOptimizedConvert(t *testing.T) {
 		if h.gdOffset != gdAtEnd || h.flags&(flagCompressed|flagMarkers) != flagCompressed|flagMarkers || h.compress != 1 {
 			t.Fatalf("header %+v", h)
 		}
-		if got := readAll(t, d); !bytes.Equal(got[:size], data) {
+		if got := disktest.ReadAll(t, d); !bytes.Equal(got[:size], data) {
 			t.Fatal("vdisk reads its stream differently")
 		}
-		mustClose(t, d)
+		disktest.MustClose(t, d)
 	}
 }
 
@@ -109,15 +110,15 @@ func TestStreamWriteAt(t *testing.T) {
 		n   int
 		c   byte
 	}{{100, 5000, 1}, {6000, 70000, 2}, {1 << 20, 1 << 20, 3}, {size - 700, 700, 4}} {
-		mustWrite(t, d, nil, fill(w.n, w.c), w.off)
-		copy(want[w.off:], fill(w.n, w.c))
+		disktest.MustWrite(t, d, nil, disktest.Fill(w.n, w.c), w.off)
+		copy(want[w.off:], disktest.Fill(w.n, w.c))
 	}
-	if _, err := d.WriteAt(fill(10, 9), 0); err == nil {
+	if _, err := d.WriteAt(disktest.Fill(10, 9), 0); err == nil {
 		t.Fatal("a write going back succeeded")
 	} else if !errorsIs(err, driver.ErrUnsupported) {
 		t.Fatalf("write going back: %v", err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	qemutest.Check(t, "vmdk", f)
 	if got := qemuRaw(t, f); !bytes.Equal(got, want) {
 		t.Fatal("qemu reads a different content")

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/model"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -45,7 +46,7 @@ func TestWritesPassQemu(t *testing.T) {
 					return vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: st})
 				}}
 			d = h.Run(t, d, m)
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 			saveAll(t, st, dir)
 			img := filepath.Join(dir, c.name+".vmdk")
 			ref := filepath.Join(dir, c.name+".raw")
@@ -62,16 +63,16 @@ func TestWritesPassQemu(t *testing.T) {
 			}
 			// qemu writes into our layout; we read it.
 			qemutest.IO(t, "vmdk", img, "write -P 0x5a 1049000 3000", fmt.Sprintf("write -P 0x6b %d 512", c.size-512))
-			copy(m.Data[1049000:], fill(3000, 0x5a))
-			copy(m.Data[c.size-512:], fill(512, 0x6b))
+			copy(m.Data[1049000:], disktest.Fill(3000, 0x5a))
+			copy(m.Data[c.size-512:], disktest.Fill(512, 0x6b))
 			d2, err := vdisk.Open(ctx, img, &vdisk.OpenOptions{ReadOnly: true})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := readAll(t, d2); !bytes.Equal(got, m.Data) {
+			if got := disktest.ReadAll(t, d2); !bytes.Equal(got, m.Data) {
 				t.Fatal("vdisk does not read what qemu-io wrote")
 			}
-			mustClose(t, d2)
+			disktest.MustClose(t, d2)
 		})
 	}
 }
@@ -86,7 +87,7 @@ func TestCreateMatchesQemu(t *testing.T) {
 			const size = "4097M"
 			qemutest.Create(t, "vmdk", filepath.Join(qd, "x.vmdk"), size, "subformat="+sub)
 			d := createDisk(t, nil, filepath.Join(vd, "x.vmdk"), 4097<<20, "", "subformat="+sub)
-			mustClose(t, d)
+			disktest.MustClose(t, d)
 			qn, _ := filepath.Glob(filepath.Join(qd, "*"))
 			vn, _ := filepath.Glob(filepath.Join(vd, "*"))
 			if len(qn) != len(vn) {
@@ -106,7 +107,7 @@ func TestCreateMatchesQemu(t *testing.T) {
 			if dq.Size() != 4097<<20 {
 				t.Fatalf("vdisk reads qemu's image as %d bytes", dq.Size())
 			}
-			mustClose(t, dq)
+			disktest.MustClose(t, dq)
 		})
 	}
 }
@@ -119,7 +120,7 @@ func TestAllocGrainTables(t *testing.T) {
 	st := memfs.New()
 	const size = 80 << 20 // three grain tables
 	d := createDisk(t, st, "/g.vmdk", size, "")
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	b, _ := st.ReadFile("/g.vmdk")
 	var h header
 	h.decode(b)
@@ -133,17 +134,17 @@ func TestAllocGrainTables(t *testing.T) {
 	if x.State != 0 || x.Length != size {
 		t.Fatalf("status of an image without tables: %+v", x)
 	}
-	mustWrite(t, d, m, fill(100000, 0x61), 33<<20-5000)
-	mustWrite(t, d, m, fill(3000, 0x62), 70<<20)
-	mustClose(t, d)
+	disktest.MustWrite(t, d, m, disktest.Fill(100000, 0x61), 33<<20-5000)
+	disktest.MustWrite(t, d, m, disktest.Fill(3000, 0x62), 70<<20)
+	disktest.MustClose(t, d)
 	d = openDisk(t, st, "/g.vmdk", true)
-	if got := readAll(t, d); !bytes.Equal(got, m.Data) {
+	if got := disktest.ReadAll(t, d); !bytes.Equal(got, m.Data) {
 		t.Fatal("content differs")
 	}
 	if res, err := d.Check(ctx, 0); err != nil || res.Corruptions != 0 {
 		t.Fatalf("check: %+v %v", res, err)
 	}
-	mustClose(t, d)
+	disktest.MustClose(t, d)
 	dir := t.TempDir()
 	saveAll(t, st, dir)
 	qemutest.Check(t, "vmdk", filepath.Join(dir, "g.vmdk"))

@@ -2,7 +2,6 @@ package vdisk
 
 import (
 	"context"
-
 	"sync"
 
 	"github.com/vdisk/vdisk/driver"
@@ -54,210 +53,227 @@ type convJob struct {
 // Unallocated and zero runs stay holes on the target: cost grows with the
 // allocated data, not the virtual size. dst must be at least as large as src.
 func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
-	if o == nil {
-		o = &ConvertOptions{}
-	}
-	if o.Above > 0 {
-		// The target has a backing: zeros must be written, not skipped.
-		oc := *o
-		oc.TargetNotZero = true
-		o = &oc
-	}
-	workers := o.Workers
-	if workers <= 0 {
-		workers = 8
-	}
-	chunk := o.ChunkSize
-	if chunk <= 0 {
-		chunk = 2 << 20
-	}
-	zd := o.ZeroDetect
-	if zd == 0 {
-		zd = 4096
-	}
-	size := src.Size()
-	var cw driver.CompressedWriter
-	var unit int64
-	if so, ok := dst.Top().Image.(driver.StreamOnly); ok && so.StreamOnly() && !o.Compress {
-		oc := *o
-		oc.Compress = true
-		o = &oc
-	}
-	if o.Compress {
-		var ok bool
-		cw, ok = dst.Top().Image.(driver.CompressedWriter)
-		if !ok {
-			return driver.Errorf(ErrUnsupported, dst.name(), -1, "format %s cannot store compressed clusters", dst.Top().Format.Name)
-		}
-		if o.TargetNotZero || o.Above > 0 {
-			return driver.Errorf(ErrUnsupported, dst.name(), -1, "compressed output needs a new target without a backing file")
-		}
-		unit = cw.CompressedUnit()
-		if unit <= 0 || chunk%unit != 0 && unit < chunk {
-			chunk = max(unit, chunk/unit*unit)
-		}
-		if unit > chunk {
-			chunk = unit
-		}
-		oc := *o
-		oc.Sequential = true
-		o = &oc
-	}
-	if dst.Size() < size {
-		return driver.Errorf(ErrInvalidOption, dst.name(), -1, "target is smaller (%d bytes) than the source (%d bytes)", dst.Size(), size)
-	}
-	if err := dst.writable(); err != nil {
+	c, err := newConverter(dst, src, o)
+	if err != nil {
 		return err
 	}
-
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	jobs := make(chan convJob, workers)
-
-	var progMu sync.Mutex
-	var done int64
-	report := func(n int64) {
-		if o.Progress == nil {
-			return
-		}
-		progMu.Lock()
-		done += n
-		o.Progress(done, size)
-		progMu.Unlock()
+	c.seq.init(ctx)
+	if c.o.Progress != nil {
+		c.o.Progress(0, c.size)
 	}
-	if o.Progress != nil {
-		o.Progress(0, size)
-	}
-
-	// Ordering for sequential targets.
-	var seqMu sync.Mutex
-	seqCond := sync.NewCond(&seqMu)
-	var nextSeq int64
-	waitTurn := func(seq int64) bool {
-		seqMu.Lock()
-		defer seqMu.Unlock()
-		for nextSeq != seq {
-			if ctx.Err() != nil {
-				return false
-			}
-			seqCond.Wait()
-		}
-		return true
-	}
-	finishTurn := func() {
-		seqMu.Lock()
-		nextSeq++
-		seqCond.Broadcast()
-		seqMu.Unlock()
-	}
-	context.AfterFunc(ctx, func() {
-		seqMu.Lock()
-		seqCond.Broadcast()
-		seqMu.Unlock()
-	})
-
+	jobs := make(chan convJob, c.workers)
 	var wg sync.WaitGroup
-	for w := 0; w < workers; w++ {
+	for w := 0; w < c.workers; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, chunk)
-			for j := range jobs {
-				if ctx.Err() != nil {
-					continue
-				}
-				var err error
-				if cw != nil {
-					err = compressJob(ctx, src, cw, unit, j, buf[:j.n], waitTurn)
-				} else {
-					err = convertJob(ctx, dst, src, j, buf[:j.n], zd, o, waitTurn)
-				}
-				if err != nil {
-					cancel(err)
-				}
-				if o.Sequential {
-					finishTurn()
-				}
-				if !j.noProgress {
-					report(j.n)
-				}
-			}
+			c.work(ctx, cancel, jobs)
 		}()
 	}
-
-	// Producer: walk the source's status runs.
-	var seq int64
-	var compressedEnd int64
-	err := func() error {
-		defer close(jobs)
-		off := int64(0)
-		for off < size {
-			if ctx.Err() != nil {
-				return nil
-			}
-			var e Extent
-			var err error
-			if zd < 0 {
-				e = Extent{Start: off, Length: size - off, Data: true}
-			} else {
-				e, err = src.Status(off, size-off)
-				if err != nil {
-					return err
-				}
-			}
-			isData := e.Data
-			if o.Above > 0 && e.Depth >= o.Above {
-				report(e.Length)
-				off += e.Length
-				continue
-			}
-			if !isData && !o.TargetNotZero {
-				report(e.Length)
-				off += e.Length
-				continue
-			}
-			end := off + e.Length
-			if cw != nil {
-				// Whole clusters: round the data run out to the unit,
-				// never going back over clusters already queued.
-				report(e.Length)
-				start := max(off/unit*unit, compressedEnd)
-				cend := min(size, (end+unit-1)/unit*unit)
-				for p := start; p < cend; {
-					n := min(chunk-p%chunk, cend-p)
-					select {
-					case jobs <- convJob{seq: seq, off: p, n: n, data: true, noProgress: true}:
-						seq++
-					case <-ctx.Done():
-						return nil
-					}
-					p += n
-				}
-				compressedEnd = max(compressedEnd, cend)
-				off = end
-				continue
-			}
-			for off < end {
-				n := min(chunk-off%chunk, end-off)
-				select {
-				case jobs <- convJob{seq: seq, off: off, n: n, data: isData}:
-					seq++
-				case <-ctx.Done():
-					return nil
-				}
-				off += n
-			}
-		}
-		return nil
-	}()
+	err = c.produce(ctx, jobs)
+	close(jobs)
 	wg.Wait()
 	if err != nil {
 		return err
 	}
-	if cerr := context.Cause(ctx); cerr != nil {
-		return cerr
+	return context.Cause(ctx)
+}
+
+// converter is one Convert: its settled options and shared state.
+type converter struct {
+	dst, src *Disk
+	o        *ConvertOptions
+	workers  int
+	chunk    int64
+	zd       int64 // zero detection granule; < 0: none
+	size     int64
+	cw       driver.CompressedWriter // compressed path, or nil
+	unit     int64                   // cw's unit
+
+	progMu sync.Mutex
+	done   int64
+	seq    turns
+}
+
+// newConverter settles the options (defaults, the compressed path for
+// compressed or stream-only targets) and checks the target.
+func newConverter(dst, src *Disk, o *ConvertOptions) (*converter, error) {
+	oc := ConvertOptions{}
+	if o != nil {
+		oc = *o
+	}
+	if oc.Above > 0 {
+		// The target has a backing: zeros must be written, not skipped.
+		oc.TargetNotZero = true
+	}
+	c := &converter{dst: dst, src: src, o: &oc, workers: oc.Workers, chunk: oc.ChunkSize, zd: oc.ZeroDetect, size: src.Size()}
+	if c.workers <= 0 {
+		c.workers = 8
+	}
+	if c.chunk <= 0 {
+		c.chunk = 2 << 20
+	}
+	if c.zd == 0 {
+		c.zd = 4096
+	}
+	top := dst.Top()
+	if so, ok := top.img.(driver.StreamOnly); ok && so.StreamOnly() {
+		oc.Compress = true
+	}
+	if oc.Compress {
+		cw, ok := top.img.(driver.CompressedWriter)
+		if !ok {
+			return nil, driver.Errorf(ErrUnsupported, dst.name(), -1, "format %s cannot store compressed clusters", top.Format.Name)
+		}
+		if oc.TargetNotZero {
+			return nil, driver.Errorf(ErrUnsupported, dst.name(), -1, "compressed output needs a new target without a backing file")
+		}
+		c.cw, c.unit = cw, cw.CompressedUnit()
+		if c.unit <= 0 || c.chunk%c.unit != 0 && c.unit < c.chunk {
+			c.chunk = max(c.unit, c.chunk/c.unit*c.unit)
+		}
+		c.chunk = max(c.chunk, c.unit)
+		oc.Sequential = true
+	}
+	if dst.Size() < c.size {
+		return nil, driver.Errorf(ErrInvalidOption, dst.name(), -1, "target is smaller (%d bytes) than the source (%d bytes)", dst.Size(), c.size)
+	}
+	if err := dst.writable(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// report adds n bytes to the progress.
+func (c *converter) report(n int64) {
+	if c.o.Progress == nil {
+		return
+	}
+	c.progMu.Lock()
+	c.done += n
+	c.o.Progress(c.done, c.size)
+	c.progMu.Unlock()
+}
+
+// work runs jobs until the channel closes; the first error cancels ctx.
+func (c *converter) work(ctx context.Context, cancel context.CancelCauseFunc, jobs <-chan convJob) {
+	buf := make([]byte, c.chunk)
+	for j := range jobs {
+		if ctx.Err() != nil {
+			continue
+		}
+		var err error
+		if c.cw != nil {
+			err = compressJob(ctx, c.src, c.cw, c.unit, j, buf[:j.n], c.seq.wait)
+		} else {
+			err = convertJob(ctx, c.dst, c.src, j, buf[:j.n], c.zd, c.o, c.seq.wait)
+		}
+		if err != nil {
+			cancel(err)
+		}
+		if c.o.Sequential {
+			c.seq.finish()
+		}
+		if !j.noProgress {
+			c.report(j.n)
+		}
+	}
+}
+
+// produce walks the source's status runs and queues the copy jobs.
+func (c *converter) produce(ctx context.Context, jobs chan<- convJob) error {
+	var seq, compressedEnd int64
+	send := func(j convJob) bool {
+		j.seq = seq
+		select {
+		case jobs <- j:
+			seq++
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	for off := int64(0); off < c.size; {
+		if ctx.Err() != nil {
+			return nil
+		}
+		e := Extent{Start: off, Length: c.size - off, Data: true}
+		if c.zd >= 0 {
+			var err error
+			if e, err = c.src.Status(off, c.size-off); err != nil {
+				return err
+			}
+		}
+		end := off + e.Length
+		switch {
+		case c.o.Above > 0 && e.Depth >= c.o.Above, !e.Data && !c.o.TargetNotZero:
+			c.report(e.Length)
+		case c.cw != nil:
+			// Whole clusters: round the data run out to the unit, never
+			// going back over clusters already queued.
+			c.report(e.Length)
+			start := max(off/c.unit*c.unit, compressedEnd)
+			cend := min(c.size, (end+c.unit-1)/c.unit*c.unit)
+			for p := start; p < cend; {
+				n := min(c.chunk-p%c.chunk, cend-p)
+				if !send(convJob{off: p, n: n, data: true, noProgress: true}) {
+					return nil
+				}
+				p += n
+			}
+			compressedEnd = max(compressedEnd, cend)
+		default:
+			for p := off; p < end; {
+				n := min(c.chunk-p%c.chunk, end-p)
+				if !send(convJob{off: p, n: n, data: e.Data}) {
+					return nil
+				}
+				p += n
+			}
+		}
+		off = end
 	}
 	return nil
+}
+
+// turns hands out write turns in sequence order (for targets written
+// front to back); a cancelled context releases every waiter.
+type turns struct {
+	mu   sync.Mutex
+	cond *sync.Cond
+	next int64
+	ctx  context.Context
+}
+
+func (t *turns) init(ctx context.Context) {
+	t.cond, t.ctx = sync.NewCond(&t.mu), ctx
+	context.AfterFunc(ctx, func() {
+		t.mu.Lock()
+		t.cond.Broadcast()
+		t.mu.Unlock()
+	})
+}
+
+// wait blocks until seq's turn; false when the context ended first.
+func (t *turns) wait(seq int64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for t.next != seq {
+		if t.ctx.Err() != nil {
+			return false
+		}
+		t.cond.Wait()
+	}
+	return true
+}
+
+func (t *turns) finish() {
+	t.mu.Lock()
+	t.next++
+	t.cond.Broadcast()
+	t.mu.Unlock()
 }
 
 // compressJob reads whole clusters and hands the non-zero ones to the

@@ -45,38 +45,19 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 	}
 	oo := &OpenOptions{Storage: o.Storage, Logger: o.Logger}
 	st, log := oo.storage(), oo.logger()
-	f, err := driver.Lookup(o.Format)
-	if err != nil {
-		return nil, driver.WithFile(err, "create", name)
-	}
-	if f.Create == nil {
-		return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s cannot create images", f.Name)
-	}
-	vals, err := driver.ParseOptions(f.Name, f.CreateOptions, o.Options)
-	if err != nil {
-		return nil, driver.WithFile(err, "create", name)
-	}
 	if o.Size < 0 {
 		return nil, driver.Errorf(ErrInvalidOption, name, -1, "negative size %d", o.Size)
 	}
 	// Like qemu, virtual sizes are whole 512-byte sectors.
 	size := (o.Size + 511) &^ 511
-	existed := false
-	if fi, err := st.Stat(name); err == nil {
-		existed = true
-		if fi.IsDir {
-			return nil, driver.Errorf(ErrInvalidOption, name, -1, "is a directory")
-		}
-		if !o.Overwrite {
-			// qemu-img create overwrites; the library does so only when asked.
-			return nil, driver.Errorf(ErrInvalidOption, name, -1, "file exists")
-		}
+	f, err := driver.Lookup(o.Format)
+	if err != nil {
+		return nil, driver.WithFile(err, "create", name)
 	}
 
 	var parent *Disk
 	var ref *driver.ParentRef
 	var pinfo *driver.ParentInfo
-	view := &chainView{} // bound to the new disk by newDisk
 	if o.Backing != "" && o.NoBackingOpen {
 		if size == 0 || o.BackingFormat == "" {
 			return nil, driver.Errorf(ErrInvalidOption, name, -1, "creating without opening the backing file needs a size and the backing format")
@@ -100,7 +81,7 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 		pt := parent.Top()
 		ref = &driver.ParentRef{Name: o.Backing, Format: pt.Format.Name}
 		pinfo = &driver.ParentInfo{Format: pt.Format.Name, Size: parent.Size(), Path: bpath}
-		if id, ok := pt.Image.(driver.Identifier); ok {
+		if id, ok := pt.img.(driver.Identifier); ok {
 			ref.UUID, ref.ModUUID = id.UUID(), id.ModificationUUID()
 			pinfo.UUID, pinfo.ModUUID = ref.UUID, ref.ModUUID
 		}
@@ -108,39 +89,18 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 			size = parent.Size()
 		}
 	}
-	img, err := f.Create(ctx, &driver.CreateParams{
-		Storage:    st,
-		Name:       name,
-		Size:       size,
-		Options:    vals,
-		Logger:     log.With("image", name),
-		Overwrite:  o.Overwrite,
-		ParentRef:  ref,
-		ParentInfo: pinfo,
-		Parent:     view,
-	})
+	top, err := createLayer(ctx, st, log, name, o.Format, o.Options, size, o.Overwrite, ref, pinfo)
 	if err != nil {
 		if parent != nil {
 			parent.Close()
 		}
-		if !existed {
-			if _, serr := st.Stat(name); serr == nil {
-				st.Remove(name)
-			}
-		}
-		return nil, driver.WithFile(err, "create", name)
+		return nil, err
 	}
-	top := &Layer{Name: name, Format: f, Image: img, view: view}
 	layers := []*Layer{top}
 	if parent != nil {
 		layers = append(layers, parent.layers...)
 	}
-	d := newDisk(layers, false, st, log)
-	if ref != nil && parent == nil {
-		// The backing was not opened: no parent view below the top.
-		d.layers[0].view.depth = len(d.layers)
-	}
-	return d, nil
+	return newDisk(layers, false, st, log), nil
 }
 
 // openParentDisk opens a backing chain read-only for a new diff image.
@@ -154,4 +114,53 @@ func openParentDisk(ctx context.Context, name, format string, st driver.Storage,
 		format = f.Name
 	}
 	return Open(ctx, name, &OpenOptions{Format: format, ReadOnly: true, Storage: st, Logger: log, AllowUnsafeBacking: allowUnsafe})
+}
+
+// createLayer creates image name and returns it as a writable layer. On
+// failure no new file is left behind.
+func createLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, format string, kvs []driver.KV, size int64, overwrite bool, ref *driver.ParentRef, pinfo *driver.ParentInfo) (*Layer, error) {
+	f, err := driver.Lookup(format)
+	if err != nil {
+		return nil, driver.WithFile(err, "create", name)
+	}
+	if f.Create == nil {
+		return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s cannot create images", f.Name)
+	}
+	if ref != nil && f.Caps&driver.CapDiff == 0 {
+		return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s does not support backing files", f.Name)
+	}
+	vals, err := driver.ParseOptions(f.Name, f.CreateOptions, kvs)
+	if err != nil {
+		return nil, driver.WithFile(err, "create", name)
+	}
+	existed := false
+	if fi, err := st.Stat(name); err == nil {
+		existed = true
+		if fi.IsDir {
+			return nil, driver.Errorf(ErrInvalidOption, name, -1, "is a directory")
+		}
+		if !overwrite {
+			// qemu-img create overwrites; the library does so only when asked.
+			return nil, driver.Errorf(ErrInvalidOption, name, -1, "file exists")
+		}
+	}
+	img, err := f.Create(ctx, &driver.CreateParams{
+		Storage:    st,
+		Name:       name,
+		Size:       size,
+		Options:    vals,
+		Logger:     log.With("image", name),
+		Overwrite:  overwrite,
+		ParentRef:  ref,
+		ParentInfo: pinfo,
+	})
+	if err != nil {
+		if !existed {
+			if _, serr := st.Stat(name); serr == nil {
+				st.Remove(name)
+			}
+		}
+		return nil, driver.WithFile(err, "create", name)
+	}
+	return &Layer{Name: name, Format: f, img: img, Storage: st, path: name, kvs: kvs, fl: layerFlags{writable: true, topLevel: true}}, nil
 }

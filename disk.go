@@ -3,10 +3,10 @@ package vdisk
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/rangelock"
@@ -18,11 +18,37 @@ type Layer struct {
 	// the child's directory).
 	Name   string
 	Format *driver.Format
-	Image  driver.Image
 	// ReadOnly is true for every layer but a writable top.
 	ReadOnly bool
+	// Storage holds the layer's files (each layer may have its own; see
+	// OpenOptions.Resolver), under the name path.
+	Storage driver.Storage
+	path    string
 
-	view *chainView
+	img driver.Image
+	// kvs and fl are how the layer was opened, for reopening it with
+	// another access mode during live jobs.
+	kvs []driver.KV
+	fl  layerFlags
+}
+
+// Info describes the layer's image (as `info` shows it).
+func (l *Layer) Info() driver.Info { return l.img.Info() }
+
+// Size is the layer's virtual size.
+func (l *Layer) Size() int64 { return l.img.Size() }
+
+// ParentRef is the parent reference the layer's image records, or nil.
+func (l *Layer) ParentRef() *driver.ParentRef { return l.img.Parent() }
+
+// As returns the layer's image as T (one of the driver SDK's optional
+// interfaces, or a driver's own type in its tests) when it is one. It is
+// for inspection: changing an image through it bypasses the Disk's locks
+// and its size bookkeeping, so make changes with the Disk's methods
+// (Resize, CreateSnapshot, Amend, SetUUID, SetParent, ...).
+func As[T any](l *Layer) (T, bool) {
+	v, ok := l.img.(T)
+	return v, ok
 }
 
 // Disk is an open chain of images: Layers()[0] is the top (the only layer
@@ -39,6 +65,13 @@ type Disk struct {
 	log      *slog.Logger
 	storage  driver.Storage
 	closed   bool
+
+	// job is the name of the live job running on the disk ("" for none);
+	// guarded by jobMu. trackers are the dirty maps of running jobs,
+	// marked by every write to the top.
+	jobMu    sync.Mutex
+	job      string
+	trackers atomic.Pointer[[]*dirtyMap]
 }
 
 var (
@@ -46,23 +79,33 @@ var (
 	_ io.WriterAt = (*Disk)(nil)
 )
 
-// newDisk assembles a Disk from opened layers (top first) and binds every
-// layer's parent view.
+// newDisk assembles a Disk from opened layers (top first).
 func newDisk(layers []*Layer, readOnly bool, st driver.Storage, log *slog.Logger) *Disk {
 	d := &Disk{layers: layers, readOnly: readOnly, log: log, storage: st}
-	d.size = layers[0].Image.Size()
-	d.gran = layers[0].Image.Info().ClusterSize
-	if d.gran <= 0 || d.gran&(d.gran-1) != 0 {
-		d.gran = 512
-	}
-	for i, l := range layers {
-		if l.view == nil {
-			l.view = &chainView{}
-		}
-		l.view.d = d
-		l.view.depth = i + 1
-	}
+	d.reshape()
 	return d
+}
+
+// reshape recomputes what the Disk derives from its layers (size, lock
+// granularity) after a structural change. Callers hold d.mu exclusively
+// (or own d alone).
+func (d *Disk) reshape() {
+	d.size = d.layers[0].img.Size()
+	g := int64(512)
+	for _, l := range d.layers {
+		// The lock granularity must cover the fill unit of every layer that
+		// may be written (the top, and lower layers live jobs write).
+		if l.ReadOnly {
+			continue
+		}
+		if c := l.img.Info().ClusterSize; c > g && c&(c-1) == 0 {
+			g = c
+		}
+	}
+	if c := d.layers[0].img.Info().ClusterSize; c > g && c&(c-1) == 0 {
+		g = c
+	}
+	d.gran = g
 }
 
 // Size is the virtual size of the disk (the top image's).
@@ -93,17 +136,21 @@ func (d *Disk) Logger() *slog.Logger { return d.log }
 func (d *Disk) Storage() driver.Storage { return d.storage }
 
 func (d *Disk) lockRange(off, n int64, write bool) *rangelock.Range {
-	g := d.gran
-	start := off &^ (g - 1)
-	end := (off + n + g - 1) &^ (g - 1)
+	start, end := d.alignLock(off, n)
 	return d.locks.Lock(start, end-start, write)
+}
+
+// alignLock rounds [off, off+n) out to the lock granularity.
+func (d *Disk) alignLock(off, n int64) (int64, int64) {
+	g := d.gran
+	return off &^ (g - 1), (off + n + g - 1) &^ (g - 1)
 }
 
 func (d *Disk) name() string { return d.layers[0].Name }
 
 func (d *Disk) check(off, n int64) error {
 	if d.closed {
-		return &Error{Op: "access", File: d.name(), Offset: -1, Err: errors.New("disk is closed")}
+		return &Error{Op: "access", File: d.name(), Offset: -1, Err: ErrClosed, Reason: "the disk is closed"}
 	}
 	return driver.CheckRange(d.name(), off, n, d.size)
 }
@@ -151,7 +198,7 @@ func (d *Disk) readFrom(depth int, p []byte, off int64) error {
 			return nil
 		}
 		l := d.layers[depth]
-		size := l.Image.Size()
+		size := l.img.Size()
 		if off >= size {
 			clear(p)
 			return nil
@@ -160,12 +207,9 @@ func (d *Disk) readFrom(depth int, p []byte, off int64) error {
 		if n > size-off {
 			n = size - off
 		}
-		ext, err := l.Image.Status(off, n)
+		ext, err := d.checkedStatus(depth, off, n)
 		if err != nil {
-			return driver.WithFile(err, "read", l.Name)
-		}
-		if ext.Length <= 0 || ext.Length > n {
-			return driver.Corruptf(l.Name, off, "driver %s reported a status run of %d bytes for a %d-byte request", l.Format.Name, ext.Length, n)
+			return err
 		}
 		chunk := p[:ext.Length]
 		switch ext.State {
@@ -189,7 +233,7 @@ func (d *Disk) readFrom(depth int, p []byte, off int64) error {
 }
 
 func readFull(l *Layer, p []byte, off int64) error {
-	m, err := l.Image.ReadAt(p, off)
+	m, err := l.img.ReadAt(p, off)
 	if m == len(p) {
 		return nil
 	}
@@ -224,16 +268,89 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 		return 0, nil
 	}
 	r := d.lockRange(off, int64(len(p)), true)
-	defer d.locks.Unlock(r)
-	top := d.layers[0]
-	n, err := top.Image.WriteAt(p, off)
-	if err == nil && n != len(p) {
-		err = io.ErrShortWrite
+	defer func() { d.locks.Unlock(r) }()
+	d.markDirty(off, int64(len(p)))
+	if err := d.writeLayer(0, p, off, &r); err != nil {
+		return 0, err
 	}
-	if err != nil {
-		return n, driver.WithFile(err, "write", top.Name)
+	return len(p), nil
+}
+
+// maxFill bounds the range a driver may ask the Disk to fill for one write
+// (a unit's bounds): no format has units this large.
+const maxFill = 256 << 20
+
+// writeLayer writes p at off into layer depth, doing the copy-on-write fill
+// a driver asks for (driver.FillError): the bytes around p up to the unit
+// bounds are read from the chain (the disk's own content there, which the
+// layer does not hold) and the extended buffer is written instead. r is
+// the caller's range lock; it is widened when the fill reaches past it.
+// Callers hold d.mu (read or write).
+func (d *Disk) writeLayer(depth int, p []byte, off int64, r **rangelock.Range) error {
+	l := d.layers[depth]
+	for attempt := 0; ; attempt++ {
+		n, err := l.img.WriteAt(p, off)
+		fe, fill := driver.AsFill(err)
+		if !fill {
+			if err == nil && n != len(p) {
+				err = io.ErrShortWrite
+			}
+			return driver.WithFile(err, "write", l.Name)
+		}
+		if attempt > 0 {
+			return driver.Corruptf(l.Name, off, "driver %s asked for a second fill of [%d, %d) after a filled write", l.Format.Name, fe.Off, fe.Off+fe.Len)
+		}
+		var err2 error
+		p, off, err2 = d.fill(depth, fe, p, off, r)
+		if err2 != nil {
+			return err2
+		}
 	}
-	return n, nil
+}
+
+// fill builds the buffer for [fe.Off, fe.Off+fe.Len): p at off, the rest
+// read from the chain as the disk shows it below layer depth's own data.
+func (d *Disk) fill(depth int, fe *driver.FillError, p []byte, off int64, r **rangelock.Range) ([]byte, int64, error) {
+	l := d.layers[depth]
+	end := off + int64(len(p))
+	if fe.Off > off || fe.Len > maxFill || fe.Off < 0 || fe.Off+fe.Len < end || fe.Off+fe.Len > l.img.Size() {
+		return nil, 0, driver.Corruptf(l.Name, off, "driver %s asked to fill [%d, %d) for a write of [%d, %d)", l.Format.Name, fe.Off, fe.Off+fe.Len, off, end)
+	}
+	if r != nil && !(*r).Covers(fe.Off, fe.Len) {
+		// The unit reaches past the lock held: hold one covering both.
+		// Ranges only grow, so no write overlapping them runs meanwhile.
+		start, end := d.alignLock(fe.Off, fe.Len)
+		*r = d.locks.Widen(*r, start, end-start)
+	}
+	buf := make([]byte, fe.Len)
+	if err := d.readLayerView(depth, buf[:off-fe.Off], fe.Off); err != nil {
+		return nil, 0, err
+	}
+	copy(buf[off-fe.Off:], p)
+	if err := d.readLayerView(depth, buf[end-fe.Off:], end); err != nil {
+		return nil, 0, err
+	}
+	return buf, fe.Off, nil
+}
+
+// readLayerView reads p at off as layer depth and the layers below show
+// it (zeros past the layer's end).
+func (d *Disk) readLayerView(depth int, p []byte, off int64) error {
+	if len(p) == 0 {
+		return nil
+	}
+	if depth >= len(d.layers) {
+		clear(p)
+		return nil
+	}
+	size := d.layers[depth].img.Size()
+	if off >= size {
+		clear(p)
+		return nil
+	}
+	n := min(int64(len(p)), size-off)
+	clear(p[n:])
+	return d.readFrom(depth, p[:n], off)
 }
 
 // WriteZeroes makes [off, off+n) read as zeros. With unmap the top image may
@@ -251,28 +368,88 @@ func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 		return nil
 	}
 	r := d.lockRange(off, n, true)
-	defer d.locks.Unlock(r)
-	top := d.layers[0]
-	if z, ok := top.Image.(driver.Zeroer); ok {
+	defer func() { d.locks.Unlock(r) }()
+	d.markDirty(off, n)
+	return d.zeroLayer(0, off, n, unmap, &r)
+}
+
+// zeroLayer makes [off, off+n) of layer depth read as zeros: through the
+// driver's Zeroer where it has one, else (or for the partial units a
+// driver needs filled) by writing zero buffers through the fill path.
+// Callers hold d.mu and a write lock over the range.
+func (d *Disk) zeroLayer(depth int, off, n int64, unmap bool, r **rangelock.Range) error {
+	l := d.layers[depth]
+	if z, ok := l.img.(driver.Zeroer); ok {
 		err := z.WriteZeroes(off, n, unmap)
 		if err == nil {
 			return nil
 		}
+		if _, fill := driver.AsFill(err); fill {
+			return d.zeroSplit(depth, off, n, unmap, r)
+		}
 		if !errors.Is(err, ErrUnsupported) {
-			return driver.WithFile(err, "write zeroes", top.Name)
+			return driver.WithFile(err, "write zeroes", l.Name)
 		}
 	}
-	// Fallback: write zero buffers.
-	buf := make([]byte, min(n, 1<<20))
+	return d.writeZeroBuffers(depth, off, n, r)
+}
+
+// zeroSplit zeroes the partial units at both ends of the range by writing
+// (with the fill path) and the aligned middle through the Zeroer.
+func (d *Disk) zeroSplit(depth int, off, n int64, unmap bool, r **rangelock.Range) error {
+	g := max(d.layers[depth].img.Info().ClusterSize, 512)
+	end := off + n
+	head := min(end, (off+g-1)/g*g)
+	tail := max(head, end/g*g)
+	if head > off {
+		if err := d.writeZeroBuffers(depth, off, head-off, r); err != nil {
+			return err
+		}
+	}
+	if tail > head {
+		z := d.layers[depth].img.(driver.Zeroer)
+		if err := z.WriteZeroes(head, tail-head, unmap); err != nil {
+			if _, fill := driver.AsFill(err); !fill {
+				return driver.WithFile(err, "write zeroes", d.layers[depth].Name)
+			}
+			if err := d.writeZeroBuffers(depth, head, tail-head, r); err != nil {
+				return err
+			}
+		}
+	}
+	if end > tail {
+		return d.writeZeroBuffers(depth, tail, end-tail, r)
+	}
+	return nil
+}
+
+// zeroBuf is a shared all-zero buffer: drivers only read what they are
+// given to write.
+var zeroBuf = make([]byte, 1<<20)
+
+// writeZeroBuffers writes zeros over [off, off+n) of layer depth, 1 MiB at
+// a time: the fallback for formats without an efficient Zeroer.
+func (d *Disk) writeZeroBuffers(depth int, off, n int64, r **rangelock.Range) error {
 	for n > 0 {
-		c := min(n, int64(len(buf)))
-		if _, err := top.Image.WriteAt(buf[:c], off); err != nil {
-			return driver.WithFile(err, "write zeroes", top.Name)
+		c := min(n, int64(len(zeroBuf)))
+		if err := d.writeLayer(depth, zeroBuf[:c], off, r); err != nil {
+			return driver.WithFile(err, "write zeroes", d.layers[depth].Name)
 		}
 		off += c
 		n -= c
 	}
 	return nil
+}
+
+// FastZero reports whether the top's format zeroes ranges without writing
+// them (NBD_CMD_FLAG_FAST_ZERO succeeds only then). A live snapshot may
+// change the answer.
+func (d *Disk) FastZero() bool {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	top := d.layers[0]
+	_, ok := top.img.(driver.Zeroer)
+	return ok && top.Format.Caps&driver.CapZero != 0
 }
 
 // Discard tells the top image that [off, off+n) is no longer needed. The
@@ -291,12 +468,13 @@ func (d *Disk) Discard(off, n int64) error {
 		return nil
 	}
 	top := d.layers[0]
-	dc, ok := top.Image.(driver.Discarder)
+	dc, ok := top.img.(driver.Discarder)
 	if !ok {
 		return nil
 	}
 	r := d.lockRange(off, n, true)
 	defer d.locks.Unlock(r)
+	d.markDirty(off, n)
 	if err := dc.Discard(off, n); err != nil && !errors.Is(err, ErrUnsupported) {
 		return driver.WithFile(err, "discard", top.Name)
 	}
@@ -314,7 +492,7 @@ func (d *Disk) Flush() error {
 		return nil
 	}
 	top := d.layers[0]
-	return driver.WithFile(top.Image.Flush(), "flush", top.Name)
+	return driver.WithFile(top.img.Flush(), "flush", top.Name)
 }
 
 // Close flushes the top image (durably) and closes every layer. It returns
@@ -338,11 +516,11 @@ func (d *Disk) close(sync bool) error {
 	var first error
 	for i, l := range d.layers {
 		if i == 0 && !d.readOnly && sync {
-			if err := l.Image.Flush(); err != nil && first == nil {
+			if err := l.img.Flush(); err != nil && first == nil {
 				first = driver.WithFile(err, "flush", l.Name)
 			}
 		}
-		if err := l.Image.Close(); err != nil && first == nil {
+		if err := l.img.Close(); err != nil && first == nil {
 			first = driver.WithFile(err, "close", l.Name)
 		}
 	}
@@ -391,7 +569,7 @@ func (d *Disk) statusFrom(depth int, off, n int64) (Extent, error) {
 		return Extent{Start: off, Length: n, Depth: depth, Zero: true, Offset: -1}, nil
 	}
 	l := d.layers[depth]
-	size := l.Image.Size()
+	size := l.img.Size()
 	if off >= size {
 		// Past the end of a smaller parent: reads as zeros.
 		return Extent{Start: off, Length: n, Depth: depth, Zero: true, Offset: -1}, nil
@@ -399,12 +577,9 @@ func (d *Disk) statusFrom(depth int, off, n int64) (Extent, error) {
 	if n > size-off {
 		n = size - off
 	}
-	ext, err := l.Image.Status(off, n)
+	ext, err := d.checkedStatus(depth, off, n)
 	if err != nil {
-		return Extent{}, driver.WithFile(err, "status", l.Name)
-	}
-	if ext.Length <= 0 || ext.Length > n {
-		return Extent{}, driver.Corruptf(l.Name, off, "driver %s reported a status run of %d bytes for a %d-byte request", l.Format.Name, ext.Length, n)
+		return Extent{}, err
 	}
 	switch ext.State {
 	case driver.Data:
@@ -459,58 +634,3 @@ func mergeable(a, b *Extent) bool {
 	}
 	return a.Offset < 0 || a.Offset+a.Length == b.Offset
 }
-
-// chainView is the ParentView handed to the layer above depth-1: the content
-// of layers depth.. of the disk. Drivers call it while the container holds
-// the range lock for their request, so it does not lock ranges itself.
-type chainView struct {
-	d     *Disk
-	depth int
-}
-
-func (v *chainView) ReadAt(p []byte, off int64) (int, error) {
-	if v.d == nil {
-		return 0, errors.New("parent view used before the chain was assembled")
-	}
-	size := v.Size()
-	if off < 0 {
-		return 0, fmt.Errorf("negative offset %d", off)
-	}
-	if off >= size {
-		clear(p)
-		return len(p), nil
-	}
-	n := min(int64(len(p)), size-off)
-	if err := v.d.readFrom(v.depth, p[:n], off); err != nil {
-		return 0, err
-	}
-	clear(p[n:])
-	return len(p), nil
-}
-
-func (v *chainView) Status(off, n int64) (driver.Extent, error) {
-	if v.d == nil {
-		return driver.Extent{}, errors.New("parent view used before the chain was assembled")
-	}
-	e, err := v.d.statusFrom(v.depth, off, n)
-	if err != nil {
-		return driver.Extent{}, err
-	}
-	st := driver.Unallocated
-	switch {
-	case e.Data:
-		st = driver.Data
-	case e.Present:
-		st = driver.Zero
-	}
-	return driver.Extent{State: st, Length: e.Length, Offset: -1}, nil
-}
-
-func (v *chainView) Size() int64 {
-	if v.d == nil || v.depth >= len(v.d.layers) {
-		return 0
-	}
-	return v.d.layers[v.depth].Image.Size()
-}
-
-func (v *chainView) Present() bool { return v.d != nil && v.depth < len(v.d.layers) }

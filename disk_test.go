@@ -70,7 +70,7 @@ var scriptedFormat = &driver.Format{Name: "scripted"}
 func chainOf(imgs ...*scripted) *Disk {
 	var layers []*Layer
 	for i, im := range imgs {
-		layers = append(layers, &Layer{Name: string(rune('a' + i)), Format: scriptedFormat, Image: im, ReadOnly: i > 0})
+		layers = append(layers, &Layer{Name: string(rune('a' + i)), Format: scriptedFormat, img: im, ReadOnly: i > 0})
 	}
 	return newDisk(layers, false, nil, nil)
 }

@@ -17,6 +17,7 @@ var (
 	ErrNotFound      = driver.ErrNotFound
 	ErrBusy          = driver.ErrBusy
 	ErrOutOfRange    = driver.ErrOutOfRange
+	ErrClosed        = driver.ErrClosed
 )
 
 // Error is the error type carrying file, offset and reason.

@@ -6,10 +6,25 @@ import (
 	"github.com/vdisk/vdisk/driver"
 )
 
-// Measure computes the size an image of format (with create options opts)
-// needs to hold src's content (qemu-img measure), or, with src nil, an
-// image of size bytes.
-func Measure(ctx context.Context, format string, opts []driver.KV, size int64, src *Disk) (driver.MeasureResult, error) {
+// MeasureOptions says what Measure measures.
+type MeasureOptions struct {
+	// Options are the new image's create options.
+	Options []driver.KV
+	// Source is the disk whose content the image would hold; when nil,
+	// an empty image of Size bytes is measured (qemu-img measure --size).
+	Source *Disk
+	Size   int64
+}
+
+// Measure computes the size an image of format needs (qemu-img measure).
+func Measure(ctx context.Context, format string, o *MeasureOptions) (driver.MeasureResult, error) {
+	if o == nil {
+		o = &MeasureOptions{}
+	}
+	opts, size, src := o.Options, o.Size, o.Source
+	if src != nil && size != 0 {
+		return driver.MeasureResult{}, driver.OptionErrorf("measure: give a source or a size, not both")
+	}
 	f, err := driver.Lookup(format)
 	if err != nil {
 		return driver.MeasureResult{}, err
@@ -24,7 +39,7 @@ func Measure(ctx context.Context, format string, opts []driver.KV, size int64, s
 	p := &driver.MeasureParams{Size: size, Options: vals}
 	if src != nil {
 		p.Size = src.Size()
-		top := src.Top().Image
+		top := src.Top().img
 		if si, ok := top.(*snapshotImage); ok {
 			// A snapshot's image keeps the image's bitmaps.
 			top = si.owner

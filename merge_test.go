@@ -2,9 +2,11 @@ package vdisk_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"testing"
 
 	"github.com/vdisk/vdisk"
@@ -85,7 +87,7 @@ func TestCommit(t *testing.T) {
 		t.Run(fmt.Sprintf("base%d-keep%v", c.base, c.keep), func(t *testing.T) {
 			st := memfs.New()
 			m, _ := buildChain(t, st, 1)
-			if err := vdisk.Commit(ctx, "/c/l2.tdf", c.base, c.keep, &vdisk.MergeOptions{Storage: st}); err != nil {
+			if err := vdisk.Commit(ctx, "/c/l2.tdf", &vdisk.CommitOptions{Base: c.base, Keep: c.keep, Open: &vdisk.OpenOptions{Storage: st}}); err != nil {
 				t.Fatal(err)
 			}
 			verifyChain(t, st, "/c/l2.tdf", m, c.wantLayers)
@@ -123,7 +125,7 @@ func TestMerge(t *testing.T) {
 		t.Run(fmt.Sprintf("%d-%d", c.from, c.to), func(t *testing.T) {
 			st := memfs.New()
 			m, _ := buildChain(t, st, 2)
-			dropped, err := vdisk.Merge(ctx, "/c/l2.tdf", c.from, c.to, &vdisk.MergeOptions{Storage: st})
+			dropped, err := vdisk.Merge(ctx, "/c/l2.tdf", c.from, c.to, &vdisk.MergeOptions{Open: &vdisk.OpenOptions{Storage: st}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -147,18 +149,18 @@ func TestRebase(t *testing.T) {
 	m, mid := buildChain(t, st, 3)
 	_ = mid
 	// Safe rebase of l2 straight onto base: content unchanged.
-	if err := vdisk.Rebase(ctx, "/c/l2.tdf", "base.raw", "raw", false, &vdisk.MergeOptions{Storage: st}); err != nil {
+	if err := vdisk.Rebase(ctx, "/c/l2.tdf", "base.raw", &vdisk.RebaseOptions{Format: "raw", Open: &vdisk.OpenOptions{Storage: st}}); err != nil {
 		t.Fatal(err)
 	}
 	verifyChain(t, st, "/c/l2.tdf", m, 2)
 	// Safe rebase onto nothing: standalone, content unchanged.
-	if err := vdisk.Rebase(ctx, "/c/l2.tdf", "", "", false, &vdisk.MergeOptions{Storage: st}); err != nil {
+	if err := vdisk.Rebase(ctx, "/c/l2.tdf", "", &vdisk.RebaseOptions{Open: &vdisk.OpenOptions{Storage: st}}); err != nil {
 		t.Fatal(err)
 	}
 	verifyChain(t, st, "/c/l2.tdf", m, 1)
 	// Unsafe rebase only rewrites the reference: l1 now reads through l1's
 	// chain wherever l1 itself is unallocated... so content changes.
-	if err := vdisk.Rebase(ctx, "/c/l1.tdf", "", "", true, &vdisk.MergeOptions{Storage: st}); err != nil {
+	if err := vdisk.Rebase(ctx, "/c/l1.tdf", "", &vdisk.RebaseOptions{Unsafe: true, Open: &vdisk.OpenOptions{Storage: st}}); err != nil {
 		t.Fatal(err)
 	}
 	d, err := vdisk.Open(ctx, "/c/l1.tdf", &vdisk.OpenOptions{Storage: st, ReadOnly: true})
@@ -171,22 +173,30 @@ func TestRebase(t *testing.T) {
 	d.Close()
 }
 
-// TestMergeCrash interrupts merges and commits at every few writes: the
-// chain must still open and read the same content.
+// TestMergeCrash interrupts merges, commits and streams at every write
+// (faultfs: what was not synced is lost): the chain must still open and
+// read the same content.
 func TestMergeCrash(t *testing.T) {
 	base := memfs.New()
 	m, _ := buildChain(t, base, 4)
 	crashes := 0
-	for _, op := range []string{"commit", "merge-back"} {
-		for n := 1; n < 400; n += 7 {
+	for _, op := range []string{"commit", "commit-parent", "merge-back", "merge-forward", "stream"} {
+		for n := 1; n < 2000; n++ {
 			fs := faultfs.New(base.Clone())
 			fs.CrashAfterWrites(n)
 			var err error
 			switch op {
 			case "commit":
-				err = vdisk.Commit(ctx, "/c/l2.tdf", 2, false, &vdisk.MergeOptions{Storage: fs})
+				err = vdisk.Commit(ctx, "/c/l2.tdf", &vdisk.CommitOptions{Base: 2, Open: &vdisk.OpenOptions{Storage: fs}})
+			case "commit-parent":
+				err = vdisk.Commit(ctx, "/c/l2.tdf", &vdisk.CommitOptions{Open: &vdisk.OpenOptions{Storage: fs}})
 			case "merge-back":
-				_, err = vdisk.Merge(ctx, "/c/l2.tdf", 2, 0, &vdisk.MergeOptions{Storage: fs})
+				_, err = vdisk.Merge(ctx, "/c/l2.tdf", 2, 0, &vdisk.MergeOptions{Open: &vdisk.OpenOptions{Storage: fs}})
+			case "merge-forward":
+				// l1 into l0: l2 is reparented onto l0.
+				_, err = vdisk.Merge(ctx, "/c/l2.tdf", 1, 2, &vdisk.MergeOptions{Open: &vdisk.OpenOptions{Storage: fs}})
+			case "stream":
+				_, err = vdisk.Stream(ctx, "/c/l2.tdf", &vdisk.StreamOptions{Open: &vdisk.OpenOptions{Storage: fs}})
 			}
 			if err == nil && !fs.Crashed() {
 				break // the operation finished before the crash point
@@ -198,7 +208,7 @@ func TestMergeCrash(t *testing.T) {
 			verifyChain(t, fs.Durable(), "/c/l2.tdf", m, 0)
 		}
 	}
-	if crashes < 10 {
+	if crashes < 100 {
 		t.Fatalf("only %d crash points were exercised", crashes)
 	}
 	t.Logf("%d crash points", crashes)
@@ -240,4 +250,61 @@ func TestIncrementalCopy(t *testing.T) {
 	}
 	dst.Close()
 	verifyChain(t, st, "/c/inc.tdf", m, 3)
+}
+
+// TestJobBusyAndCancel: one job at a time per disk, structural changes
+// wait for the job, and a cancelled job leaves the disk reading the same.
+func TestJobBusyAndCancel(t *testing.T) {
+	st := memfs.New()
+	m, _ := buildChain(t, st, 11)
+	d, err := vdisk.Open(ctx, "/c/l2.tdf", &vdisk.OpenOptions{Storage: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jctx, cancel := context.WithCancel(ctx)
+	inJob := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	done := make(chan error, 1)
+	go func() {
+		done <- d.Commit(jctx, &vdisk.CommitOptions{Base: 2, Progress: func(n, total int64) {
+			if n > 0 {
+				once.Do(func() { close(inJob); <-release })
+			}
+		}})
+	}()
+	<-inJob
+	if err := d.Resize(ctx, d.Size()*2, "off"); !errors.Is(err, vdisk.ErrBusy) {
+		t.Errorf("resize during a job: %v, want ErrBusy", err)
+	}
+	if _, err := d.Stream(ctx, nil); !errors.Is(err, vdisk.ErrBusy) {
+		t.Errorf("second job: %v, want ErrBusy", err)
+	}
+	if err := d.SetComment("x"); !errors.Is(err, vdisk.ErrBusy) && !errors.Is(err, vdisk.ErrUnsupported) {
+		t.Errorf("set comment during a job: %v", err)
+	}
+	if d.Job() != "commit" {
+		t.Errorf("Job() = %q", d.Job())
+	}
+	cancel()
+	close(release)
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled commit: %v", err)
+	}
+	if d.Job() != "" || len(d.Layers()) != 3 {
+		t.Fatalf("after cancel: job %q, %d layers", d.Job(), len(d.Layers()))
+	}
+	got := make([]byte, chainSize)
+	if _, err := d.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := m.Check(got, 0); i >= 0 {
+		t.Fatalf("after a cancelled commit the disk differs at %d", i)
+	}
+	// The job can run again, to the end.
+	if err := d.Commit(ctx, &vdisk.CommitOptions{Base: 2}); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	verifyChain(t, st, "/c/l2.tdf", m, 2)
 }

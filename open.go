@@ -49,6 +49,14 @@ type OpenOptions struct {
 	Snapshot string
 	// Storage holds the images; nil means the local file system.
 	Storage driver.Storage
+	// Resolver, when set, maps each image name of the chain (the top's,
+	// and every parent name as resolved against its child) to the storage
+	// holding it and the name inside that storage, so each layer may live
+	// on its own storage (a base on object storage, a diff on local disk),
+	// chosen by the name's scheme. Names with a scheme ("s3://...") are
+	// followed as parent references only with AllowUnsafeBacking. Nil puts
+	// every name in Storage.
+	Resolver func(name string) (driver.Storage, string, error)
 	// Logger receives notices and warnings; nil discards them.
 	Logger *slog.Logger
 }
@@ -58,6 +66,35 @@ func (o *OpenOptions) storage() driver.Storage {
 		return o.Storage
 	}
 	return osfs.New()
+}
+
+// resolve finds the storage of name and the name inside it.
+func (o *OpenOptions) resolve(name string) (driver.Storage, string, error) {
+	if o.Resolver == nil {
+		return o.storage(), name, nil
+	}
+	st, inner, err := o.Resolver(name)
+	if err != nil {
+		return nil, "", driver.WithFile(err, "open", name)
+	}
+	if st == nil {
+		return nil, "", driver.Errorf(ErrNotFound, name, -1, "no storage holds this name")
+	}
+	return st, inner, nil
+}
+
+// openNamed opens image name where o's resolver puts it.
+func (o *OpenOptions) openNamed(ctx context.Context, log *slog.Logger, name, format string, kvs []driver.KV, fl layerFlags) (*Layer, error) {
+	st, inner, err := o.resolve(name)
+	if err != nil {
+		return nil, err
+	}
+	l, err := openLayer(ctx, st, log, inner, format, kvs, fl)
+	if err != nil {
+		return nil, err
+	}
+	l.Name = name
+	return l, nil
 }
 
 func (o *OpenOptions) logger() *slog.Logger {
@@ -74,21 +111,21 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 	}
 	st, log := o.storage(), o.logger()
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
-	top, err := openLayer(ctx, st, log, name, o.Format, o.Options, layerFlags{writable: !ro, infoOnly: o.InfoOnly, direct: o.Direct, topLevel: true, unsafePaths: o.AllowUnsafeBacking})
+	top, err := o.openNamed(ctx, log, name, o.Format, o.Options, layerFlags{writable: !ro, infoOnly: o.InfoOnly, direct: o.Direct, topLevel: true, unsafePaths: o.AllowUnsafeBacking})
 	if err != nil {
 		return nil, err
 	}
 	layers := []*Layer{top}
 	cleanup := func() {
 		for _, l := range layers {
-			l.Image.Close()
+			l.img.Close()
 		}
 	}
 	if !o.NoBacking {
 		seen := map[string]bool{canonical(name): true}
 		for i := 0; ; i++ {
 			child := layers[len(layers)-1]
-			ref := child.Image.Parent()
+			ref := child.img.Parent()
 			if ref == nil {
 				break
 			}
@@ -103,7 +140,7 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 					explicitFmt = o.ParentFormats[i]
 				}
 			}
-			pname, pformat, err := parentName(ctx, st, log, child, ref, explicit, explicitFmt, o.AllowUnsafeBacking)
+			pname, pformat, err := parentName(ctx, o, log, child, ref, explicit, explicitFmt)
 			if err != nil {
 				cleanup()
 				return nil, err
@@ -113,7 +150,7 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 				return nil, driver.Corruptf(child.Name, -1, "backing chain loops back to %s", pname)
 			}
 			seen[canonical(pname)] = true
-			p, err := openParent(ctx, st, log, child, ref, pname, pformat, layerFlags{infoOnly: o.InfoOnly, unsafePaths: o.AllowUnsafeBacking})
+			p, err := openParent(ctx, o, log, child, ref, pname, pformat, layerFlags{infoOnly: o.InfoOnly, unsafePaths: o.AllowUnsafeBacking})
 			if err != nil {
 				cleanup()
 				return nil, err
@@ -134,7 +171,7 @@ func showSnapshot(top *Layer, key string) error {
 	if key == "" {
 		return nil
 	}
-	so, ok := top.Image.(driver.SnapshotOpener)
+	so, ok := top.img.(driver.SnapshotOpener)
 	if !ok {
 		return driver.Unsupportedf(top.Name, "format %s cannot read an internal snapshot", top.Format.Name)
 	}
@@ -142,7 +179,7 @@ func showSnapshot(top *Layer, key string) error {
 	if err != nil {
 		return driver.WithFile(err, "open snapshot", top.Name)
 	}
-	top.Image = &snapshotImage{Image: v, owner: top.Image}
+	top.img = &snapshotImage{Image: v, owner: top.img}
 	return nil
 }
 
@@ -192,10 +229,10 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
 	var layers []*Layer
 	for i, s := range specs {
-		l, err := openLayer(ctx, st, log, s.Name, s.Format, nil, layerFlags{writable: i == 0 && !ro, infoOnly: o.InfoOnly, direct: o.Direct && i == 0, topLevel: i == 0, unsafePaths: o.AllowUnsafeBacking})
+		l, err := o.openNamed(ctx, log, s.Name, s.Format, nil, layerFlags{writable: i == 0 && !ro, infoOnly: o.InfoOnly, direct: o.Direct && i == 0, topLevel: i == 0, unsafePaths: o.AllowUnsafeBacking})
 		if err != nil {
 			for _, l := range layers {
-				l.Image.Close()
+				l.img.Close()
 			}
 			return nil, err
 		}
@@ -203,7 +240,7 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 	}
 	if err := showSnapshot(layers[0], o.Snapshot); err != nil {
 		for _, l := range layers {
-			l.Image.Close()
+			l.img.Close()
 		}
 		return nil, err
 	}
@@ -243,7 +280,6 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
 	}
-	view := &chainView{}
 	img, err := f.Open(ctx, &driver.OpenParams{
 		Storage:     st,
 		Name:        name,
@@ -253,12 +289,11 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 		Options:     vals,
 		UnsafePaths: fl.unsafePaths,
 		Logger:      log.With("image", name),
-		Parent:      view,
 	})
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
 	}
-	return &Layer{Name: name, Format: f, Image: img, ReadOnly: !writable, view: view}, nil
+	return &Layer{Name: name, Format: f, img: img, ReadOnly: !writable, Storage: st, path: name, kvs: kvs, fl: fl}, nil
 }
 
 // probe finds the format of name. For a top-level image raw is the fallback
@@ -301,11 +336,22 @@ func probe(st driver.Storage, log *slog.Logger, name string, topLevel, writable 
 	return raw, nil
 }
 
-// resolveParent turns a recorded parent name into a storage name relative to
-// the child's directory, refusing escapes unless allowed.
+// resolveParent turns a recorded parent name into a name relative to the
+// child's directory, refusing escapes unless allowed. Names with a scheme
+// are followed only when allowed and a resolver can place them.
 func resolveParent(childName, ref string, allowUnsafe bool) (string, error) {
+	return resolveParentWith(childName, ref, allowUnsafe, false)
+}
+
+func resolveParentWith(childName, ref string, allowUnsafe, schemes bool) (string, error) {
 	if strings.Contains(ref, "://") {
-		return "", driver.Errorf(ErrUnsupported, childName, -1, "backing file %q is a URL; network backing files are not supported", ref)
+		if !schemes {
+			return "", driver.Errorf(ErrUnsupported, childName, -1, "backing file %q is a URL; network backing files are not supported without a storage resolver", ref)
+		}
+		if !allowUnsafe {
+			return "", driver.Errorf(ErrInvalidOption, childName, -1, "backing file %q is a URL; refusing to follow it (allow unsafe backing files to open it)", ref)
+		}
+		return ref, nil
 	}
 	if filepath.IsAbs(ref) {
 		if !allowUnsafe {
@@ -317,11 +363,25 @@ func resolveParent(childName, ref string, allowUnsafe bool) (string, error) {
 	if (clean == ".." || strings.HasPrefix(clean, "../")) && !allowUnsafe {
 		return "", driver.Errorf(ErrInvalidOption, childName, -1, "backing file %q leaves the image's directory; refusing to follow it (allow unsafe backing files to open it)", ref)
 	}
-	return filepath.Join(filepath.Dir(childName), clean), nil
+	return joinDir(childName, clean), nil
+}
+
+// joinDir joins rel to the directory of name, keeping a scheme's "//"
+// ("s3://bucket/dir/top" and "base" give "s3://bucket/dir/base").
+func joinDir(name, rel string) string {
+	if i := strings.Index(name, "://"); i >= 0 {
+		scheme, rest := name[:i+3], name[i+3:]
+		dir := path.Dir(rest)
+		if !strings.Contains(rest, "/") {
+			dir = rest
+		}
+		return scheme + path.Join(dir, rel)
+	}
+	return filepath.Join(filepath.Dir(name), rel)
 }
 
 // parentName finds the name and format of child's parent.
-func parentName(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, ref *driver.ParentRef, explicit, explicitFmt string, allowUnsafe bool) (string, string, error) {
+func parentName(ctx context.Context, o *OpenOptions, log *slog.Logger, child *Layer, ref *driver.ParentRef, explicit, explicitFmt string) (string, string, error) {
 	format := ref.Format
 	var name string
 	switch {
@@ -332,13 +392,13 @@ func parentName(ctx context.Context, st driver.Storage, log *slog.Logger, child 
 		}
 	case ref.Name != "":
 		var err error
-		name, err = resolveParent(child.Name, ref.Name, allowUnsafe)
+		name, err = resolveParentWith(child.Name, ref.Name, o.AllowUnsafeBacking, o.Resolver != nil)
 		if err != nil {
 			return "", "", err
 		}
 	case ref.UUID != "":
 		var err error
-		name, format, err = findByUUID(ctx, st, log, child, ref.UUID, format)
+		name, format, err = findByUUID(ctx, child.Storage, log, child, ref.UUID, format)
 		if err != nil {
 			return "", "", err
 		}
@@ -348,8 +408,8 @@ func parentName(ctx context.Context, st driver.Storage, log *slog.Logger, child 
 	return name, format, nil
 }
 
-func openParent(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, fl layerFlags) (*Layer, error) {
-	p, err := openLayer(ctx, st, log, name, format, nil, fl)
+func openParent(ctx context.Context, o *OpenOptions, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, fl layerFlags) (*Layer, error) {
+	p, err := o.openNamed(ctx, log, name, format, nil, fl)
 	if err != nil {
 		if errors.Is(err, ErrNotFound) {
 			return nil, driver.Errorf(ErrNotFound, child.Name, -1, "cannot open backing file %s: %v", name, err)
@@ -357,14 +417,14 @@ func openParent(ctx context.Context, st driver.Storage, log *slog.Logger, child 
 		return nil, err
 	}
 	if err := checkParentIdentity(log, child, p, ref); err != nil {
-		p.Image.Close()
+		p.img.Close()
 		return nil, err
 	}
 	return p, nil
 }
 
 func checkParentIdentity(log *slog.Logger, child, p *Layer, ref *driver.ParentRef) error {
-	id, ok := p.Image.(driver.Identifier)
+	id, ok := p.img.(driver.Identifier)
 	if !ok {
 		return nil
 	}
@@ -380,7 +440,7 @@ func checkParentIdentity(log *slog.Logger, child, p *Layer, ref *driver.ParentRe
 
 // findByUUID looks in the child's directory for an image whose UUID is u.
 func findByUUID(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, u, format string) (string, string, error) {
-	dir := filepath.Dir(child.Name)
+	dir := filepath.Dir(child.path)
 	names, err := st.List(dir)
 	if err != nil {
 		return "", "", driver.WithFile(err, "find parent", child.Name)
@@ -399,7 +459,7 @@ func findByUUID(ctx context.Context, st driver.Storage, log *slog.Logger, child 
 	tried := 0
 	for _, n := range names {
 		full := filepath.Join(dir, n)
-		if canonical(full) == canonical(child.Name) {
+		if canonical(full) == canonical(child.path) {
 			continue
 		}
 		for _, f := range candidates {
@@ -414,11 +474,11 @@ func findByUUID(ctx context.Context, st driver.Storage, log *slog.Logger, child 
 			if err != nil {
 				continue
 			}
-			id, ok := l.Image.(driver.Identifier)
+			id, ok := l.img.(driver.Identifier)
 			match := ok && strings.EqualFold(id.UUID(), u)
-			l.Image.Close()
+			l.img.Close()
 			if match {
-				return full, f.Name, nil
+				return joinDir(child.Name, n), f.Name, nil
 			}
 		}
 	}

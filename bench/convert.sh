@@ -17,8 +17,14 @@ command -v qemu-img >/dev/null || { echo "qemu-img missing: run ./test.sh first"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-go build -o "$work/vdisk" ./cmd/vdisk
-VDISK=$work/vdisk
+# VDISK_BIN runs another build instead (e.g. the previous commit's, to
+# compare two versions against the same peer).
+if [ -n "${VDISK_BIN:-}" ]; then
+	VDISK=$VDISK_BIN
+else
+	go build -o "$work/vdisk" ./cmd/vdisk
+	VDISK=$work/vdisk
+fi
 
 # Source: 2 GiB sparse raw, even-numbered 1 MiB chunks filled with random data.
 src=$work/src.raw

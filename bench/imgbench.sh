@@ -14,8 +14,14 @@ command -v qemu-img >/dev/null || { echo "qemu-img missing: run ./test.sh first"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-imgbench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-go build -o "$work/vdisk" ./cmd/vdisk
-VDISK=$work/vdisk
+# VDISK_BIN runs another build instead (e.g. the previous commit's, to
+# compare two versions against the same peer).
+if [ -n "${VDISK_BIN:-}" ]; then
+	VDISK=$VDISK_BIN
+else
+	go build -o "$work/vdisk" ./cmd/vdisk
+	VDISK=$work/vdisk
+fi
 
 COUNT=${COUNT:-40000}
 ARGS=(-c "$COUNT" -d 16 -s 4k -S 772k -t writeback)

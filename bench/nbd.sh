@@ -36,8 +36,14 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
-go build -o "$work/vdisk" ./cmd/vdisk
-VDISK=$work/vdisk
+# VDISK_BIN runs another build instead (e.g. the previous commit's, to
+# compare two versions against the same peer).
+if [ -n "${VDISK_BIN:-}" ]; then
+	VDISK=$VDISK_BIN
+else
+	go build -o "$work/vdisk" ./cmd/vdisk
+	VDISK=$work/vdisk
+fi
 "$VDISK" serve --help >/dev/null 2>&1 || { echo "bench/nbd.sh: this vdisk has no serve command (register newServeCmd in cmd/vdisk/root.go)" >&2; exit 1; }
 
 # start SERVER IMAGE FORMAT: serve IMAGE on $work/sock, wait until ready.

@@ -22,6 +22,8 @@ var (
 	ErrBusy = errors.New("busy")
 	// ErrOutOfRange: an access past the end of the virtual disk.
 	ErrOutOfRange = errors.New("out of range")
+	// ErrClosed: a use of a disk or image after Close.
+	ErrClosed = errors.New("closed")
 )
 
 // Error carries the context of a failure: which operation, on which file, at

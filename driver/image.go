@@ -2,7 +2,8 @@ package driver
 
 import (
 	"context"
-	"io"
+	"errors"
+	"fmt"
 	"log/slog"
 )
 
@@ -54,19 +55,41 @@ type ParentRef struct {
 	ModUUID string
 }
 
-// ParentView gives a driver the content of the chain below its image (the VD
-// PARENTSTATE interface): copy-on-write fills of partially written blocks and
-// compaction against the parent use it. It reads zeros past the parent's end
-// and everywhere when the image has no parent.
-type ParentView interface {
-	io.ReaderAt
-	// Status reports the chain's state at off: Unallocated only where no
-	// layer below holds anything.
-	Status(off, n int64) (Extent, error)
-	// Size is the parent's virtual size (0 without parent).
-	Size() int64
-	// Present reports whether there is a parent at all.
-	Present() bool
+// FillError is what WriteAt (and WriteZeroes) return, having written
+// nothing, when the request covers only part of an allocation unit that the
+// image does not hold (Unallocated) and whose rest must keep reading what
+// the chain below shows: VD's "block free" answer with its pre- and
+// post-read sizes. The container then reads [Off, Off+Len) around the
+// request from the chain, under the range lock it already holds, and
+// re-issues the write extended to that range (which contains the original
+// one and covers whole units). Off and Len are byte offsets of the virtual
+// disk.
+//
+// A driver never reads another layer: an image that records no parent may
+// fill such a unit with zeros itself (or leave holes) instead of asking,
+// and a format whose unit is as fine as the write (VHD sector bitmaps,
+// qcow2 subclusters at sector granularity) never asks.
+type FillError struct {
+	File     string
+	Off, Len int64
+}
+
+func (e *FillError) Error() string {
+	return fmt.Sprintf("%s: write needs [%d, %d) filled from the chain below (copy-on-write)", e.File, e.Off, e.Off+e.Len)
+}
+
+// NeedFill builds the FillError asking for [off, end) to be written whole.
+func NeedFill(file string, off, end int64) error {
+	return &FillError{File: file, Off: off, Len: end - off}
+}
+
+// AsFill reports whether err asks for a copy-on-write fill.
+func AsFill(err error) (*FillError, bool) {
+	var fe *FillError
+	if errors.As(err, &fe) {
+		return fe, true
+	}
+	return nil, false
 }
 
 // Image is one open image (one layer of a chain).
@@ -77,6 +100,11 @@ type ParentView interface {
 // parallel; drivers protect their shared metadata themselves.
 //
 // Offsets and lengths are bytes; requests lie within [0, Size()).
+//
+// Drivers hold no chain logic (contract v2): ReadAt is only asked for runs
+// the image reported as Data by Status (anything else is a caller bug and
+// may fail), and a write into part of a unit the image does not hold
+// answers with a *FillError instead of reading the parent.
 type Image interface {
 	// Size is the virtual size in bytes.
 	Size() int64
@@ -111,9 +139,10 @@ type Zeroer interface {
 	WriteZeroes(off, n int64, unmap bool) error
 }
 
-// Discarder deallocates a range. Afterwards the range reads as zeros, as its
-// old content or (in a diff image) as the parent's content: the driver picks.
-// Callers needing zeros use WriteZeroes.
+// Discarder deallocates a range: every whole allocation unit inside it
+// becomes Unallocated (reading through to the parent in a diff image, zeros
+// in a base); parts of units may be left as they are. Callers needing zeros
+// use WriteZeroes. The container's compaction relies on this.
 type Discarder interface {
 	Discard(off, n int64) error
 }
@@ -155,10 +184,12 @@ type Checker interface {
 // Progress reports done out of total units of work.
 type Progress func(done, total int64)
 
-// Compacter drops blocks that are all zeros or equal to the parent's content
-// and shrinks the file.
+// Compacter packs the image file: it moves allocated units into the holes
+// that discarded units left and shrinks the file. The container first finds
+// the units that are all zeros or equal to the chain below and discards
+// them (VD's PARENTSTATE compaction); Compact only reorganises the file.
 type Compacter interface {
-	Compact(ctx context.Context, parent ParentView, progress Progress) error
+	Compact(ctx context.Context, progress Progress) error
 }
 
 // Snapshot is an internal snapshot.
@@ -192,7 +223,7 @@ type Amender interface {
 // SnapshotOpener is implemented by images that can show an internal
 // snapshot read-only without applying it (convert -l, measure -l). key is
 // the snapshot's ID or, when no ID matches, its name. The returned image
-// shares the image's files and parent view: close it before the image.
+// shares the image's files: close it before the image.
 type SnapshotOpener interface {
 	OpenSnapshot(key string) (Image, error)
 }
@@ -279,10 +310,6 @@ type OpenParams struct {
 	// (VMDK extent files) that are absolute or leave its directory; the
 	// container sets it with OpenOptions.AllowUnsafeBacking.
 	UnsafePaths bool
-	// Parent is the view of the chain below this image (never nil). It is
-	// bound after Open returns, before any ReadAt or WriteAt; drivers must
-	// not use it during Open.
-	Parent ParentView
 }
 
 // CreateParams is what a driver's Create receives. The driver creates the
@@ -299,8 +326,6 @@ type CreateParams struct {
 	// for a base image); ParentInfo describes the opened parent.
 	ParentRef  *ParentRef
 	ParentInfo *ParentInfo
-	// Parent is the view of the chain below (never nil; empty for a base).
-	Parent ParentView
 }
 
 // ParentInfo describes the opened parent of a diff image being created.

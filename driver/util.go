@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"context"
 	"encoding/binary"
 	"io"
 )
@@ -28,17 +29,6 @@ func IsZero(b []byte) bool {
 	return true
 }
 
-// NoParent is the ParentView of an image without a parent: everything reads
-// as zeros and is unallocated.
-type NoParent struct{}
-
-func (NoParent) ReadAt(p []byte, off int64) (int, error) { clear(p); return len(p), nil }
-func (NoParent) Status(off, n int64) (Extent, error) {
-	return Extent{State: Unallocated, Length: n, Offset: -1}, nil
-}
-func (NoParent) Size() int64   { return 0 }
-func (NoParent) Present() bool { return false }
-
 // ReadFullAt reads len(p) bytes at off from r, treating a short read at EOF
 // as io.ErrUnexpectedEOF.
 func ReadFullAt(r io.ReaderAt, p []byte, off int64) error {
@@ -56,6 +46,57 @@ func ReadFullAt(r io.ReaderAt, p []byte, off int64) error {
 func CheckRange(name string, off, n, size int64) error {
 	if off < 0 || n < 0 || off > size || n > size-off {
 		return Errorf(ErrOutOfRange, name, off, "access of %d bytes past the end of the %d-byte disk", n, size)
+	}
+	return nil
+}
+
+// ZeroChunk is the size of the shared zero buffer: WriteZeros writes in
+// pieces of at most this many bytes, and Zeros shares the buffer up to it.
+const ZeroChunk = 1 << 20
+
+// zeroBuf is shared by every caller of Zeros and WriteZeros; it is never
+// written.
+var zeroBuf = make([]byte, ZeroChunk)
+
+// Zeros returns n zero bytes that the caller must not write to: a slice of
+// a shared buffer for n up to ZeroChunk, a new buffer beyond.
+func Zeros(n int64) []byte {
+	if n <= ZeroChunk {
+		return zeroBuf[:n]
+	}
+	return make([]byte, n)
+}
+
+// WriteZeros writes n zero bytes at off to w, in pieces of at most
+// ZeroChunk bytes: the fallback of a storage or image that cannot zero a
+// range otherwise.
+func WriteZeros(w io.WriterAt, off, n int64) error {
+	return WriteZerosContext(context.Background(), w, off, n)
+}
+
+// WriteZerosContext is WriteZeros checking ctx before each piece.
+func WriteZerosContext(ctx context.Context, w io.WriterAt, off, n int64) error {
+	for end := off + n; off < end; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		c := min(end-off, ZeroChunk)
+		if _, err := w.WriteAt(zeroBuf[:c], off); err != nil {
+			return err
+		}
+		off += c
+	}
+	return nil
+}
+
+// CheckExtent validates a driver's answer e to Status(off, n): a run of 1
+// to n bytes in a known state. format names the driver, name the image.
+func CheckExtent(format, name string, off, n int64, e Extent) error {
+	if e.Length <= 0 || e.Length > n {
+		return Corruptf(name, off, "driver %s reported a status run of %d bytes for a %d-byte request", format, e.Length, n)
+	}
+	if e.State > Zero {
+		return Corruptf(name, off, "driver %s reported invalid state %d", format, e.State)
 	}
 	return nil
 }

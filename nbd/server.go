@@ -84,9 +84,6 @@ type Server struct {
 type export struct {
 	*Export
 	readOnly bool
-	// fastZero: the top format zeroes efficiently (NBD_CMD_FLAG_FAST_ZERO
-	// succeeds only then).
-	fastZero bool
 }
 
 func (s *Server) init() error {
@@ -129,10 +126,6 @@ func (s *Server) init() error {
 				return
 			}
 			x := &export{Export: e, readOnly: e.ReadOnly || e.Disk.ReadOnly()}
-			top := e.Disk.Top()
-			if _, ok := top.Image.(driver.Zeroer); ok && top.Format.Caps&driver.CapZero != 0 {
-				x.fastZero = true
-			}
 			s.exports[e.Name] = x
 			s.order = append(s.order, x)
 		}

@@ -192,7 +192,7 @@ func (c *conn) handle(req *request) {
 	case cmdTrim:
 		err = fua(d.Discard(off, n))
 	case cmdWriteZeroes:
-		if req.flags&cmdFlagFastZero != 0 && !c.exp.fastZero {
+		if req.flags&cmdFlagFastZero != 0 && !c.exp.Disk.FastZero() {
 			c.sendError(req, ENOTSUP, "the image format cannot write zeroes faster than data")
 			return
 		}

@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/spf13/cobra"
 
+	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 )
 
@@ -73,13 +74,12 @@ func (a *app) amend(name, format string, kvs []driver.KV, showProgress bool) err
 	}
 	defer d.Close()
 	top := d.Top()
-	am, ok := top.Image.(driver.Amender)
-	if !ok {
+	if _, ok := vdisk.As[driver.Amender](top); !ok {
 		return driver.Unsupportedf(top.Name, "Format driver '%s' does not support option amendment", top.Format.Name)
 	}
 	prog := a.newProgress(showProgress)
 	prog.update(0, 1)
-	err = am.Amend(a.ctx, kvs)
+	err = d.Amend(a.ctx, kvs)
 	if err == nil {
 		err = d.Close()
 	}

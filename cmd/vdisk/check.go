@@ -115,7 +115,7 @@ func (a *app) check(name, format string, mode driver.RepairMode, asJSON, quiet b
 	defer d.Close()
 	top := d.Top()
 	unsupported := &exitError{code: checkExitUnsupported, err: errors.New("This image format does not support checks")}
-	if _, ok := top.Image.(driver.Checker); !ok {
+	if _, ok := vdisk.As[driver.Checker](top); !ok {
 		return unsupported
 	}
 	res, err := d.Check(a.ctx, mode)

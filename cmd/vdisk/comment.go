@@ -43,7 +43,7 @@ func (a *app) comment(name, format, text string, set bool) error {
 	}
 	defer d.Close()
 	top := d.Top()
-	c, ok := top.Image.(driver.Commenter)
+	c, ok := vdisk.As[driver.Commenter](top)
 	if !ok {
 		return driver.Unsupportedf(top.Name, "format %s does not record a comment", top.Format.Name)
 	}
@@ -54,8 +54,8 @@ func (a *app) comment(name, format, text string, set bool) error {
 		}
 		return nil
 	}
-	if err := c.SetComment(text); err != nil {
-		return driver.WithFile(err, "set comment", top.Name)
+	if err := d.SetComment(text); err != nil {
+		return err
 	}
 	return d.Close()
 }

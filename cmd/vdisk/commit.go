@@ -6,14 +6,15 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/control"
 	"github.com/vdisk/vdisk/driver"
 )
 
 func (a *app) newCommitCmd() *cobra.Command {
-	var format, base, cache string
-	var keep, prog, quiet bool
+	var format, base, cache, server string
+	var keep, prog, quiet, detach bool
 	cmd := &cobra.Command{
-		Use:   "commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE",
+		Use:   "commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-q] FILE | --server SOCKET [-b BASE] [-d] [-p] [-q] [--detach] [EXPORT]",
 		Short: "Commit the changes of an image into its backing file",
 		Long: `Write the content of FILE into its backing file, then empty FILE (its data
 now lives below it), so that the chain reads the same as before.
@@ -24,11 +25,28 @@ the backing chain (named as FILE records it, or by any path to the same
 file); -b implies -d, as in qemu-img: the chain stays as it was (it
 reads the same, BASE now holding the content of the images above it as
 well). The chain reads the same content at every moment, so an
-interrupted commit loses nothing.`,
-		Args: exactArgs(1, "expecting one image file name"),
+interrupted commit loses nothing.
+
+With --server, the commit runs live in a 'vdisk serve --control SOCKET'
+on export EXPORT (default "") while its clients keep reading and
+writing. BASE may also be a layer index (1 is the top's backing file,
+as the control protocol's query-exports lists the chain).
+The command waits for the job's end and exits 1 if it failed or was
+cancelled; interrupting it cancels the job. With --detach it prints the
+job's ID and returns at once ('vdisk jobs' follows it).`,
+		Args: imageOrExportArgs(&server, "expecting one image file name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkCacheMode(cache); err != nil {
 				return err
+			}
+			if server != "" {
+				if format != "" || cache != "" {
+					return usageErrorf("-f and -t cannot be used with --server")
+				}
+				return a.commitServer(server, exportArg(args), base, keep, prog, quiet, detach)
+			}
+			if detach {
+				return usageErrorf("--detach needs --server")
 			}
 			return a.commit(args[0], format, base, keep, prog, quiet)
 		},
@@ -39,7 +57,31 @@ interrupted commit loses nothing.`,
 	cmd.Flags().BoolVarP(&keep, "keep", "d", false, "do not empty FILE after the commit")
 	addProgressFlag(cmd, &prog)
 	addQuietFlag(cmd, &quiet)
+	addServerFlag(cmd, &server)
+	cmd.Flags().BoolVar(&detach, "detach", false, "with --server: print the job's ID and return without waiting")
 	return cmd
+}
+
+// commitServer runs a live commit on an export of a control server.
+func (a *app) commitServer(sock, export, base string, keep, showProgress, quiet, detach bool) error {
+	args := control.CommitArgs{Export: export, Keep: keep}
+	if base != "" {
+		c, err := a.dialControl(sock)
+		if err != nil {
+			return err
+		}
+		e, err := a.queryExport(c, export)
+		c.Close()
+		if err != nil {
+			return err
+		}
+		depth := layerIndex(e.Layers, base)
+		if depth < 0 {
+			return fmt.Errorf("Did not find '%s' in the backing chain of export '%s'", base, export)
+		}
+		args.Base, args.Keep = &depth, true // -b implies -d, as offline
+	}
+	return a.startJob(sock, "commit", args, detach, showProgress, quiet, "Image committed.\n")
 }
 
 func (a *app) commit(name, format, base string, keep, showProgress, quiet bool) error {
@@ -51,7 +93,7 @@ func (a *app) commit(name, format, base string, keep, showProgress, quiet bool) 
 		return err
 	}
 	layers := d.Layers()
-	_, canEmpty := layers[0].Image.(driver.Emptier)
+	_, canEmpty := vdisk.As[driver.Emptier](layers[0])
 	depth := 1
 	if base != "" {
 		depth = findLayer(layers, base)
@@ -65,11 +107,11 @@ func (a *app) commit(name, format, base string, keep, showProgress, quiet bool) 
 		return fmt.Errorf("Did not find '%s' in the backing chain of '%s'", base, name)
 	}
 	prog := a.newProgress(showProgress && !quiet)
-	err = vdisk.Commit(a.ctx, name, depth, keep, &vdisk.MergeOptions{
-		Format:             format,
-		Progress:           prog.update,
-		AllowUnsafeBacking: true,
-		Logger:             a.log,
+	err = vdisk.Commit(a.ctx, name, &vdisk.CommitOptions{
+		Base:     depth,
+		Keep:     keep,
+		Progress: prog.update,
+		Open:     &vdisk.OpenOptions{Format: format, AllowUnsafeBacking: true, Logger: a.log},
 	})
 	prog.finish(err == nil)
 	if err != nil {

@@ -66,128 +66,32 @@ a DST created by this run is removed.`,
 
 func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err error) {
 	// Check everything that can be checked before touching any file.
-	if fl.workers < 1 || fl.workers > 16 {
-		return usageErrorf("invalid number of workers %d: allowed is 1 to 16", fl.workers)
-	}
-	zd, err := driver.ParseSize(fl.sparse)
-	if err != nil || zd%512 != 0 || zd > 16<<20 {
-		return usageErrorf("invalid sparse size %q: valid sizes are multiples of 512 up to 16M", fl.sparse)
-	}
-	if zd == 0 {
-		zd = -1 // fully allocated, as qemu-img -S 0
-	}
-	for _, c := range []string{fl.cache, fl.sourceCache} {
-		switch c {
-		case "", "none", "writeback", "writethrough", "directsync", "unsafe":
-		default:
-			return usageErrorf("invalid cache mode %q", c)
-		}
-	}
-	if fl.targetIsZero && !fl.noCreate {
-		return usageErrorf("--target-is-zero requires -n")
-	}
-	if fl.noCreate && fl.backing != "" {
-		return usageErrorf("-B cannot be used with -n")
-	}
-	if fl.backFmt != "" && fl.backing == "" {
-		return usageErrorf("-F requires -B")
-	}
-	outFmt, err := driver.Lookup(fl.outFmt)
+	zd, err := checkConvertFlags(fl)
 	if err != nil {
 		return err
 	}
-	if fl.srcFmt != "" {
-		if _, err := driver.Lookup(fl.srcFmt); err != nil {
-			return err
-		}
-	}
-	kvs, err := parseOptionArgs(fl.opts)
+	t, help, err := convertTargetOptions(dst, fl, outGiven)
 	if err != nil {
 		return err
 	}
-	if wantsHelp(kvs) {
-		printOptionHelp(a.stdout, outFmt)
+	if help {
+		printOptionHelp(a.stdout, t.format)
 		return nil
 	}
-	iopt := splitImageOptions(kvs)
-	if iopt.size != "" {
-		return driver.OptionErrorf("option size is not valid for convert: the target takes the source's size")
-	}
-	backing, err := mergeFlag(fl.backing, iopt.backing, "-B", "backing_file")
+	s, err := a.openConvertSource(src, dst, fl)
 	if err != nil {
 		return err
-	}
-	backFmt, err := mergeFlag(fl.backFmt, iopt.backingFmt, "-F", "backing_fmt")
-	if err != nil {
-		return err
-	}
-	if fl.noCreate && len(kvs) > 0 {
-		return driver.OptionErrorf("-o has no effect when skipping image creation (-n)")
-	}
-	if _, err := driver.ParseOptions(outFmt.Name, outFmt.CreateOptions, iopt.rest); err != nil {
-		return driver.WithFile(err, "create", dst)
-	}
-	if fl.compress {
-		if outFmt.Caps&driver.CapCompress == 0 {
-			return driver.Unsupportedf(dst, "format %s does not support compression (-c)", outFmt.Name)
-		}
-		if fl.noCreate || backing != "" {
-			return driver.Unsupportedf(dst, "compressed output (-c) needs a new target without a backing file")
-		}
-	}
-	if fl.noCreate && !outGiven {
-		// The target exists: name its format only when the user did.
-		outFmt = nil
-	}
-
-	if si, err := os.Stat(src); err == nil {
-		if di, err := os.Stat(dst); err == nil && os.SameFile(si, di) {
-			return driver.OptionErrorf("the source and the target are the same file (%s)", dst)
-		}
-	}
-
-	s, err := a.openRO(src, fl.srcFmt, false)
-	if err != nil {
-		return err
-	}
-	if fl.snapshot != "" {
-		v, err := a.openSnapshot(s, fl.srcFmt, fl.snapshot)
-		if err != nil {
-			s.Close()
-			return err
-		}
-		s = v
 	}
 	defer s.Close()
 
 	// Incremental copy: when the backing file of the target is an image of
 	// the source's chain, only the layers above it are copied.
 	above := 0
-	if backing != "" && !fl.noCreate {
-		above = layerAbove(s, dst, backing)
+	if t.backing != "" && !fl.noCreate {
+		above = layerAbove(s, dst, t.backing)
 	}
 
-	var d *vdisk.Disk
-	created := false
-	if fl.noCreate {
-		format := ""
-		if outFmt != nil {
-			format = outFmt.Name
-		}
-		d, err = vdisk.Open(a.ctx, dst, &vdisk.OpenOptions{Format: format, Logger: a.log})
-	} else {
-		d, err = vdisk.Create(a.ctx, dst, &vdisk.CreateOptions{
-			Format:             outFmt.Name,
-			Size:               s.Size(),
-			Options:            iopt.rest,
-			Backing:            backing,
-			BackingFormat:      backFmt,
-			Overwrite:          true,
-			AllowUnsafeBacking: true,
-			Logger:             a.log,
-		})
-		created = err == nil
-	}
+	d, created, err := a.openConvertTarget(dst, s.Size(), t, fl.noCreate)
 	if err != nil {
 		return err
 	}
@@ -214,7 +118,7 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 		ZeroDetect: zd,
 		// An existing target, or a differencing one (whose holes show the
 		// backing file), does not read as zeros where the source does.
-		TargetNotZero: (fl.noCreate && !fl.targetIsZero) || backing != "",
+		TargetNotZero: (fl.noCreate && !fl.targetIsZero) || t.backing != "",
 		Sequential:    !fl.outOfOrder,
 		Progress:      prog.update,
 		Above:         above,
@@ -241,10 +145,143 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 	return nil
 }
 
-// layerAbove returns the depth of the layer of src's chain that backing
-// (a backing file name as the target dst records it: relative names are
-// relative to dst's directory) names, or 0 when it names none of the
-// layers below the top.
+// checkConvertFlags checks the flags that need no file and returns the
+// zero detection size (-S; -1 for none).
+func checkConvertFlags(fl *convertFlags) (int64, error) {
+	if fl.workers < 1 || fl.workers > 16 {
+		return 0, usageErrorf("invalid number of workers %d: allowed is 1 to 16", fl.workers)
+	}
+	zd, err := driver.ParseSize(fl.sparse)
+	if err != nil || zd%512 != 0 || zd > 16<<20 {
+		return 0, usageErrorf("invalid sparse size %q: valid sizes are multiples of 512 up to 16M", fl.sparse)
+	}
+	if zd == 0 {
+		zd = -1 // fully allocated, as qemu-img -S 0
+	}
+	for _, c := range []string{fl.cache, fl.sourceCache} {
+		switch c {
+		case "", "none", "writeback", "writethrough", "directsync", "unsafe":
+		default:
+			return 0, usageErrorf("invalid cache mode %q", c)
+		}
+	}
+	if fl.targetIsZero && !fl.noCreate {
+		return 0, usageErrorf("--target-is-zero requires -n")
+	}
+	if fl.noCreate && fl.backing != "" {
+		return 0, usageErrorf("-B cannot be used with -n")
+	}
+	if fl.backFmt != "" && fl.backing == "" {
+		return 0, usageErrorf("-F requires -B")
+	}
+	return zd, nil
+}
+
+// convertTarget is what the flags and options say about convert's target.
+type convertTarget struct {
+	format           *driver.Format // nil: an existing target's own (-n without -O)
+	opts             []driver.KV    // the create options
+	backing, backFmt string
+}
+
+// convertTargetOptions resolves the target's format, create options and
+// backing file from the flags, checking them. help reports that the
+// options asked for help (t.format names the format to show).
+func convertTargetOptions(dst string, fl *convertFlags, outGiven bool) (t convertTarget, help bool, err error) {
+	if t.format, err = driver.Lookup(fl.outFmt); err != nil {
+		return t, false, err
+	}
+	if fl.srcFmt != "" {
+		if _, err := driver.Lookup(fl.srcFmt); err != nil {
+			return t, false, err
+		}
+	}
+	kvs, err := parseOptionArgs(fl.opts)
+	if err != nil {
+		return t, false, err
+	}
+	if wantsHelp(kvs) {
+		return t, true, nil
+	}
+	iopt := splitImageOptions(kvs)
+	if iopt.size != "" {
+		return t, false, driver.OptionErrorf("option size is not valid for convert: the target takes the source's size")
+	}
+	if t.backing, err = mergeFlag(fl.backing, iopt.backing, "-B", "backing_file"); err != nil {
+		return t, false, err
+	}
+	if t.backFmt, err = mergeFlag(fl.backFmt, iopt.backingFmt, "-F", "backing_fmt"); err != nil {
+		return t, false, err
+	}
+	if fl.noCreate && len(kvs) > 0 {
+		return t, false, driver.OptionErrorf("-o has no effect when skipping image creation (-n)")
+	}
+	if _, err := driver.ParseOptions(t.format.Name, t.format.CreateOptions, iopt.rest); err != nil {
+		return t, false, driver.WithFile(err, "create", dst)
+	}
+	t.opts = iopt.rest
+	if fl.compress {
+		if t.format.Caps&driver.CapCompress == 0 {
+			return t, false, driver.Unsupportedf(dst, "format %s does not support compression (-c)", t.format.Name)
+		}
+		if fl.noCreate || t.backing != "" {
+			return t, false, driver.Unsupportedf(dst, "compressed output (-c) needs a new target without a backing file")
+		}
+	}
+	if fl.noCreate && !outGiven {
+		// The target exists: name its format only when the user did.
+		t.format = nil
+	}
+	return t, false, nil
+}
+
+// openConvertSource opens convert's source (or the snapshot -l names),
+// refusing a source that is the target file.
+func (a *app) openConvertSource(src, dst string, fl *convertFlags) (*vdisk.Disk, error) {
+	if si, err := os.Stat(src); err == nil {
+		if di, err := os.Stat(dst); err == nil && os.SameFile(si, di) {
+			return nil, driver.OptionErrorf("the source and the target are the same file (%s)", dst)
+		}
+	}
+	s, err := a.openRO(src, fl.srcFmt, false)
+	if err != nil {
+		return nil, err
+	}
+	if fl.snapshot != "" {
+		v, err := a.openSnapshot(s, fl.srcFmt, fl.snapshot)
+		if err != nil {
+			s.Close()
+			return nil, err
+		}
+		s = v
+	}
+	return s, nil
+}
+
+// openConvertTarget creates the target with size bytes or, with noCreate,
+// opens the existing one; created reports a target this run made.
+func (a *app) openConvertTarget(dst string, size int64, t convertTarget, noCreate bool) (d *vdisk.Disk, created bool, err error) {
+	if noCreate {
+		format := ""
+		if t.format != nil {
+			format = t.format.Name
+		}
+		d, err = vdisk.Open(a.ctx, dst, &vdisk.OpenOptions{Format: format, Logger: a.log})
+		return d, false, err
+	}
+	d, err = vdisk.Create(a.ctx, dst, &vdisk.CreateOptions{
+		Format:             t.format.Name,
+		Size:               size,
+		Options:            t.opts,
+		Backing:            t.backing,
+		BackingFormat:      t.backFmt,
+		Overwrite:          true,
+		AllowUnsafeBacking: true,
+		Logger:             a.log,
+	})
+	return d, err == nil, err
+}
+
 func layerAbove(src *vdisk.Disk, dst, backing string) int {
 	path := backing
 	if !filepath.IsAbs(path) {
@@ -264,7 +301,7 @@ func layerAbove(src *vdisk.Disk, dst, backing string) int {
 // s is closed on success.
 func (a *app) openSnapshot(s *vdisk.Disk, format, param string) (*vdisk.Disk, error) {
 	top := s.Top()
-	sn, ok := top.Image.(driver.Snapshotter)
+	sn, ok := vdisk.As[driver.Snapshotter](top)
 	if !ok {
 		return nil, driver.Unsupportedf(top.Name, "format %s has no internal snapshots (-l)", top.Format.Name)
 	}

@@ -84,7 +84,7 @@ func (a *app) geometry(name, format string, pchs, lchs *driver.CHS) error {
 	}
 	defer d.Close()
 	top := d.Top()
-	g, ok := top.Image.(driver.Geometry)
+	g, ok := vdisk.As[driver.Geometry](top)
 	if !ok {
 		return driver.Unsupportedf(top.Name, "format %s does not record a disk geometry", top.Format.Name)
 	}
@@ -94,15 +94,8 @@ func (a *app) geometry(name, format string, pchs, lchs *driver.CHS) error {
 		_, err := fmt.Fprintf(a.stdout, "PCHS: %s\nLCHS: %s\n", chsString(p, pok), chsString(l, lok))
 		return err
 	}
-	if pchs != nil {
-		if err := g.SetPCHS(*pchs); err != nil {
-			return driver.WithFile(err, "set geometry", top.Name)
-		}
-	}
-	if lchs != nil {
-		if err := g.SetLCHS(*lchs); err != nil {
-			return driver.WithFile(err, "set geometry", top.Name)
-		}
+	if err := d.SetGeometry(pchs, lchs); err != nil {
+		return err
 	}
 	return d.Close()
 }

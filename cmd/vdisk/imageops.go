@@ -76,7 +76,7 @@ func sameFile(a, b string) bool {
 // (qemu's rule for backing file names).
 func findLayer(layers []*vdisk.Layer, ref string) int {
 	for i := 1; i < len(layers); i++ {
-		if p := layers[i-1].Image.Parent(); p != nil && p.Name == ref {
+		if p := layers[i-1].ParentRef(); p != nil && p.Name == ref {
 			return i
 		}
 	}

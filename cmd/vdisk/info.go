@@ -104,7 +104,7 @@ func (a *app) info(name, format string, chain, asJSON bool) error {
 // order of QEMU's QAPI ImageInfo visitor, which decides the order among
 // keys sharing a QDict bucket.
 func imageInfo(st driver.Storage, l *vdisk.Layer, display string) (*jnode, error) {
-	inf := l.Image.Info()
+	inf := l.Info()
 	n := jobj()
 	n.set("filename", jstr(display))
 	n.set("format", jstr(l.Format.Name))
@@ -112,18 +112,18 @@ func imageInfo(st driver.Storage, l *vdisk.Layer, display string) (*jnode, error
 	if fi, err := st.Stat(l.Name); err == nil && fi.Allocated >= 0 {
 		n.set("actual-size", jint(fi.Allocated))
 	}
-	n.set("virtual-size", jint(l.Image.Size()))
+	n.set("virtual-size", jint(l.Size()))
 	if inf.ClusterSize > 0 {
 		n.set("cluster-size", jint(inf.ClusterSize))
 	}
-	if ref := l.Image.Parent(); ref != nil && ref.Name != "" {
+	if ref := l.ParentRef(); ref != nil && ref.Name != "" {
 		n.set("backing-filename", jstr(ref.Name))
 		n.set("full-backing-filename", jstr(combinePath(display, ref.Name)))
 		if ref.Format != "" {
 			n.set("backing-filename-format", jstr(ref.Format))
 		}
 	}
-	if sn, ok := l.Image.(driver.Snapshotter); ok {
+	if sn, ok := vdisk.As[driver.Snapshotter](l); ok {
 		list, err := sn.Snapshots()
 		if err != nil {
 			return nil, driver.WithFile(err, "list snapshots", l.Name)

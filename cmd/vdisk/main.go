@@ -11,6 +11,10 @@
 //	vdisk compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B
 //	vdisk formats [--output human|json]
 //	vdisk commit [-f FMT] [-b BASE] [-d] [-p] [-q] FILE
+//	vdisk commit --server SOCKET [-b BASE] [-d] [-p] [--detach] [EXPORT]
+//	vdisk stream [-f FMT] [--base N] [-p] FILE
+//	vdisk stream --server SOCKET [--base N] [-p] [--detach] [EXPORT]
+//	vdisk jobs --server SOCKET [--output human|json] [--cancel ID]
 //	vdisk merge [-f FMT] --from I --to J [-p] [-q] FILE
 //	vdisk rebase [-f FMT] [-u] [-p] [-q] -b BACKING [-F BFMT] FILE
 //	vdisk resize [-f FMT] [--shrink] [--preallocation=MODE] [-q] FILE [+|-]SIZE
@@ -19,6 +23,8 @@
 //	vdisk measure [-O FMT] [-o OPTIONS] [--output human|json] (--size SIZE | [-f FMT] FILE)
 //	vdisk compact [-f FMT] [-p] FILE
 //	vdisk snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] FILE
+//	vdisk snapshot --server SOCKET -c FILE [-F FMT] [EXPORT]
+//	vdisk serve [-f FMT] [-r] [-s] [-t] [-e N] [-k SOCKET | -b ADDR -p PORT] [--control SOCKET] [IMAGE]
 //	vdisk setuuid [--uuid U] [--parent-uuid U] [--modification-uuid U] [--parent-modification-uuid U] FILE
 //	vdisk geometry [--pchs C/H/S] [--lchs C/H/S] FILE
 //	vdisk comment [--set TEXT] FILE

@@ -80,7 +80,7 @@ func (a *app) measure(name, format, outFmt string, optArgs []string, sizeArg str
 		if err != nil {
 			return fmt.Errorf("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 		}
-		res, err = vdisk.Measure(a.ctx, f.Name, kvs, size, nil)
+		res, err = vdisk.Measure(a.ctx, f.Name, &vdisk.MeasureOptions{Options: kvs, Size: size})
 		if err != nil {
 			return err
 		}
@@ -98,7 +98,7 @@ func (a *app) measure(name, format, outFmt string, optArgs []string, sizeArg str
 			src = v
 		}
 		defer src.Close()
-		res, err = vdisk.Measure(a.ctx, f.Name, kvs, 0, src)
+		res, err = vdisk.Measure(a.ctx, f.Name, &vdisk.MeasureOptions{Options: kvs, Source: src})
 		if err != nil {
 			return err
 		}

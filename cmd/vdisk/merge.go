@@ -65,10 +65,8 @@ func (a *app) merge(name, format string, from, to int, showProgress, quiet bool)
 	}
 	prog := a.newProgress(showProgress && !quiet)
 	dropped, err := vdisk.Merge(a.ctx, name, from, to, &vdisk.MergeOptions{
-		Format:             format,
-		Progress:           prog.update,
-		AllowUnsafeBacking: true,
-		Logger:             a.log,
+		Progress: prog.update,
+		Open:     &vdisk.OpenOptions{Format: format, AllowUnsafeBacking: true, Logger: a.log},
 	})
 	prog.finish(err == nil)
 	if err != nil {

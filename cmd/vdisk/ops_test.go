@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/vdisk/vdisk/driver"
@@ -329,10 +330,33 @@ func TestCompact(t *testing.T) {
 	}
 	sameContent(t, c.top, want)
 
-	r = vdiskRun(t, "compact", "-f", "raw", c.base)
+	// Raw compacts too, by the container's discards: written zeros
+	// become holes.
+	raw := filepath.Join(t.TempDir(), "z.raw")
+	if err := os.WriteFile(raw, make([]byte, 4<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rawBlocks := func() int64 {
+		var st syscall.Stat_t
+		if err := syscall.Stat(raw, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks
+	}
+	if rawBlocks() == 0 {
+		t.Fatal("the raw file was written sparse")
+	}
+	mustRun(t, "compact", "-f", "raw", raw)
+	if b := rawBlocks(); b != 0 {
+		t.Errorf("raw compact left %d blocks allocated", b)
+	}
+	// A fixed VHD cannot deallocate: refused.
+	fixed := filepath.Join(t.TempDir(), "f.vhd")
+	mustRun(t, "create", "-q", "-f", "vpc", "-o", "subformat=fixed", fixed, "4M")
+	r = vdiskRun(t, "compact", "-f", "vpc", fixed)
 	oneErrorLine(t, r, "vdisk compact")
-	if !strings.Contains(r.stderr, "cannot compact") {
-		t.Errorf("raw: %q", r.stderr)
+	if !strings.Contains(r.stderr, "cannot be compacted") || !strings.Contains(r.stderr, "unsupported") {
+		t.Errorf("fixed vpc: %q", r.stderr)
 	}
 }
 

@@ -61,17 +61,17 @@ func (a *app) rebase(name, format, backing, backingFmt string, unsafe, showProgr
 		return err
 	}
 	top := d.Top()
-	_, ok := top.Image.(driver.Reparenter)
+	_, ok := vdisk.As[driver.Reparenter](top)
 	d.Close()
 	if !ok {
 		return driver.Unsupportedf(name, "format %s cannot record a backing file", top.Format.Name)
 	}
 	prog := a.newProgress(showProgress && !quiet)
-	err = vdisk.Rebase(a.ctx, name, backing, backingFmt, unsafe, &vdisk.MergeOptions{
-		Format:             format,
-		Progress:           prog.update,
-		AllowUnsafeBacking: true,
-		Logger:             a.log,
+	err = vdisk.Rebase(a.ctx, name, backing, &vdisk.RebaseOptions{
+		Format:   backingFmt,
+		Unsafe:   unsafe,
+		Progress: prog.update,
+		Open:     &vdisk.OpenOptions{Format: format, AllowUnsafeBacking: true, Logger: a.log},
 	})
 	prog.finish(err == nil)
 	return err

@@ -113,7 +113,7 @@ func (a *app) resize(name, sizeArg, format, prealloc string, shrink, quiet bool)
 	if err := d.Resize(a.ctx, total, prealloc); err != nil {
 		// A driver may fail after changing the size (raw truncates before
 		// it preallocates): a failed grow leaves the old size.
-		if total > cur && d.Top().Image.Size() != cur {
+		if total > cur && d.Top().Size() != cur {
 			if rerr := d.Resize(a.ctx, cur, "off"); rerr != nil {
 				a.log.Warn("could not restore the old size after the failed resize", "size", cur, "error", rerr)
 			}

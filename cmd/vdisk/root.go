@@ -121,6 +121,8 @@ Its commands take the same names and flags as qemu-img's.`,
 		a.newDDCmd(),
 		a.newBenchCmd(),
 		a.newServeCmd(),
+		a.newStreamCmd(),
+		a.newJobsCmd(),
 	)
 	return root
 }

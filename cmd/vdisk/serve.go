@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/control"
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/nbd"
 )
@@ -37,12 +38,13 @@ type serveOptions struct {
 	tlsRequired                     bool
 	allowFrom                       []string
 	handshakeLimit                  int
+	control                         string
 }
 
 func (a *app) newServeCmd() *cobra.Command {
 	var o serveOptions
 	cmd := &cobra.Command{
-		Use:   "serve [-f FMT] [-r] [-s] [-t] [-e N] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [--export NAME=IMAGE]... [IMAGE]",
+		Use:   "serve [-f FMT] [-r] [-s] [-t] [-e N] [-k SOCKET | -b ADDR -p PORT] [-x NAME] [--export NAME=IMAGE]... [--control SOCKET] [IMAGE]",
 		Short: "Serve images over NBD (like qemu-nbd)",
 		Long: `Export IMAGE (and its backing chain) over the Network Block Device protocol,
 as qemu-nbd does: under the name given by -x (default "", the default
@@ -61,7 +63,14 @@ Every connection to an export shares one open image, so with -e other than
 1 the server advertises multi-connection support. -s serves a throw-away
 overlay (the image itself is never written); it needs a differencing format
 (qcow2 or vdi) in this build. TLS is offered with --tls-cert and --tls-key
-(PEM files) and enforced with --tls-required.`,
+(PEM files) and enforced with --tls-required.
+
+--control SOCKET also listens on a unix socket (mode 0600) for the
+control protocol: live commit, stream and external snapshots of the
+exports while clients use them ('vdisk commit --server SOCKET', 'vdisk
+stream --server', 'vdisk snapshot --server', 'vdisk jobs --server'), or
+any client of its JSON lines (see package control). On exit the running
+jobs are cancelled (the images read the same) before the images close.`,
 		Args: rangeArgs(0, 1, "expecting at most one image file name (use --export NAME=IMAGE for more)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			image := ""
@@ -89,6 +98,7 @@ overlay (the image itself is never written); it needs a differencing format
 	fl.BoolVar(&o.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
 	fl.StringArrayVar(&o.allowFrom, "allow-from", nil, "accept TCP clients only from this address or CIDR network (repeatable)")
 	fl.IntVar(&o.handshakeLimit, "handshake-limit", 10, "seconds a client has to complete the handshake (0: no limit)")
+	fl.StringVar(&o.control, "control", "", "also serve the control protocol (live jobs) on this unix socket")
 	var ignored bool
 	fl.BoolVarP(&ignored, "allocation-depth", "A", false, "accepted for qemu-nbd compatibility: qemu:allocation-depth is always offered")
 	return cmd
@@ -182,6 +192,7 @@ func (a *app) serve(image string, o *serveOptions) (err error) {
 		}
 	}()
 	byPath := map[string]*vdisk.Disk{}
+	var ctlExports []control.Export
 	for _, s := range specs {
 		key := s.image
 		if abs, err := filepath.Abs(s.image); err == nil {
@@ -201,11 +212,22 @@ func (a *app) serve(image string, o *serveOptions) (err error) {
 			byPath[key] = d
 		}
 		srv.Exports = append(srv.Exports, &nbd.Export{Name: s.name, Description: s.description, Disk: d, ReadOnly: o.readOnly})
+		ctlExports = append(ctlExports, control.Export{Name: s.name, Disk: d, ReadOnly: o.readOnly, BackingReadOnly: o.snapshot})
 	}
 
 	l, err := listen(o)
 	if err != nil {
 		return err
+	}
+	if o.control != "" {
+		// Registered after the disks' close: on the way out, jobs are
+		// cancelled and waited for first.
+		stop, err := a.serveControl(o.control, ctlExports)
+		if err != nil {
+			l.Close()
+			return err
+		}
+		defer stop()
 	}
 	if o.pidFile != "" {
 		if err := os.WriteFile(o.pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
@@ -216,6 +238,32 @@ func (a *app) serve(image string, o *serveOptions) (err error) {
 	}
 	a.log.Debug("serving", "address", l.Addr().String(), "exports", len(srv.Exports))
 	return srv.Serve(a.ctx, l)
+}
+
+// serveControl serves the control protocol on a new unix socket until
+// stop, which cancels the running jobs, waits for them and removes the
+// socket.
+func (a *app) serveControl(sock string, exports []control.Export) (stop func(), err error) {
+	cs, err := control.NewServer(exports, &control.Options{Logger: a.log})
+	if err != nil {
+		return nil, err
+	}
+	cl, err := control.Listen(sock)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := cs.Serve(cl); err != nil && !errors.Is(err, control.ErrServerClosed) {
+			a.log.Error("the control socket failed; live jobs can no longer be started", "socket", sock, "error", err)
+		}
+	}()
+	a.log.Debug("serving the control protocol", "socket", sock)
+	return func() {
+		cs.Close()
+		<-done
+	}, nil
 }
 
 // openServed opens one image for serving: read-write unless -r, or as the

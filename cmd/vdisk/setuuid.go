@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 )
 
@@ -77,7 +78,7 @@ func (a *app) setUUID(name, format string, vals [4]string, set [4]bool, quiet bo
 	}
 	defer d.Close()
 	top := d.Top()
-	id, ok := top.Image.(driver.Identifier)
+	id, ok := vdisk.As[driver.Identifier](top)
 	if !ok {
 		return driver.Unsupportedf(top.Name, "format %s does not record UUIDs", top.Format.Name)
 	}
@@ -90,12 +91,12 @@ func (a *app) setUUID(name, format string, vals [4]string, set [4]bool, quiet bo
 	kinds := []struct {
 		label string
 		get   func() string
-		set   func(string) error
+		kind  vdisk.UUIDKind
 	}{
-		{"image UUID:  ", id.UUID, id.SetUUID},
-		{"parent UUID: ", id.ParentUUID, id.SetParentUUID},
-		{"modification UUID: ", id.ModificationUUID, id.SetModificationUUID},
-		{"parent modification UUID: ", id.ParentModificationUUID, id.SetParentModificationUUID},
+		{"image UUID:  ", id.UUID, vdisk.UUIDImage},
+		{"parent UUID: ", id.ParentUUID, vdisk.UUIDParent},
+		{"modification UUID: ", id.ModificationUUID, vdisk.UUIDModification},
+		{"parent modification UUID: ", id.ParentModificationUUID, vdisk.UUIDParentModification},
 	}
 	// vbox-img prints the old image and parent UUIDs first.
 	for i, k := range kinds {
@@ -109,8 +110,8 @@ func (a *app) setUUID(name, format string, vals [4]string, set [4]bool, quiet bo
 		}
 		u := strings.ToLower(vals[i])
 		a.say(quiet, "New %s%s\n", k.label, u)
-		if err := k.set(u); err != nil {
-			return driver.WithFile(err, "set "+strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(k.label), ":")), top.Name)
+		if err := d.SetUUID(k.kind, u); err != nil {
+			return err
 		}
 	}
 	return d.Close()

@@ -7,19 +7,28 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/control"
 	"github.com/vdisk/vdisk/driver"
 )
 
 func (a *app) newSnapshotCmd() *cobra.Command {
-	var format, create, apply, del string
+	var format, create, apply, del, server, topFormat string
 	var list, quiet bool
 	cmd := &cobra.Command{
-		Use:   "snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] [-q] [-U] FILE",
+		Use:   "snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] [-q] [-U] FILE | --server SOCKET -c FILE [-F FMT] [EXPORT]",
 		Short: "List, create, apply or delete internal snapshots",
 		Long: `Manage the internal snapshots of FILE (formats that have them): -l lists
 them (the default), -c creates one named NAME, -a reverts the image to
-snapshot NAME (an ID or a name), -d deletes it.`,
-		Args: exactArgs(1, "expecting one image file name"),
+snapshot NAME (an ID or a name), -d deletes it.
+
+With --server, -c takes an external snapshot of export EXPORT (default
+"") of a running 'vdisk serve --control SOCKET', while its clients keep
+writing: a new, empty image FILE (of format -F, by default the top's)
+goes on top of the export's chain and takes every later write. FILE is a
+plain file name, created in the directory of the current top. The new
+top's name is printed.`,
+		Args: imageOrExportArgs(&server, "expecting one image file name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			n := 0
 			for _, f := range []string{"list", "create", "apply", "delete"} {
@@ -29,6 +38,15 @@ snapshot NAME (an ID or a name), -d deletes it.`,
 			}
 			if n > 1 {
 				return usageErrorf("Cannot mix '-l', '-a', '-c', '-d'")
+			}
+			if server != "" {
+				if !cmd.Flags().Changed("create") || format != "" {
+					return usageErrorf("--server takes an external snapshot: it needs -c FILE (and -F FMT rather than -f)")
+				}
+				return a.snapshotServer(server, exportArg(args), create, topFormat, quiet)
+			}
+			if topFormat != "" {
+				return usageErrorf("-F needs --server")
 			}
 			if err := checkFormat(format); err != nil {
 				return err
@@ -49,9 +67,32 @@ snapshot NAME (an ID or a name), -d deletes it.`,
 	cmd.Flags().StringVarP(&create, "create", "c", "", "create a snapshot named NAME")
 	cmd.Flags().StringVarP(&apply, "apply", "a", "", "revert the image to snapshot NAME")
 	cmd.Flags().StringVarP(&del, "delete", "d", "", "delete snapshot NAME")
-	addQuietFlag(cmd, &quiet) // nothing is printed on success anyway
+	addQuietFlag(cmd, &quiet) // nothing is printed on success anyway (but with --server)
 	addForceShareFlag(cmd)
+	addServerFlag(cmd, &server)
+	cmd.Flags().StringVarP(&topFormat, "snapshot-format", "F", "", "with --server: format of the new top (the current top's when not given)")
 	return cmd
+}
+
+// snapshotServer takes an external snapshot of an export of a control
+// server and prints the new top.
+func (a *app) snapshotServer(sock, export, file, format string, quiet bool) error {
+	if format != "" {
+		if err := checkFormat(format); err != nil {
+			return err
+		}
+	}
+	c, err := a.dialControl(sock)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var res control.SnapshotResult
+	if err := c.Call(a.ctx, "snapshot", control.SnapshotArgs{Export: export, File: file, Format: format}, &res); err != nil {
+		return err
+	}
+	a.say(quiet, "%s\n", res.File)
+	return nil
 }
 
 // snapshotList prints qemu-img snapshot -l's table; like qemu-img it prints
@@ -62,15 +103,9 @@ func (a *app) snapshotList(name, format string) error {
 		return err
 	}
 	defer d.Close()
-	top := d.Top()
-	sn, ok := top.Image.(driver.Snapshotter)
-	if !ok {
-		a.log.Debug("the format has no internal snapshots", "format", top.Format.Name)
-		return nil
-	}
-	list, err := sn.Snapshots()
+	list, err := d.Snapshots()
 	if err != nil {
-		return driver.WithFile(err, "list snapshots", top.Name)
+		return err
 	}
 	if len(list) > 0 {
 		writeSnapshotTable(a.stdout, list)
@@ -103,17 +138,16 @@ func (a *app) snapshotOp(name, format, op, snap string) error {
 	}
 	defer d.Close()
 	top := d.Top()
-	sn, ok := top.Image.(driver.Snapshotter)
-	if !ok {
+	if _, ok := vdisk.As[driver.Snapshotter](top); !ok {
 		return driver.Unsupportedf(top.Name, "Could not %s snapshot '%s': format %s does not support internal snapshots", op, snap, top.Format.Name)
 	}
 	switch op {
 	case "create":
-		err = sn.CreateSnapshot(snap)
+		err = d.CreateSnapshot(snap)
 	case "apply":
-		err = sn.ApplySnapshot(snap)
+		err = d.ApplySnapshot(snap)
 	case "delete":
-		err = sn.DeleteSnapshot(snap)
+		err = d.DeleteSnapshot(snap)
 	}
 	if err != nil {
 		return fmt.Errorf("Could not %s snapshot '%s': %w", op, snap, err)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"fmt"
@@ -26,7 +25,7 @@ var (
 	_ driver.Emptier     = (*vdtImage)(nil)
 	_ driver.Resizer     = (*vdtImage)(nil)
 	_ driver.Checker     = (*vdtImage)(nil)
-	_ driver.Compacter   = (*vdtImage)(nil)
+	_ driver.Discarder   = (*vdtImage)(nil)
 	_ driver.Snapshotter = (*vdtImage)(nil)
 	_ driver.Identifier  = (*vdtImage)(nil)
 	_ driver.Geometry    = (*vdtImage)(nil)
@@ -164,49 +163,29 @@ func (im *vdtImage) Check(ctx context.Context, mode driver.RepairMode) (*driver.
 	return res, nil
 }
 
-// Compact frees allocated clusters that read the same as the parent (zeros
-// without one).
-func (im *vdtImage) Compact(ctx context.Context, parent driver.ParentView, progress driver.Progress) error {
+// Discard frees the whole clusters of [off, off+n): they read through to
+// the parent again (the container's compaction relies on it).
+func (im *vdtImage) Discard(off, n int64) error {
 	if im.ro {
 		return driver.ErrReadOnly
 	}
-	im.mu.Lock()
-	clusters := make([]int64, 0, len(im.alloc))
-	for c := range im.alloc {
-		clusters = append(clusters, c)
-	}
-	im.mu.Unlock()
-	slices.Sort(clusters)
-	buf := make([]byte, vdtCluster)
-	pbuf := make([]byte, vdtCluster)
-	for i, c := range clusters {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
+	for c := (off + vdtCluster - 1) / vdtCluster; ; c++ {
 		start := c * vdtCluster
-		n := min(vdtCluster, im.meta.Size-start)
-		if err := driver.ReadFullAt(im.f, buf[:n], vdtHeader+start); err != nil {
-			return err
+		end := min(start+vdtCluster, im.meta.Size)
+		if start >= off+n || end > off+n {
+			break
 		}
-		clear(pbuf[:n])
-		if parent.Present() {
-			if _, err := parent.ReadAt(pbuf[:n], start); err != nil {
+		im.mu.Lock()
+		had := im.alloc[c]
+		delete(im.alloc, c)
+		im.mu.Unlock()
+		if had {
+			if err := im.f.PunchHole(vdtHeader+start, end-start); err != nil {
 				return err
 			}
-		}
-		if bytes.Equal(buf[:n], pbuf[:n]) {
-			im.mu.Lock()
-			delete(im.alloc, c)
-			im.mu.Unlock()
-			if err := im.f.PunchHole(vdtHeader+start, n); err != nil {
-				return err
-			}
-		}
-		if progress != nil {
-			progress(int64(i+1), int64(len(clusters)))
 		}
 	}
-	return im.Flush()
+	return nil
 }
 
 func (im *vdtImage) Snapshots() ([]driver.Snapshot, error) {

@@ -76,12 +76,11 @@ func init() {
 }
 
 type vdtImage struct {
-	mu     sync.Mutex
-	f      driver.File
-	ro     bool
-	meta   vdtMeta
-	alloc  map[int64]bool
-	parent driver.ParentView
+	mu    sync.Mutex
+	f     driver.File
+	ro    bool
+	meta  vdtMeta
+	alloc map[int64]bool
 	// modDone: the modification UUID changed in this read-write session
 	// (on the first write, as VDI does).
 	modDone bool
@@ -96,7 +95,7 @@ func vdtCreate(ctx context.Context, p *driver.CreateParams) (driver.Image, error
 	if err != nil {
 		return nil, err
 	}
-	im := &vdtImage{f: f, meta: vdtMeta{Size: p.Size, Label: p.Options.String("label")}, alloc: map[int64]bool{}, parent: p.Parent}
+	im := &vdtImage{f: f, meta: vdtMeta{Size: p.Size, Label: p.Options.String("label")}, alloc: map[int64]bool{}}
 	im.meta.UUID = vdtUUID()
 	if p.ParentRef != nil {
 		im.meta.Backing, im.meta.BackingFmt = p.ParentRef.Name, p.ParentRef.Format
@@ -123,7 +122,7 @@ func vdtOpen(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
 		f.Close()
 		return nil, driver.Corruptf(p.Name, 0, "bad vdtest header: %v", err)
 	}
-	im.ro, im.parent = p.ReadOnly, p.Parent
+	im.ro = p.ReadOnly
 	return im, nil
 }
 
@@ -204,8 +203,8 @@ func (im *vdtImage) ReadAt(p []byte, off int64) (int, error) {
 		if im.isAlloc(c) {
 			return driver.ReadFullAt(im.f, q, vdtHeader+off)
 		}
-		_, err := im.parent.ReadAt(q, off)
-		return err
+		clear(q) // only Data runs are asked for
+		return nil
 	})
 	if err != nil {
 		return 0, err
@@ -222,16 +221,21 @@ func (im *vdtImage) WriteAt(p []byte, off int64) (int, error) {
 		im.meta.ModUUID, im.modDone = vdtUUID(), true
 	}
 	im.mu.Unlock()
+	// Copy on write: a cluster this image does not hold is written whole;
+	// the container fills the rest of a partial one from the chain.
+	start, end := off, off+int64(len(p))
+	if c := start / vdtCluster; start%vdtCluster != 0 && !im.isAlloc(c) {
+		start = c * vdtCluster
+	}
+	if c := (end - 1) / vdtCluster; end%vdtCluster != 0 && end != im.meta.Size && !im.isAlloc(c) {
+		end = min((c+1)*vdtCluster, im.meta.Size)
+	}
+	if start != off || end != off+int64(len(p)) {
+		return 0, driver.NeedFill("vdtest", start, end)
+	}
 	err := pieces(p, off, func(c int64, q []byte, off int64) error {
 		if !im.isAlloc(c) {
-			// Copy on write: fill the cluster from the parent first.
-			start := c * vdtCluster
-			buf := make([]byte, min(vdtCluster, im.meta.Size-start))
-			if _, err := im.parent.ReadAt(buf, start); err != nil {
-				return err
-			}
-			copy(buf[off-start:], q)
-			if _, err := im.f.WriteAt(buf, vdtHeader+start); err != nil {
+			if _, err := im.f.WriteAt(q, vdtHeader+off); err != nil {
 				return err
 			}
 			im.mu.Lock()

@@ -14,24 +14,84 @@ import (
 // (cluster_size, extended_l2, compression_type, preallocation) are refused
 // when they differ from the image's.
 func (im *image) Amend(ctx context.Context, opts []driver.KV) error {
+	vals, err := parseAmendOpts(opts)
+	if err != nil {
+		return err
+	}
+	if err := im.amendRefused(vals); err != nil {
+		return err
+	}
+	if vals.Has("size") {
+		if err := im.Resize(ctx, vals.Int("size"), ""); err != nil {
+			return err
+		}
+	}
+	if err := im.amendParent(vals); err != nil {
+		return err
+	}
+	if err := im.beginOp(); err != nil {
+		return err
+	}
+	defer im.unlockOps()
+	if err := im.flushLocked(false); err != nil {
+		return err
+	}
+	version := im.hdr.version
+	if vals.Has("compat") {
+		version = 3
+		if c := vals.String("compat"); c == "0.10" || c == "v2" {
+			version = 2
+		}
+	}
+	if err := im.amendLazyRefcounts(vals, version); err != nil {
+		return err
+	}
+	if vals.Has("refcount_bits") {
+		order := uint(log2(vals.Int("refcount_bits")))
+		if order != 4 && version < 3 {
+			return driver.OptionErrorf("refcount widths other than 16 bits require compat=1.1")
+		}
+		if order != im.rorder {
+			if err := im.changeRefcountOrder(ctx, order); err != nil {
+				return err
+			}
+		}
+	}
+	if err := im.amendDataFileRaw(vals); err != nil {
+		return err
+	}
+	if h := im.hdr; version != h.version {
+		if version == 3 {
+			h.version = 3
+			h.headerLen = ourV3HeaderLen
+			return im.writeHeaderSync(true, true)
+		}
+		return im.downgrade(ctx)
+	}
+	return nil
+}
+
+// parseAmendOpts parses amend's options: the create options, size and the
+// backing file, without defaults (only what was given counts).
+func parseAmendOpts(opts []driver.KV) (driver.Values, error) {
 	spec := Format.CreateOptions
 	spec = append(spec[:len(spec):len(spec)],
 		driver.Option{Name: "size", Type: driver.TypeSize},
 		driver.Option{Name: "backing_file", Type: driver.TypeString},
 		driver.Option{Name: "backing_fmt", Type: driver.TypeString},
 	)
-	// Parse without defaults: only what was given counts.
 	var given []driver.Option
 	for _, o := range spec {
 		o.Default = ""
 		given = append(given, o)
 	}
-	vals, err := driver.ParseOptions("qcow2", given, opts)
-	if err != nil {
-		return err
-	}
-	has := func(k string) bool { return vals.Has(k) }
-	// Refuse what cannot change.
+	return driver.ParseOptions("qcow2", given, opts)
+}
+
+// amendRefused refuses the options that cannot change when they differ
+// from the image's.
+func (im *image) amendRefused(vals driver.Values) error {
+	has := vals.Has
 	if has("cluster_size") && vals.Int("cluster_size") != im.cs {
 		return driver.Unsupportedf(im.name, "changing the cluster size is not supported")
 	}
@@ -53,106 +113,79 @@ func (im *image) Amend(ctx context.Context, opts []driver.KV) error {
 	if has("data_file") && vals.String("data_file") != im.dfName {
 		return driver.Unsupportedf(im.name, "changing the external data file is not supported")
 	}
-	if has("size") {
-		if err := im.Resize(ctx, vals.Int("size"), ""); err != nil {
-			return err
-		}
+	return nil
+}
+
+// amendParent records a given backing_file or backing_fmt.
+func (im *image) amendParent(vals driver.Values) error {
+	if !vals.Has("backing_file") && !vals.Has("backing_fmt") {
+		return nil
 	}
-	if has("backing_file") || has("backing_fmt") {
-		ref := im.Parent()
-		if ref == nil {
-			ref = &driver.ParentRef{}
-		}
-		if has("backing_file") {
-			ref.Name = vals.String("backing_file")
-		}
-		if has("backing_fmt") {
-			ref.Format = vals.String("backing_fmt")
-		}
-		if err := im.SetParent(ref); err != nil {
-			return err
-		}
+	ref := im.Parent()
+	if ref == nil {
+		ref = &driver.ParentRef{}
 	}
-	if err := im.beginWrite(-1); err != nil {
-		return err
+	if vals.Has("backing_file") {
+		ref.Name = vals.String("backing_file")
 	}
-	im.drainCompressor()
-	im.opMu.Lock()
-	defer im.opMu.Unlock()
-	im.mu.Lock()
-	defer im.mu.Unlock()
-	if err := im.flushLocked(false); err != nil {
-		return err
+	if vals.Has("backing_fmt") {
+		ref.Format = vals.String("backing_fmt")
+	}
+	return im.SetParent(ref)
+}
+
+// amendLazyRefcounts switches lazy refcounts as given; version is the
+// version the image is amended to. Callers hold mu with everything
+// flushed.
+func (im *image) amendLazyRefcounts(vals driver.Values, version uint32) error {
+	if !vals.Has("lazy_refcounts") {
+		return nil
 	}
 	h := im.hdr
-	version := h.version
-	if has("compat") {
-		version = 3
-		if c := vals.String("compat"); c == "0.10" || c == "v2" {
-			version = 2
-		}
+	lazy := vals.Bool("lazy_refcounts")
+	if lazy && version < 3 {
+		return driver.OptionErrorf("lazy refcounts require compat=1.1")
 	}
-	if has("lazy_refcounts") {
-		lazy := vals.Bool("lazy_refcounts")
-		if lazy && version < 3 {
-			return driver.OptionErrorf("lazy refcounts require compat=1.1")
-		}
-		if lazy != im.lazy {
-			if !lazy {
-				// Refcounts on disk and the dirty bit cleared first.
-				if err := im.flushLocked(true); err != nil {
-					return err
-				}
-				h.compat &^= compatLazyRefcounts
-			} else {
-				h.compat |= compatLazyRefcounts
-			}
-			im.lazy = lazy
-			if err := im.writeHeaderSync(true, true); err != nil {
-				return err
-			}
-		}
+	if lazy == im.lazy {
+		return nil
 	}
-	if has("refcount_bits") {
-		order := uint(log2(vals.Int("refcount_bits")))
-		if order != 4 && version < 3 {
-			return driver.OptionErrorf("refcount widths other than 16 bits require compat=1.1")
+	if !lazy {
+		// Refcounts on disk and the dirty bit cleared first.
+		if err := im.flushLocked(true); err != nil {
+			return err
 		}
-		if order != im.rorder {
-			if err := im.changeRefcountOrder(ctx, order); err != nil {
-				return err
-			}
-		}
+		h.compat &^= compatLazyRefcounts
+	} else {
+		h.compat |= compatLazyRefcounts
 	}
-	if has("data_file_raw") {
-		raw := vals.Bool("data_file_raw")
-		if raw && !im.extData {
-			return driver.OptionErrorf("data_file_raw requires an external data file")
-		}
-		if raw && h.backingFile != "" {
-			return driver.OptionErrorf("a raw external data file cannot be used with a backing file")
-		}
-		if raw != im.rawData {
-			if raw {
-				h.autoclear |= autoclearDataFileRaw
-			} else {
-				h.autoclear &^= autoclearDataFileRaw
-			}
-			im.rawData = raw
-			if err := im.writeHeaderSync(true, true); err != nil {
-				return err
-			}
-		}
+	im.lazy = lazy
+	return im.writeHeaderSync(true, true)
+}
+
+// amendDataFileRaw switches data_file_raw as given. Callers hold mu with
+// everything flushed.
+func (im *image) amendDataFileRaw(vals driver.Values) error {
+	if !vals.Has("data_file_raw") {
+		return nil
 	}
-	if version != h.version {
-		if version == 3 {
-			h.version = 3
-			h.headerLen = ourV3HeaderLen
-			return im.writeHeaderSync(true, true)
-		}
-		return im.downgrade(ctx)
+	h := im.hdr
+	raw := vals.Bool("data_file_raw")
+	if raw && !im.extData {
+		return driver.OptionErrorf("data_file_raw requires an external data file")
 	}
-	return nil
+	if raw && h.backingFile != "" {
+		return driver.OptionErrorf("a raw external data file cannot be used with a backing file")
+	}
+	if raw == im.rawData {
+		return nil
+	}
+	if raw {
+		h.autoclear |= autoclearDataFileRaw
+	} else {
+		h.autoclear &^= autoclearDataFileRaw
+	}
+	im.rawData = raw
+	return im.writeHeaderSync(true, true)
 }
 
 // changeRefcountOrder rebuilds the refcount structure with a new width.
@@ -170,16 +203,8 @@ func (im *image) changeRefcountOrder(ctx context.Context, order uint) error {
 	if err != nil {
 		return err
 	}
-	bits := int64(1) << order
 	oldOrder, oldRbn, oldRbBits, oldMax := im.rorder, im.rbn, im.rbBits, im.refMax
-	im.rorder = order
-	im.rbn = im.cs * 8 / bits
-	im.rbBits = uint(log2(im.rbn))
-	if bits == 64 {
-		im.refMax = ^uint64(0)
-	} else {
-		im.refMax = 1<<bits - 1
-	}
+	im.setRefcountOrder(order)
 	im.hdr.refcountOrder = uint32(order)
 	if err := im.rebuildRefcounts(t); err != nil {
 		im.rorder, im.rbn, im.rbBits, im.refMax = oldOrder, oldRbn, oldRbBits, oldMax
@@ -256,7 +281,7 @@ func (im *image) downgrade(ctx context.Context) error {
 				if err := ctx.Err(); err != nil {
 					return err
 				}
-				if ti > 0 || im.parent.Present() {
+				if ti > 0 || im.backed() {
 					if ti > 0 {
 						return driver.Unsupportedf(im.name, "cannot downgrade: snapshot %q has zero clusters", im.snaps[ti-1].name)
 					}

@@ -36,7 +36,7 @@ func TestAmend(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := d.Top().Image.(amender).Amend(ctx, disktest.KVs(s...)); err != nil {
+		if err := topAs[amender](t, d).Amend(ctx, disktest.KVs(s...)); err != nil {
 			t.Fatalf("amend %v: %v", s, err)
 		}
 		checkClean(t, d)
@@ -54,7 +54,7 @@ func TestAmend(t *testing.T) {
 	}
 	d, _ := openRetry(f, nil)
 	defer d.Close()
-	if err := d.Top().Image.(amender).Amend(ctx, disktest.KVs("cluster_size=4k")); err == nil {
+	if err := topAs[amender](t, d).Amend(ctx, disktest.KVs("cluster_size=4k")); err == nil {
 		t.Fatal("changing the cluster size was accepted")
 	}
 }

@@ -67,11 +67,8 @@ func (t *tally) sortedChunks() []int64 {
 // when references are undercounted, fixes copied flags and entries
 // pointing outside the file, and clears the corrupt bit.
 func (im *image) Check(ctx context.Context, mode driver.RepairMode) (*driver.CheckResult, error) {
-	im.drainCompressor()
-	im.opMu.Lock()
-	defer im.opMu.Unlock()
-	im.mu.Lock()
-	defer im.mu.Unlock()
+	im.lockOps()
+	defer im.unlockOps()
 	if im.closed {
 		return nil, driver.Errorf(errClosed, im.name, -1, "image is closed")
 	}
@@ -167,7 +164,6 @@ func (im *image) checkOnce(ctx context.Context, mode driver.RepairMode) (*driver
 // walkL1 counts the L2 tables and clusters an L1 table references.
 func (c *checker) walkL1(ctx context.Context, l1 []uint64, active bool) error {
 	im := c.im
-	cs := im.cs
 	walked := map[int64]bool{}
 	for i, e := range l1 {
 		if i%64 == 0 {
@@ -175,33 +171,8 @@ func (c *checker) walkL1(ctx context.Context, l1 []uint64, active bool) error {
 				return err
 			}
 		}
-		if e&l1ReservedMask != 0 {
-			c.res.Corruptions++
-			c.msg("ERROR L1 entry %d has reserved bits set (%#x)", i, e)
-			if active && c.fixAll() {
-				im.setL1(int64(i), e&^l1ReservedMask)
-				e &^= l1ReservedMask
-				c.res.CorruptionsFixed++
-			}
-		}
-		o := int64(e & offMask)
-		if o == 0 {
-			continue
-		}
-		if o%cs != 0 || o+cs > im.fileEnd {
-			c.res.Corruptions++
-			if o%cs != 0 {
-				c.msg("ERROR l2_offset=%x: Table is not cluster aligned; L1 entry corrupted", o)
-			} else {
-				c.msg("ERROR l2_offset=%x: L2 table is outside the image", o)
-			}
-			if active && c.fixAll() {
-				// The table is lost: its range reads from the backing file
-				// (or zeros) from now on.
-				im.setL1(int64(i), 0)
-				delete(im.metaSet, o>>im.cbits)
-				c.res.CorruptionsFixed++
-			}
+		o, ok := c.checkL1Entry(i, e, active)
+		if !ok {
 			continue
 		}
 		c.t.inc(o >> im.cbits)
@@ -214,138 +185,222 @@ func (c *checker) walkL1(ctx context.Context, l1 []uint64, active bool) error {
 			continue
 		}
 		walked[o] = true
-		var tb []byte
-		if t := im.l2c.peek(o); t != nil {
-			tb = t.buf
-		} else {
-			tb = make([]byte, cs)
-			if err := driver.ReadFullAt(im.f, tb, o); err != nil {
-				c.res.CheckErrors++
-				c.msg("ERROR cannot read L2 table at %#x: %v", o, err)
-				continue
-			}
+		tb, ok := c.l2Table(o)
+		if !ok {
+			continue
 		}
-		type fix struct{ e, bm uint64 }
-		fixes := map[int64]fix{}
+		fixes := map[int64]l2Fix{}
 		for j := int64(0); j < im.l2n; j++ {
 			e2, bm := im.entry(tb, j)
 			if e2 == 0 && bm == 0 {
 				continue
 			}
 			voff := (int64(i)*im.l2n + j) << im.cbits
+			var f l2Fix
+			var fixed bool
 			if e2&oflagCompressed != 0 {
-				if e2&oflagCopied != 0 {
-					c.res.Corruptions++
-					c.msg("ERROR: coffset=%x: copied flag must never be set for compressed clusters", e2&im.cOffMask)
-					if active && c.fixAll() {
-						e2 &^= oflagCopied
-						fixes[j] = fix{e2, bm}
-						c.res.CorruptionsFixed++
-					}
-				}
-				if im.ext && bm != 0 {
-					c.res.Corruptions++
-					c.msg("ERROR compressed cluster %d: non-zero subcluster allocation bitmap %#x", voff>>im.cbits, bm)
-					if active && c.fixAll() {
-						fixes[j] = fix{e2, 0}
-						c.res.CorruptionsFixed++
-					}
-				}
-				hoff, n := im.compressedRange(e2 &^ (oflagCompressed | oflagCopied))
-				if hoff <= 0 || hoff >= im.fileEnd {
-					c.res.Corruptions++
-					c.msg("ERROR compressed cluster at guest offset %d: host offset %#x is outside the image", voff, hoff)
-					continue
-				}
-				first, last := im.compressedClusters(e2 &^ (oflagCompressed | oflagCopied))
-				_ = n
-				for cl := first; cl <= last; cl++ {
-					c.t.inc(cl)
-				}
-				if active {
-					c.res.AllocatedClusters++
-					c.res.CompressedClusters++
-					c.res.FragmentedClusters++
-				}
-				continue
+				f, fixed = c.checkCompressed(voff, e2, bm, active)
+			} else {
+				f, fixed = c.checkCluster(voff, e2, bm, active)
 			}
-			ho := int64(e2 & offMask)
-			hasHost := ho != 0 || (im.extData && e2&oflagCopied != 0)
-			if !im.ext && e2&oflagZero != 0 && im.hdr.version < 3 {
-				c.res.Corruptions++
-				c.msg("ERROR zero cluster entry %#x at guest offset %d in a version 2 image", e2, voff)
-				if active && c.fixAll() {
-					e2 &^= oflagZero
-					fixes[j] = fix{e2, 0}
-					c.res.CorruptionsFixed++
-				}
-			}
-			if im.ext {
-				if bm&(bm>>32)&allAllocBits != 0 {
-					c.res.Corruptions++
-					c.msg("ERROR invalid subcluster bitmap %#x at guest offset %d: subclusters both allocated and zero", bm, voff)
-				}
-				if bm&allAllocBits != 0 && !hasHost {
-					c.res.Corruptions++
-					c.msg("ERROR guest offset %d: allocated subclusters without a host cluster", voff)
-				}
-			}
-			if !hasHost {
-				continue
-			}
-			if im.extData {
-				if active {
-					c.res.AllocatedClusters++
-				}
-				continue
-			}
-			zero := !im.ext && e2&oflagZero != 0
-			if ho%cs != 0 {
-				c.res.Corruptions++
-				c.msg("ERROR offset=%x: Cluster is not properly aligned; L2 entry corrupted", ho)
-				if active && c.fixAll() && zero {
-					fixes[j] = fix{oflagZero, 0}
-					c.res.CorruptionsFixed++
-				}
-				continue
-			}
-			if ho >= im.fileEnd {
-				c.res.Corruptions++
-				c.msg("ERROR offset=%x: Data cluster at guest offset %d is outside the image", ho, voff)
-				if active && c.fixAll() {
-					// Reads zeros instead of data that is not there.
-					if im.hdr.version >= 3 && !im.ext {
-						fixes[j] = fix{oflagZero, 0}
-					} else if im.ext {
-						fixes[j] = fix{0, allZeroBits}
-					} else {
-						fixes[j] = fix{0, 0}
-					}
-					c.res.CorruptionsFixed++
-				}
-				continue
-			}
-			c.t.inc(ho >> im.cbits)
-			if active {
-				c.res.AllocatedClusters++
-				if c.lastOff != 0 && ho != c.lastOff+cs {
-					c.res.FragmentedClusters++
-				}
-				c.lastOff = ho
+			if fixed {
+				fixes[j] = f
 			}
 		}
-		if len(fixes) > 0 {
-			t, err := im.loadL2(o)
-			if err != nil {
-				return err
-			}
-			for j, f := range fixes {
-				im.setEntry(t.buf, j, f.e, f.bm)
-			}
-			t.dirty = true
-			im.shrinkCaches()
+		if err := c.applyL2Fixes(o, fixes); err != nil {
+			return err
 		}
 	}
+	return nil
+}
+
+// l2Fix is the repaired value of an L2 entry.
+type l2Fix struct{ e, bm uint64 }
+
+// checkL1Entry checks L1 entry i (e) and returns the offset of the L2
+// table it references, if it references one that can be walked: reserved
+// bits are reported (and cleared in the active table with RepairAll), a
+// misaligned table or one outside the file is reported (and dropped).
+func (c *checker) checkL1Entry(i int, e uint64, active bool) (int64, bool) {
+	im := c.im
+	cs := im.cs
+	if e&l1ReservedMask != 0 {
+		c.res.Corruptions++
+		c.msg("ERROR L1 entry %d has reserved bits set (%#x)", i, e)
+		if active && c.fixAll() {
+			im.setL1(int64(i), e&^l1ReservedMask)
+			e &^= l1ReservedMask
+			c.res.CorruptionsFixed++
+		}
+	}
+	o := int64(e & offMask)
+	if o == 0 {
+		return 0, false
+	}
+	if o%cs != 0 || o+cs > im.fileEnd {
+		c.res.Corruptions++
+		if o%cs != 0 {
+			c.msg("ERROR l2_offset=%x: Table is not cluster aligned; L1 entry corrupted", o)
+		} else {
+			c.msg("ERROR l2_offset=%x: L2 table is outside the image", o)
+		}
+		if active && c.fixAll() {
+			// The table is lost: its range reads from the backing file
+			// (or zeros) from now on.
+			im.setL1(int64(i), 0)
+			delete(im.metaSet, o>>im.cbits)
+			c.res.CorruptionsFixed++
+		}
+		return 0, false
+	}
+	return o, true
+}
+
+// l2Table returns the L2 table at o, from the cache or the file; a table
+// that cannot be read is reported.
+func (c *checker) l2Table(o int64) ([]byte, bool) {
+	im := c.im
+	if t := im.l2c.peek(o); t != nil {
+		return t.buf, true
+	}
+	tb := make([]byte, im.cs)
+	if err := driver.ReadFullAt(im.f, tb, o); err != nil {
+		c.res.CheckErrors++
+		c.msg("ERROR cannot read L2 table at %#x: %v", o, err)
+		return nil, false
+	}
+	return tb, true
+}
+
+// checkCompressed checks and counts the compressed cluster entry e2 (bm
+// its subcluster bitmap) for guest offset voff, and returns its repaired
+// value if it has one.
+func (c *checker) checkCompressed(voff int64, e2, bm uint64, active bool) (f l2Fix, fixed bool) {
+	im := c.im
+	if e2&oflagCopied != 0 {
+		c.res.Corruptions++
+		c.msg("ERROR: coffset=%x: copied flag must never be set for compressed clusters", e2&im.cOffMask)
+		if active && c.fixAll() {
+			e2 &^= oflagCopied
+			f, fixed = l2Fix{e2, bm}, true
+			c.res.CorruptionsFixed++
+		}
+	}
+	if im.ext && bm != 0 {
+		c.res.Corruptions++
+		c.msg("ERROR compressed cluster %d: non-zero subcluster allocation bitmap %#x", voff>>im.cbits, bm)
+		if active && c.fixAll() {
+			f, fixed = l2Fix{e2, 0}, true
+			c.res.CorruptionsFixed++
+		}
+	}
+	hoff, _ := im.compressedRange(e2 &^ (oflagCompressed | oflagCopied))
+	if hoff <= 0 || hoff >= im.fileEnd {
+		c.res.Corruptions++
+		c.msg("ERROR compressed cluster at guest offset %d: host offset %#x is outside the image", voff, hoff)
+		return f, fixed
+	}
+	first, last := im.compressedClusters(e2 &^ (oflagCompressed | oflagCopied))
+	for cl := first; cl <= last; cl++ {
+		c.t.inc(cl)
+	}
+	if active {
+		c.res.AllocatedClusters++
+		c.res.CompressedClusters++
+		c.res.FragmentedClusters++
+	}
+	return f, fixed
+}
+
+// checkCluster checks and counts the standard cluster entry e2 (bm its
+// subcluster bitmap) for guest offset voff, and returns its repaired value
+// if it has one.
+func (c *checker) checkCluster(voff int64, e2, bm uint64, active bool) (f l2Fix, fixed bool) {
+	im := c.im
+	cs := im.cs
+	ho := int64(e2 & offMask)
+	hasHost := ho != 0 || (im.extData && e2&oflagCopied != 0)
+	if !im.ext && e2&oflagZero != 0 && im.hdr.version < 3 {
+		c.res.Corruptions++
+		c.msg("ERROR zero cluster entry %#x at guest offset %d in a version 2 image", e2, voff)
+		if active && c.fixAll() {
+			e2 &^= oflagZero
+			f, fixed = l2Fix{e2, 0}, true
+			c.res.CorruptionsFixed++
+		}
+	}
+	if im.ext {
+		if bm&(bm>>32)&allAllocBits != 0 {
+			c.res.Corruptions++
+			c.msg("ERROR invalid subcluster bitmap %#x at guest offset %d: subclusters both allocated and zero", bm, voff)
+		}
+		if bm&allAllocBits != 0 && !hasHost {
+			c.res.Corruptions++
+			c.msg("ERROR guest offset %d: allocated subclusters without a host cluster", voff)
+		}
+	}
+	if !hasHost {
+		return f, fixed
+	}
+	if im.extData {
+		if active {
+			c.res.AllocatedClusters++
+		}
+		return f, fixed
+	}
+	zero := !im.ext && e2&oflagZero != 0
+	if ho%cs != 0 {
+		c.res.Corruptions++
+		c.msg("ERROR offset=%x: Cluster is not properly aligned; L2 entry corrupted", ho)
+		if active && c.fixAll() && zero {
+			f, fixed = l2Fix{oflagZero, 0}, true
+			c.res.CorruptionsFixed++
+		}
+		return f, fixed
+	}
+	if ho >= im.fileEnd {
+		c.res.Corruptions++
+		c.msg("ERROR offset=%x: Data cluster at guest offset %d is outside the image", ho, voff)
+		if active && c.fixAll() {
+			// Reads zeros instead of data that is not there.
+			if im.hdr.version >= 3 && !im.ext {
+				f = l2Fix{oflagZero, 0}
+			} else if im.ext {
+				f = l2Fix{0, allZeroBits}
+			} else {
+				f = l2Fix{0, 0}
+			}
+			fixed = true
+			c.res.CorruptionsFixed++
+		}
+		return f, fixed
+	}
+	c.t.inc(ho >> im.cbits)
+	if active {
+		c.res.AllocatedClusters++
+		if c.lastOff != 0 && ho != c.lastOff+cs {
+			c.res.FragmentedClusters++
+		}
+		c.lastOff = ho
+	}
+	return f, fixed
+}
+
+// applyL2Fixes writes the repaired entries into the L2 table at o.
+func (c *checker) applyL2Fixes(o int64, fixes map[int64]l2Fix) error {
+	if len(fixes) == 0 {
+		return nil
+	}
+	im := c.im
+	t, err := im.loadL2(o)
+	if err != nil {
+		return err
+	}
+	for j, f := range fixes {
+		im.setEntry(t.buf, j, f.e, f.bm)
+	}
+	t.dirty = true
+	im.shrinkCaches()
 	return nil
 }
 

@@ -180,7 +180,7 @@ func TestDirtyImageRepairedOnOpen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.Top().Image.Info().Dirty {
+	if d.Top().Info().Dirty {
 		t.Fatal("still dirty after a read-write open")
 	}
 	if _, err := d.WriteAt(bytes.Repeat([]byte{0x77}, 4096), 3<<20); err != nil {

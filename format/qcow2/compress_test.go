@@ -36,7 +36,7 @@ func compressibleData(size int) []byte {
 // skipping all-zero clusters, from several goroutines in order.
 func writeCompressed(t testing.TB, d *vdisk.Disk, data []byte) {
 	t.Helper()
-	cw, ok := d.Top().Image.(qcow2.CompressedWriter)
+	cw, ok := vdisk.As[qcow2.CompressedWriter](d.Top())
 	if !ok {
 		t.Fatal("qcow2 image does not implement CompressedWriter")
 	}

@@ -110,7 +110,7 @@ func runCrashOps(d *vdisk.Disk, ops []crashOp, st *crashState, cur []uint64) err
 				st.dirty[w] = true
 			}
 		case 4, 5, 6:
-			sn := d.Top().Image.(driver.Snapshotter)
+			sn, _ := vdisk.As[driver.Snapshotter](d.Top())
 			switch o.kind {
 			case 4:
 				err = d.Flush()

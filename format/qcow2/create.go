@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/prealloc"
 )
 
 // createOpts are the validated create options.
@@ -119,36 +120,93 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	size := (p.Size + 511) &^ 511
-	cbits := uint32(log2(c.cs))
+	h, g, err := createHeader(c, p.Size)
+	if err != nil {
+		return nil, err
+	}
+	hb, err := h.encode(c.cs)
+	if err != nil {
+		return nil, err
+	}
+	// Truncating a file to zero makes ext4 write the whole file back when
+	// it is closed (auto_da_alloc), which costs a convert as much as a
+	// sync: an existing file is cut to the initial size instead.
+	flag := driver.ReadWrite | driver.Create
+	if !p.Overwrite {
+		flag |= driver.Excl
+	}
+	_, serr := p.Storage.Stat(p.Name)
+	existed := serr == nil
+	// The external data file first, so a failure leaves no image behind
+	// that names a missing file.
+	if c.dataFile != "" {
+		if err := createDataFile(p, c.dataFile, g.size); err != nil {
+			return nil, err
+		}
+	}
+	f, err := p.Storage.Open(p.Name, flag)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeInitialTables(f, c, h, hb, g, existed); err != nil {
+		f.Close()
+		p.Storage.Remove(p.Name)
+		return nil, err
+	}
+	// Keep the file open (and locked) from creation on.
+	img, err := openFile(ctx, f, &driver.OpenParams{Storage: p.Storage, Name: p.Name, Logger: p.Logger, Options: driver.Values{}})
+	if err != nil {
+		return nil, err
+	}
+	im := img.(*image)
+	if c.prealloc != "off" {
+		if err := im.preallocate(ctx, 0, g.size, c.prealloc); err != nil {
+			im.Close()
+			return nil, err
+		}
+	}
+	return im, nil
+}
+
+// createGeom is the size of a new image and where its initial tables go
+// (see createLayout).
+type createGeom struct {
+	size                    int64 // the virtual size, in whole sectors
+	l1Entries               int64
+	rtClust, rbCount, total int64
+}
+
+// createHeader lays out a new image of reqSize bytes and builds its header.
+func createHeader(c *createOpts, reqSize int64) (*header, createGeom, error) {
+	g := createGeom{size: (reqSize + 511) &^ 511}
 	esz := int64(8)
 	if c.extL2 {
 		esz = 16
 	}
 	perL1 := c.cs * (c.cs / esz)
-	l1Entries := (size + perL1 - 1) / perL1
-	if l1Entries*8 > maxL1Bytes {
-		return nil, driver.OptionErrorf("size %d is too large for %d-byte clusters (the L1 table would exceed %d bytes)", p.Size, c.cs, maxL1Bytes)
+	g.l1Entries = (g.size + perL1 - 1) / perL1
+	if g.l1Entries*8 > maxL1Bytes {
+		return nil, g, driver.OptionErrorf("size %d is too large for %d-byte clusters (the L1 table would exceed %d bytes)", reqSize, c.cs, maxL1Bytes)
 	}
-	rtClust, rbCount, _, total := createLayout(c.cs, c.rorder, l1Entries)
-	if rtClust*c.cs > maxRefTableBytes {
-		return nil, driver.OptionErrorf("size %d is too large for %d-byte clusters", p.Size, c.cs)
+	g.rtClust, g.rbCount, _, g.total = createLayout(c.cs, c.rorder, g.l1Entries)
+	if g.rtClust*c.cs > maxRefTableBytes {
+		return nil, g, driver.OptionErrorf("size %d is too large for %d-byte clusters", reqSize, c.cs)
 	}
 	h := &header{
 		version:        c.version,
-		clusterBits:    cbits,
-		size:           uint64(size),
-		l1Size:         uint32(l1Entries),
+		clusterBits:    uint32(log2(c.cs)),
+		size:           uint64(g.size),
+		l1Size:         uint32(g.l1Entries),
 		refTableOffset: uint64(c.cs),
-		refTableClust:  uint32(rtClust),
+		refTableClust:  uint32(g.rtClust),
 		refcountOrder:  c.rorder,
 		headerLen:      v2HeaderLen,
 		backingFile:    c.backing,
 		backingFmt:     c.backFmt,
 		hasBackingFmt:  c.hasBackFm,
 	}
-	if l1Entries > 0 {
-		h.l1Offset = uint64((1 + rtClust + rbCount) * c.cs)
+	if g.l1Entries > 0 {
+		h.l1Offset = uint64((1 + g.rtClust + g.rbCount) * c.cs)
 	}
 	if c.version == 3 {
 		h.headerLen = ourV3HeaderLen
@@ -170,94 +228,64 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 			}
 		}
 	}
-	hb, err := h.encode(c.cs)
+	return h, g, nil
+}
+
+// createDataFile creates the external data file name (relative to the
+// image's directory) with the disk's size.
+func createDataFile(p *driver.CreateParams, name string, size int64) error {
+	path := name
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(filepath.Dir(p.Name), path)
+	}
+	df, err := p.Storage.Open(path, driver.ReadWrite|driver.Create|driver.Truncate)
 	if err != nil {
-		return nil, err
+		return driver.Errorf(err, p.Name, -1, "cannot create the external data file %s", path)
 	}
-	// Truncating a file to zero makes ext4 write the whole file back when
-	// it is closed (auto_da_alloc), which costs a convert as much as a
-	// sync: an existing file is cut to the initial size instead.
-	flag := driver.ReadWrite | driver.Create
-	if !p.Overwrite {
-		flag |= driver.Excl
+	err = df.Truncate(size)
+	if err == nil {
+		err = df.Sync()
 	}
-	_, serr := p.Storage.Stat(p.Name)
-	existed := serr == nil
-	// The external data file first, so a failure leaves no image behind
-	// that names a missing file.
-	if c.dataFile != "" {
-		path := c.dataFile
-		if !filepath.IsAbs(path) {
-			path = filepath.Join(filepath.Dir(p.Name), path)
-		}
-		df, err := p.Storage.Open(path, driver.ReadWrite|driver.Create|driver.Truncate)
-		if err != nil {
-			return nil, driver.Errorf(err, p.Name, -1, "cannot create the external data file %s", path)
-		}
-		err = df.Truncate(size)
-		if err == nil {
-			err = df.Sync()
-		}
-		df.Close()
-		if err != nil {
-			return nil, err
-		}
+	df.Close()
+	return err
+}
+
+// writeInitialTables writes the header hb, the refcount table and blocks
+// (counting every initial cluster once) and the L1 table's entries to the
+// new file f, and syncs it. A file that existed is cut to the tables' end
+// first, so that no old bytes survive in their clusters.
+func writeInitialTables(f driver.File, c *createOpts, h *header, hb []byte, g createGeom, existed bool) error {
+	buf := make([]byte, g.total*c.cs)
+	copy(buf, hb)
+	// Refcount table and blocks.
+	rtOff := c.cs
+	rbOff := (1 + g.rtClust) * c.cs
+	perRB := c.cs * 8 / (int64(1) << c.rorder)
+	tmp := &image{rorder: uint(c.rorder)}
+	for i := int64(0); i < g.rbCount; i++ {
+		put64(buf[rtOff+i*8:], uint64(rbOff+i*c.cs))
 	}
-	f, err := p.Storage.Open(p.Name, flag)
-	if err != nil {
-		return nil, err
+	for cl := int64(0); cl < g.total; cl++ {
+		blk := buf[rbOff+(cl/perRB)*c.cs:]
+		tmp.setRefRaw(blk, cl%perRB, 1)
 	}
-	err = func() error {
-		buf := make([]byte, total*c.cs)
-		copy(buf, hb)
-		// Refcount table and blocks.
-		rtOff := c.cs
-		rbOff := (1 + rtClust) * c.cs
-		perRB := c.cs * 8 / (int64(1) << c.rorder)
-		tmp := &image{rorder: uint(c.rorder)}
-		for i := int64(0); i < rbCount; i++ {
-			put64(buf[rtOff+i*8:], uint64(rbOff+i*c.cs))
-		}
-		for cl := int64(0); cl < total; cl++ {
-			blk := buf[rbOff+(cl/perRB)*c.cs:]
-			tmp.setRefRaw(blk, cl%perRB, 1)
-		}
-		// The L1 table is all zeros; write only its entries, as qemu does.
-		end := total * c.cs
-		if existed {
-			// Overwriting: old bytes must not survive in the tables'
-			// clusters.
-			if err := f.Truncate(end); err != nil {
-				return err
-			}
-		} else if l1Entries > 0 {
-			end = int64(h.l1Offset) + l1Entries*8
-		} else {
-			end = (1 + rtClust + rbCount) * c.cs
-		}
-		if _, err := f.WriteAt(buf[:end], 0); err != nil {
+	// The L1 table is all zeros; write only its entries, as qemu does.
+	end := g.total * c.cs
+	if existed {
+		// Overwriting: old bytes must not survive in the tables'
+		// clusters.
+		if err := f.Truncate(end); err != nil {
 			return err
 		}
-		return f.Sync()
-	}()
-	if err != nil {
-		f.Close()
-		p.Storage.Remove(p.Name)
-		return nil, err
+	} else if g.l1Entries > 0 {
+		end = int64(h.l1Offset) + g.l1Entries*8
+	} else {
+		end = (1 + g.rtClust + g.rbCount) * c.cs
 	}
-	// Keep the file open (and locked) from creation on.
-	img, err := openFile(ctx, f, &driver.OpenParams{Storage: p.Storage, Name: p.Name, Logger: p.Logger, Parent: p.Parent, Options: driver.Values{}})
-	if err != nil {
-		return nil, err
+	if _, err := f.WriteAt(buf[:end], 0); err != nil {
+		return err
 	}
-	im := img.(*image)
-	if c.prealloc != "off" {
-		if err := im.preallocate(ctx, 0, size, c.prealloc); err != nil {
-			im.Close()
-			return nil, err
-		}
-	}
-	return im, nil
+	return f.Sync()
 }
 
 // preallocate allocates host clusters for [from, to) (whole clusters) with
@@ -327,7 +355,7 @@ func (im *image) preallocate(ctx context.Context, from, to int64, mode string) e
 			return err
 		}
 	}
-	if mode == "falloc" || mode == "full" {
+	if mode == prealloc.Falloc || mode == prealloc.Full {
 		f := im.f
 		runs := dataRuns
 		if im.extData {
@@ -335,27 +363,8 @@ func (im *image) preallocate(ctx context.Context, from, to int64, mode string) e
 			runs = []span{{from >> im.cbits, (to + im.cs - 1) >> im.cbits}}
 		}
 		for _, r := range runs {
-			off, n := r.lo<<im.cbits, (r.hi-r.lo)<<im.cbits
-			if mode == "falloc" {
-				a, ok := f.(driver.Allocator)
-				if !ok {
-					return driver.Unsupportedf(im.name, "the storage cannot preallocate (preallocation=falloc); use full")
-				}
-				if err := a.Allocate(off, n); err != nil {
-					return err
-				}
-				continue
-			}
-			zero := make([]byte, min(n, 1<<20))
-			for o := off; o < off+n; {
-				if err := ctx.Err(); err != nil {
-					return err
-				}
-				c := min(int64(len(zero)), off+n-o)
-				if _, err := f.WriteAt(zero[:c], o); err != nil {
-					return err
-				}
-				o += c
+			if err := prealloc.File(ctx, f, im.name, mode, r.lo<<im.cbits, (r.hi-r.lo)<<im.cbits); err != nil {
+				return err
 			}
 		}
 		im.dataDirty.Store(true)

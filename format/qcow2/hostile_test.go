@@ -56,9 +56,8 @@ func openBytes(t testing.TB, b []byte, write bool) (err error) {
 			err = cerr
 		}
 	}()
-	img := d.Top().Image
-	_ = img.Info()
-	_ = img.Parent()
+	_ = d.Top().Info()
+	_ = d.Top().ParentRef()
 	size := d.Size()
 	buf := make([]byte, 64<<10)
 	off := int64(0)

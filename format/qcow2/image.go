@@ -26,7 +26,6 @@ type image struct {
 	ro      bool
 	shared  bool // a snapshot view sharing another image's files
 	log     *slog.Logger
-	parent  driver.ParentView
 
 	// Geometry, fixed at open.
 	cbits    uint
@@ -113,11 +112,7 @@ func openFile(ctx context.Context, f driver.File, p *driver.OpenParams) (driver.
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	parent := p.Parent
-	if parent == nil {
-		parent = driver.NoParent{}
-	}
-	im := &image{name: p.Name, st: p.Storage, f: f, df: f, ro: p.ReadOnly, log: log, parent: parent}
+	im := &image{name: p.Name, st: p.Storage, f: f, df: f, ro: p.ReadOnly, log: log}
 	if err := im.load(p.Options); err != nil {
 		im.closeFiles()
 		return nil, err
@@ -268,8 +263,18 @@ func (im *image) setGeometry() {
 	}
 	im.l2n = im.cs / im.esz
 	im.l2Bits = uint(log2(im.l2n))
-	im.rorder = uint(h.refcountOrder)
-	bits := int64(1) << im.rorder
+	im.setRefcountOrder(uint(h.refcountOrder))
+	im.cshift = 62 - (im.cbits - 8)
+	im.cOffMask = 1<<im.cshift - 1
+	im.cSecMask = 1<<(im.cbits-8) - 1
+	im.size = int64(h.size)
+}
+
+// setRefcountOrder sets the refcount width (2^order bits) and what
+// follows from it with the cluster size.
+func (im *image) setRefcountOrder(order uint) {
+	im.rorder = order
+	bits := int64(1) << order
 	im.rbn = im.cs * 8 / bits
 	im.rbBits = uint(log2(im.rbn))
 	if bits == 64 {
@@ -277,10 +282,6 @@ func (im *image) setGeometry() {
 	} else {
 		im.refMax = 1<<bits - 1
 	}
-	im.cshift = 62 - (im.cbits - 8)
-	im.cOffMask = 1<<im.cshift - 1
-	im.cSecMask = 1<<(im.cbits-8) - 1
-	im.size = int64(h.size)
 }
 
 func log2(n int64) int {
@@ -532,6 +533,12 @@ func (im *image) Parent() *driver.ParentRef {
 	return r
 }
 
+// backed reports whether the header records a backing file: whether
+// unallocated clusters show a backing chain (whose content the driver never
+// reads) rather than zeros. Callers hold opMu or mu (the name changes only
+// with both held exclusively).
+func (im *image) backed() bool { return im.hdr.backingFile != "" }
+
 // Close flushes (for a writable image), marks the image clean and closes
 // its files.
 func (im *image) Close() error {
@@ -595,6 +602,32 @@ func (im *image) beginWrite(off int64) error {
 	}
 	im.bmDone.Store(true)
 	return nil
+}
+
+// beginOp starts a structural operation that changes the image (snapshot
+// create, apply and delete, amend, resize, reparenting): beginWrite's
+// checks (read-only, corrupt, closed; bitmaps marked in use), then
+// lockOps. Callers release the image with unlockOps.
+func (im *image) beginOp() error {
+	if err := im.beginWrite(-1); err != nil {
+		return err
+	}
+	im.lockOps()
+	return nil
+}
+
+// lockOps gives the image to one operation: queued compressed writes are
+// stored, then opMu is taken exclusively (no I/O runs) and mu.
+func (im *image) lockOps() {
+	im.drainCompressor()
+	im.opMu.Lock()
+	im.mu.Lock()
+}
+
+// unlockOps releases what lockOps took.
+func (im *image) unlockOps() {
+	im.mu.Unlock()
+	im.opMu.Unlock()
 }
 
 func (im *image) writable(off int64) error {

@@ -80,14 +80,10 @@ func (im *image) Info() driver.Info {
 // SetParent rewrites the recorded backing file (rebase -u, commit); nil
 // makes the image standalone.
 func (im *image) SetParent(ref *driver.ParentRef) error {
-	if err := im.beginWrite(-1); err != nil {
+	if err := im.beginOp(); err != nil {
 		return err
 	}
-	im.drainCompressor()
-	im.opMu.Lock()
-	defer im.opMu.Unlock()
-	im.mu.Lock()
-	defer im.mu.Unlock()
+	defer im.unlockOps()
 	h := im.hdr
 	old := *h
 	if ref == nil || ref.Name == "" {

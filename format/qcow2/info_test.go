@@ -42,7 +42,7 @@ func TestInfoMatchesQemu(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer d.Close()
-			inf := d.Top().Image.Info()
+			inf := d.Top().Info()
 			if inf.Format != "qcow2" || inf.ClusterSize <= 0 || inf.VirtualSize != 1<<20 {
 				t.Fatalf("info %+v", inf)
 			}
@@ -109,7 +109,7 @@ func TestSetParent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rp := d.Top().Image.(driver.Reparenter)
+	rp := topAs[driver.Reparenter](t, d)
 	if err := rp.SetParent(&driver.ParentRef{Name: "b.raw", Format: "raw"}); err != nil {
 		t.Fatal(err)
 	}
@@ -119,7 +119,7 @@ func TestSetParent(t *testing.T) {
 		t.Fatalf("after rebase: %v", info)
 	}
 	d, _ = openRetry(f, &vdisk.OpenOptions{NoBacking: true})
-	if err := d.Top().Image.(driver.Reparenter).SetParent(nil); err != nil {
+	if err := topAs[driver.Reparenter](t, d).SetParent(nil); err != nil {
 		t.Fatal(err)
 	}
 	d.Close()

@@ -16,9 +16,30 @@
 // One mutex guards the metadata and is held only to look up, allocate and
 // update entries: guest data is read and written without it, so requests
 // to different clusters (which the container never overlaps) run in
-// parallel, including their copy-on-write reads from the backing chain.
-// Structural operations (snapshots, resize, check, amend) take the image
-// exclusively.
+// parallel. Structural operations (snapshots, resize, check, amend) take
+// the image exclusively.
+//
+// # Backing files
+//
+// The driver records the backing file (name and format) but never opens
+// or reads it: the container reads the runs Status reports as unallocated
+// from the chain, and ReadAt is asked only for the image's own data. Where
+// behaviour depends on a backing file, the header decides (a backing file
+// name recorded or not), not the chain the container opened. A write that
+// covers only part of a unit (a subcluster with extended L2 entries, else
+// a cluster) that is unallocated in an image with a backing file changes
+// nothing and returns a driver.FillError for the request extended to the
+// whole units at its head and tail; the container reads those bytes from
+// the chain and writes the extended range, which succeeds. The same holds
+// for the partial units of WriteZeroes. Units the image holds (zero,
+// compressed or allocated) are composed by the write itself, and without
+// a backing file an unallocated unit reads zeros, so a partial write into
+// one writes only its bytes (the rest of a new cluster past the end of the
+// file reads zeros already). Discard makes every whole unit inside its
+// range unallocated (reading through to the backing file, zeros without
+// one). Growing the disk zeroes the image's own data left past the old end
+// in its last cluster; the container zeroes what a larger backing file
+// would show in the grown range.
 //
 // # Crash safety
 //

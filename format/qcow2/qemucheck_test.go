@@ -11,6 +11,7 @@ import (
 	"github.com/vdisk/vdisk/internal/disktest"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -100,6 +101,17 @@ func openRetry(name string, o *vdisk.OpenOptions) (*vdisk.Disk, error) {
 	}
 }
 
+// topAs returns the top image of d as T (an optional driver interface),
+// failing the test when it is not one.
+func topAs[T any](t testing.TB, d *vdisk.Disk) T {
+	t.Helper()
+	v, ok := vdisk.As[T](d.Top())
+	if !ok {
+		t.Fatalf("the top image is not a %v", reflect.TypeFor[T]())
+	}
+	return v
+}
+
 // TestRefcountTableGrowth fills an image whose refcount table must move
 // several times and checks it with qemu.
 func TestRefcountTableGrowth(t *testing.T) {
@@ -184,7 +196,7 @@ func TestCommitEmptiesTop(t *testing.T) {
 			qemutest.IO(t, "qcow2", top, "write -P 0x22 64k 192k", "write -P 0x33 1M 1M", "write -z 3M 64k", "write -P 0x44 3200k 4k")
 			want := filepath.Join(dir, "want.raw")
 			qemutest.Img(t, "convert", "-O", "raw", top, want)
-			if err := vdisk.Commit(ctx, top, 1, false, &vdisk.MergeOptions{}); err != nil {
+			if err := vdisk.Commit(ctx, top, &vdisk.CommitOptions{Base: 1}); err != nil {
 				t.Fatal(err)
 			}
 			qemutest.Check(t, "qcow2", base)
@@ -230,7 +242,7 @@ func TestMeasureBitmapsMatchesQemu(t *testing.T) {
 				t.Fatal(err)
 			}
 			kvs, _ := driver.SplitOptions(opts)
-			res, err := vdisk.Measure(ctx, "qcow2", kvs, 0, d)
+			res, err := vdisk.Measure(ctx, "qcow2", &vdisk.MeasureOptions{Options: kvs, Source: d})
 			d.Close()
 			if err != nil {
 				t.Fatal(err)

@@ -240,7 +240,8 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 	return x, nil
 }
 
-// ReadAt reads guest data.
+// ReadAt reads guest data. The container asks only for runs Status
+// reports as Data; zero and unallocated runs read as zeros.
 func (im *image) ReadAt(p []byte, off int64) (int, error) {
 	im.opMu.RLock()
 	defer im.opMu.RUnlock()
@@ -259,11 +260,9 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 		}
 		chunk := p[done : done+int(r.n)]
 		switch r.kind {
-		case rUnalloc:
-			if _, err := im.parent.ReadAt(chunk, pos); err != nil {
-				return done, err
-			}
-		case rZero:
+		case rUnalloc, rZero:
+			// Unallocated runs are the container's to read (from the
+			// backing chain, or zeros); reading them here is harmless.
 			clear(chunk)
 		case rData:
 			if err := readAtFile(im.df, chunk, r.host); err != nil {

@@ -4,27 +4,30 @@ import (
 	"context"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/prealloc"
 )
 
 // Resize changes the virtual size. Growing extends the L1 table when
-// needed (moving it, like qemu) and makes the new range read as zeros even
-// over a larger backing file; shrinking frees every cluster past the new
-// end. prealloc applies to the grown range.
-func (im *image) Resize(ctx context.Context, size int64, prealloc string) error {
-	if err := im.beginWrite(-1); err != nil {
+// needed (moving it, like qemu) and makes the image's own data left past
+// the old end (inside its last cluster) read zeros; the grown range is
+// otherwise unallocated, reading zeros or, in an image with a backing
+// file, what the chain shows there (the container zeroes a larger backing
+// file's part itself). Shrinking frees every cluster past the new end.
+// The preallocation mode applies to the grown range.
+func (im *image) Resize(ctx context.Context, size int64, mode string) error {
+	if err := im.beginOp(); err != nil {
 		return err
 	}
-	im.drainCompressor()
-	im.opMu.Lock()
+	// opMu stays held throughout; mu is released while zeroing and
+	// preallocating the grown range, which take it themselves.
 	defer im.opMu.Unlock()
-	im.mu.Lock()
 	if err := im.cwErrLocked(); err != nil {
 		im.mu.Unlock()
 		return err
 	}
 	size = (size + 511) &^ 511
 	old := im.size
-	if err := im.resizeChecks(size, prealloc); err != nil {
+	if err := im.resizeChecks(size, mode); err != nil {
 		im.mu.Unlock()
 		return err
 	}
@@ -38,19 +41,13 @@ func (im *image) Resize(ctx context.Context, size int64, prealloc string) error 
 	if err != nil || size <= old {
 		return err
 	}
-	// The grown range reads zeros: a larger backing file must not show
-	// through, nor data left past the old end inside its last cluster.
-	zeroEnd := min(size, (old+im.cs-1)&^(im.cs-1))
-	if p := im.parent.Size(); p > old {
-		zeroEnd = max(zeroEnd, min(size, p))
+	// Data left past the old end inside its last cluster must not show
+	// in the grown range.
+	if err := im.zeroGrown(old, min(size, (old+im.cs-1)&^(im.cs-1))); err != nil {
+		return err
 	}
-	if zeroEnd > old {
-		if err := im.zeroRange(old, zeroEnd-old); err != nil {
-			return err
-		}
-	}
-	if prealloc != "" && prealloc != "off" {
-		if err := im.preallocate(ctx, old, size, prealloc); err != nil {
+	if prealloc.Active(mode) {
+		if err := im.preallocate(ctx, old, size, mode); err != nil {
 			return err
 		}
 	}
@@ -59,11 +56,9 @@ func (im *image) Resize(ctx context.Context, size int64, prealloc string) error 
 	return im.flushLocked(false)
 }
 
-func (im *image) resizeChecks(size int64, prealloc string) error {
-	switch prealloc {
-	case "", "off", "metadata", "falloc", "full":
-	default:
-		return driver.OptionErrorf("invalid preallocation mode %q (off, metadata, falloc, full)", prealloc)
+func (im *image) resizeChecks(size int64, mode string) error {
+	if err := prealloc.Check("", mode, prealloc.Metadata, prealloc.Falloc, prealloc.Full); err != nil {
+		return err
 	}
 	if im.hdr.bitmaps != nil && len(im.bitmaps) > 0 {
 		return driver.Unsupportedf(im.name, "cannot resize an image with persistent bitmaps")
@@ -71,7 +66,7 @@ func (im *image) resizeChecks(size int64, prealloc string) error {
 	if len(im.snaps) > 0 && im.hdr.version < 3 {
 		return driver.Unsupportedf(im.name, "cannot resize a version 2 image with internal snapshots")
 	}
-	if size < im.size && prealloc != "" && prealloc != "off" {
+	if size < im.size && prealloc.Active(mode) {
 		return driver.OptionErrorf("preallocation applies only when growing")
 	}
 	need := (size + im.l2Span() - 1) / im.l2Span()
@@ -81,10 +76,37 @@ func (im *image) resizeChecks(size int64, prealloc string) error {
 	return nil
 }
 
+// zeroGrown makes [old, end), the part of the old last cluster that
+// growing from size old brings into the disk, read zeros, except an
+// unallocated unit at old in an image with a backing file: its bytes are
+// not the image's (the chain shows there, and the container zeroes what a
+// backing file larger than old would show). Callers hold opMu exclusively.
+func (im *image) zeroGrown(old, end int64) error {
+	if end <= old {
+		return nil
+	}
+	if im.backed() && old&(im.scSize-1) != 0 {
+		im.mu.Lock()
+		_, ue, unalloc, err := im.unitAt(old)
+		im.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		if unalloc {
+			old = min(ue, end)
+		}
+	}
+	if end <= old {
+		return nil
+	}
+	return im.zeroRange(old, end-old)
+}
+
 // zeroRange makes [off, off+n) read zeros through the zero path, while the
-// caller holds opMu exclusively.
+// caller holds opMu exclusively. Partial units needing the backing chain
+// must not occur (see zeroGrown).
 func (im *image) zeroRange(off, n int64) error {
-	if im.hdr.version < 3 && im.parent.Present() {
+	if im.hdr.version < 3 && im.backed() {
 		return im.writeZeroBytes(off, n)
 	}
 	end := off + n

@@ -154,16 +154,26 @@ func (im *image) findSnapshot(key string) int {
 	return -1
 }
 
+// snapshotL1 finds the snapshot whose ID or name is key and reads its L1
+// table. Callers hold mu.
+func (im *image) snapshotL1(key string) (int, []uint64, error) {
+	i := im.findSnapshot(key)
+	if i < 0 {
+		return -1, nil, driver.Errorf(driver.ErrNotFound, im.name, -1, "no snapshot %q", key)
+	}
+	l1, err := im.readL1(im.snaps[i].l1Offset, im.snaps[i].l1Size)
+	if err != nil {
+		return -1, nil, err
+	}
+	return i, l1, nil
+}
+
 // snapshotOp runs a snapshot operation with the image to itself.
 func (im *image) snapshotOp(fn func() error) error {
-	if err := im.beginWrite(-1); err != nil {
+	if err := im.beginOp(); err != nil {
 		return err
 	}
-	im.drainCompressor()
-	im.opMu.Lock()
-	defer im.opMu.Unlock()
-	im.mu.Lock()
-	defer im.mu.Unlock()
+	defer im.unlockOps()
 	if err := im.cwErrLocked(); err != nil {
 		return err
 	}
@@ -459,15 +469,11 @@ func (im *image) CreateSnapshot(name string) error {
 // ApplySnapshot reverts the disk to a snapshot (qemu-img snapshot -a).
 func (im *image) ApplySnapshot(key string) error {
 	return im.snapshotOp(func() error {
-		i := im.findSnapshot(key)
-		if i < 0 {
-			return driver.Errorf(driver.ErrNotFound, im.name, -1, "no snapshot %q", key)
-		}
-		sn := im.snaps[i]
-		snL1, err := im.readL1(sn.l1Offset, sn.l1Size)
+		i, snL1, err := im.snapshotL1(key)
 		if err != nil {
 			return err
 		}
+		sn := im.snaps[i]
 		if err := im.refTreeFits(snL1); err != nil {
 			return err
 		}
@@ -530,15 +536,11 @@ func (im *image) ApplySnapshot(key string) error {
 // DeleteSnapshot removes a snapshot and frees what only it referenced.
 func (im *image) DeleteSnapshot(key string) error {
 	return im.snapshotOp(func() error {
-		i := im.findSnapshot(key)
-		if i < 0 {
-			return driver.Errorf(driver.ErrNotFound, im.name, -1, "no snapshot %q", key)
-		}
-		sn := im.snaps[i]
-		snL1, err := im.readL1(sn.l1Offset, sn.l1Size)
+		i, snL1, err := im.snapshotL1(key)
 		if err != nil {
 			return err
 		}
+		sn := im.snaps[i]
 		snaps := append(append([]snapshot(nil), im.snaps[:i]...), im.snaps[i+1:]...)
 		if err := im.writeSnapshotTable(snaps); err != nil {
 			return err
@@ -569,15 +571,11 @@ func (im *image) OpenSnapshot(key string) (driver.Image, error) {
 	defer im.opMu.RUnlock()
 	im.mu.Lock()
 	defer im.mu.Unlock()
-	i := im.findSnapshot(key)
-	if i < 0 {
-		return nil, driver.Errorf(driver.ErrNotFound, im.name, -1, "no snapshot %q", key)
-	}
-	sn := im.snaps[i]
-	l1, err := im.readL1(sn.l1Offset, sn.l1Size)
+	i, l1, err := im.snapshotL1(key)
 	if err != nil {
 		return nil, err
 	}
+	sn := im.snaps[i]
 	size := int64(sn.diskSize)
 	if need := (size + im.l2Span() - 1) / im.l2Span(); need > int64(len(l1)) {
 		return nil, driver.Corruptf(im.name, -1, "snapshot %q: its L1 table of %d entries is too small for %d bytes", sn.name, len(l1), size)
@@ -585,7 +583,7 @@ func (im *image) OpenSnapshot(key string) (driver.Image, error) {
 	hdr := *im.hdr
 	v := &image{
 		name: im.name + "@" + sn.name, st: im.st, f: im.f, df: im.df, extData: im.extData, rawData: im.rawData,
-		dfName: im.dfName, ro: true, log: im.log, parent: im.parent, shared: true,
+		dfName: im.dfName, ro: true, log: im.log, shared: true,
 		hdr: &hdr, size: size, l1: l1, l1Dirty: map[int64]bool{}, rt: im.rt,
 		l2c: newCache(im.l2c.max), rbc: newCache(4), fileEnd: im.fileEnd, snaps: im.snaps,
 	}

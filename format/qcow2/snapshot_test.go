@@ -20,7 +20,7 @@ import (
 
 func snapshotter(t testing.TB, d *vdisk.Disk) driver.Snapshotter {
 	t.Helper()
-	s, ok := d.Top().Image.(driver.Snapshotter)
+	s, ok := vdisk.As[driver.Snapshotter](d.Top())
 	if !ok {
 		t.Fatal("qcow2 image is not a Snapshotter")
 	}
@@ -78,7 +78,7 @@ func TestSnapshotsWithQemu(t *testing.T) {
 			}
 			// Read snapshots without applying them.
 			for name, want := range states {
-				v, err := d.Top().Image.(driver.SnapshotOpener).OpenSnapshot(name)
+				v, err := topAs[driver.SnapshotOpener](t, d).OpenSnapshot(name)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -1,13 +1,15 @@
 package qcow2
 
 import (
+	"errors"
+
 	"github.com/vdisk/vdisk/driver"
 )
 
 // Sources of the bytes of a unit (cluster or subcluster) a write does not
 // cover, when the unit is (re)written whole.
 const (
-	srcParent = iota // unallocated: the backing chain
+	srcParent = iota // unallocated: the backing chain (zeros without one)
 	srcZero          // zero cluster or subcluster
 	srcHost          // allocated: the old host data
 	srcComp          // compressed: the decompressed old cluster
@@ -43,8 +45,17 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 	if err := im.cwErr(); err != nil {
 		return 0, err
 	}
-	if err := driver.CheckRange(im.name, off, int64(len(p)), im.Size()); err != nil {
+	size := im.Size()
+	if err := driver.CheckRange(im.name, off, int64(len(p)), size); err != nil {
 		return 0, err
+	}
+	// Copy-on-write needs the backing chain's bytes around a write into
+	// part of an unallocated unit: ask for them before writing anything.
+	end := off + int64(len(p))
+	if start, stop, err := im.fillRange(off, end, size); err != nil {
+		return 0, err
+	} else if start != off || stop != end {
+		return 0, driver.NeedFill(im.name, start, stop)
 	}
 	span := im.l2Span()
 	done := int64(0)
@@ -58,6 +69,79 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	return len(p), nil
 }
+
+// fillRange returns [off, end) extended to the whole units (subclusters
+// with extended L2, else clusters) at its head and tail that the range
+// covers only in part and whose other bytes would come from the backing
+// chain: unallocated units of an image that records a backing file. A
+// write of [off, end) must be given that range whole (driver.FillError).
+// Units the image holds itself (zero, compressed, allocated) are composed
+// by the write; without a backing file unallocated units read zeros and
+// need nothing. size is the virtual size; callers hold opMu shared.
+func (im *image) fillRange(off, end, size int64) (start, stop int64, err error) {
+	start, stop = off, end
+	if !im.backed() {
+		return
+	}
+	// Compressed clusters, the only units larger than a subcluster with
+	// extended L2, never need the chain: subcluster alignment suffices.
+	head := off&(im.scSize-1) != 0
+	tail := end&(im.scSize-1) != 0 && end < size
+	if !head && !tail {
+		return
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if head {
+		us, _, back, err := im.unitAt(off)
+		if err != nil {
+			return 0, 0, err
+		}
+		if back {
+			start = us
+		}
+	}
+	if tail {
+		_, ue, back, err := im.unitAt(end - 1)
+		if err != nil {
+			return 0, 0, err
+		}
+		if back {
+			stop = min(ue, size)
+		}
+	}
+	return start, stop, nil
+}
+
+// unitAt returns the unit [us, ue) holding virtual offset pos (a
+// subcluster with extended L2 unless compressed, else a cluster) and
+// whether its content is not the image's own (unallocated). It changes
+// nothing. Callers hold mu.
+func (im *image) unitAt(pos int64) (us, ue int64, unalloc bool, err error) {
+	l2off, err := im.l2Offset(pos / im.l2Span())
+	if err != nil {
+		return 0, 0, false, err
+	}
+	var e, bm uint64
+	if l2off != 0 {
+		t, err := im.loadL2(l2off)
+		if err != nil {
+			return 0, 0, false, err
+		}
+		e, bm = im.entry(t.buf, (pos>>im.cbits)&(im.l2n-1))
+	}
+	unit := im.scSize
+	if e&oflagCompressed != 0 {
+		unit = im.cs
+	}
+	us = pos &^ (unit - 1)
+	src, _ := im.unitSource(&cplan{oldE: e, oldBm: bm}, pos&(im.cs-1))
+	return us, us + unit, src == srcParent, nil
+}
+
+// errFillMissed reports a copy-on-write that would need the backing chain
+// but reached the write path without the FillError check (a bug).
+var errFillMissed = errors.New("copy-on-write of an unallocated unit needs the backing chain")
 
 // writeChunk writes p at off; the range lies within one L2 table.
 func (im *image) writeChunk(p []byte, off int64) error {
@@ -310,8 +394,8 @@ func (im *image) restIsZero(pl *cplan) bool {
 		switch src, _ := im.unitSource(pl, u); src {
 		case srcZero:
 		case srcParent:
-			if im.parent.Present() {
-				return false
+			if im.needsChain(pl, u) {
+				return false // compose reports it
 			}
 		default:
 			return false
@@ -352,17 +436,13 @@ func (im *image) compose(pl *cplan, p []byte) ([]byte, error) {
 			case srcZero:
 				clear(dst)
 			case srcParent:
-				v := pl.vstart + h[0]
-				size := im.sizeShared()
-				if v >= size {
-					clear(dst)
-					break
+				// Zeros: no backing file, past the end of the disk, or a
+				// unit that stays unallocated (its bytes do not count).
+				// fillRange made the write cover any other one whole.
+				if im.needsChain(pl, u) && pl.vstart+h[0] < im.sizeShared() {
+					return nil, driver.Errorf(errFillMissed, im.name, pl.vstart+h[0], "internal error")
 				}
-				n := min(int64(len(dst)), size-v)
-				if _, err := im.parent.ReadAt(dst[:n], v); err != nil {
-					return nil, err
-				}
-				clear(dst[n:])
+				clear(dst)
 			case srcHost:
 				if err := readAtFile(im.df, dst, hostOff+(h[0]-u)); err != nil {
 					return nil, err
@@ -408,6 +488,19 @@ func (im *image) unitSource(pl *cplan, u int64) (int, int64) {
 		return srcZero, 0
 	}
 	return srcParent, 0
+}
+
+// needsChain reports whether the unallocated unit at in-cluster offset u
+// becomes allocated by the write while the image records a backing file:
+// its unwritten bytes would have to come from the chain.
+func (im *image) needsChain(pl *cplan, u int64) bool {
+	if !im.backed() {
+		return false
+	}
+	if !im.ext {
+		return true
+	}
+	return pl.newBm&(1<<(u>>im.scBits)) != 0
 }
 
 func (im *image) sizeShared() int64 {

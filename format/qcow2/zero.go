@@ -8,14 +8,18 @@ import (
 // subclusters with extended L2) become zero clusters on version 3 images,
 // or unallocated clusters on a version 2 image without a backing file;
 // unmap releases their host clusters. The remaining pieces are written as
-// zero bytes.
+// zero bytes, composed with the rest of their unit; when such a unit is
+// unallocated in an image with a backing file nothing is changed and a
+// driver.FillError asks for the range to be written whole with the
+// chain's bytes around it (on a version 2 image with a backing file every
+// zero is written as data).
 func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 	return im.zeroOrDiscard(off, n, unmap, false)
 }
 
 // Discard deallocates the whole clusters (subclusters) of [off, off+n):
-// they read from the backing file again, or zeros without one. Partial
-// clusters are left alone.
+// they become unallocated, reading from the backing file again, or zeros
+// without one. Partial clusters are left alone.
 func (im *image) Discard(off, n int64) error {
 	return im.zeroOrDiscard(off, n, true, true)
 }
@@ -35,6 +39,15 @@ func (im *image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 		return err
 	}
 	end := off + n
+	if !discard {
+		// Partial units are written as bytes: those needing the backing
+		// chain make the container write the range itself (FillError).
+		if start, stop, err := im.fillRange(off, end, size); err != nil {
+			return err
+		} else if start != off || stop != end {
+			return driver.NeedFill(im.name, start, stop)
+		}
+	}
 	// A range reaching the end of the disk covers the last partial cluster.
 	unitEnd := func(x int64) int64 {
 		if x == size {
@@ -43,7 +56,7 @@ func (im *image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 		return x
 	}
 	hasZeroFlag := im.hdr.version >= 3
-	v2Base := !hasZeroFlag && !im.parent.Present()
+	v2Base := !hasZeroFlag && !im.backed()
 	if !discard && !hasZeroFlag && !v2Base {
 		// Version 2 over a backing file: zeros must be written.
 		return im.writeZeroBytes(off, n)
@@ -97,12 +110,10 @@ func (im *image) zeroOrDiscard(off, n int64, unmap, discard bool) error {
 
 // writeZeroBytes writes zeros through the normal write path.
 func (im *image) writeZeroBytes(off, n int64) error {
-	buf := make([]byte, min(n, 1<<20))
 	for n > 0 {
-		c := min(n, int64(len(buf)))
 		span := im.l2Span()
-		c = min(c, span-off%span)
-		if err := im.writeChunk(buf[:c], off); err != nil {
+		c := min(n, driver.ZeroChunk, span-off%span)
+		if err := im.writeChunk(driver.Zeros(c), off); err != nil {
 			return err
 		}
 		off += c
@@ -122,7 +133,7 @@ func (im *image) zeroUnits(l1i, lo, hi int64, unmap, discard, v2Base bool) ([]sp
 	if err != nil {
 		return nil, err
 	}
-	noParent := !im.parent.Present()
+	noParent := !im.backed()
 	if l2off == 0 && (discard || noParent) {
 		return nil, nil // unallocated already reads as wanted
 	}

@@ -15,6 +15,7 @@ import (
 	"sync"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/prealloc"
 )
 
 func init() { driver.Register(Format) }
@@ -106,14 +107,14 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 }
 
 // setSize truncates to size and preallocates [from, size) as asked.
-func (im *image) setSize(ctx context.Context, from, size int64, prealloc string) error {
-	switch prealloc {
-	case "", "off", "falloc", "full":
-	default:
-		return driver.OptionErrorf("invalid preallocation mode %q for raw (off, falloc, full)", prealloc)
+func (im *image) setSize(ctx context.Context, from, size int64, mode string) error {
+	if err := prealloc.Check("raw", mode, prealloc.Falloc, prealloc.Full); err != nil {
+		return err
 	}
-	if _, ok := im.f.(driver.Allocator); !ok && prealloc == "falloc" && size > from {
-		return driver.Unsupportedf(im.name, "the storage cannot preallocate (preallocation=falloc); use full")
+	if size > from {
+		if err := prealloc.Usable(im.f, im.name, mode); err != nil {
+			return err
+		}
 	}
 	if err := im.f.Truncate(size); err != nil {
 		return err
@@ -122,32 +123,7 @@ func (im *image) setSize(ctx context.Context, from, size int64, prealloc string)
 	if size <= from {
 		return nil
 	}
-	switch prealloc {
-	case "", "off":
-	case "falloc":
-		a, ok := im.f.(driver.Allocator)
-		if !ok {
-			return driver.Unsupportedf(im.name, "the storage cannot preallocate (preallocation=falloc); use full")
-		}
-		if err := a.Allocate(from, size-from); err != nil {
-			return err
-		}
-	case "full":
-		buf := make([]byte, 1<<20)
-		for off := from; off < size; {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			n := min(int64(len(buf)), size-off)
-			if _, err := im.f.WriteAt(buf[:n], off); err != nil {
-				return err
-			}
-			off += n
-		}
-	default:
-		return driver.OptionErrorf("invalid preallocation mode %q (off, falloc, full)", prealloc)
-	}
-	return nil
+	return prealloc.File(ctx, im.f, im.name, mode, from, size-from)
 }
 
 func (im *image) Size() int64 {

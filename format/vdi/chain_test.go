@@ -56,8 +56,11 @@ func TestParentByUUID(t *testing.T) {
 		t.Fatalf("diff size %d, want the parent's %d", top.Size(), size)
 	}
 	disktest.MustWrite(t, top, nil, disktest.Fill(4096, 2), 4096)
-	ref := top.Top().Image.Parent()
-	bid := top.Layers()[1].Image.(driver.Identifier)
+	ref := top.Top().ParentRef()
+	bid, ok := vdisk.As[driver.Identifier](top.Layers()[1])
+	if !ok {
+		t.Fatal("the base is no driver.Identifier")
+	}
 	if ref == nil || ref.Name != "" || ref.UUID != bid.UUID() || ref.ModUUID != bid.ModificationUUID() {
 		t.Fatalf("parent ref %+v, base %s/%s", ref, bid.UUID(), bid.ModificationUUID())
 	}
@@ -215,17 +218,16 @@ func TestMetadata(t *testing.T) {
 	top := createVDI(t, st, "/p/top.vdi", 0, "base.vdi")
 	disktest.MustClose(t, top)
 	d = openVDI(t, st, "/p/top.vdi", false)
-	rp := d.Top().Image.(driver.Reparenter)
-	pref := d.Top().Image.Parent()
-	if err := rp.SetParent(nil); err != nil {
+	pref := d.Top().ParentRef()
+	if err := d.SetParent(nil); err != nil {
 		t.Fatal(err)
 	}
 	disktest.MustClose(t, d)
 	d = openVDI(t, st, "/p/top.vdi", false)
-	if len(d.Layers()) != 1 || d.Top().Image.Parent() != nil || disktest.ReadAll(t, d)[0] != 0 {
+	if len(d.Layers()) != 1 || d.Top().ParentRef() != nil || disktest.ReadAll(t, d)[0] != 0 {
 		t.Fatal("standalone image still has a parent")
 	}
-	if err := d.Top().Image.(driver.Reparenter).SetParent(pref); err != nil {
+	if err := d.SetParent(pref); err != nil {
 		t.Fatal(err)
 	}
 	disktest.MustClose(t, d)

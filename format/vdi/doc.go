@@ -36,21 +36,37 @@
 //     UUID (VDI has no parent file name); Parent returns them and the
 //     container finds the parent by UUID among the image's siblings, or
 //     takes it from OpenOptions.Parents.
-//   - The block map stays in memory. A write into an unallocated block
-//     writes the data block (the rest filled from the parent view or with
-//     zeros) and then its 4-byte map entry; the header (allocated count,
-//     modification UUID) is written on Flush. Full-block writes of zeros
-//     allocate nothing. The modification UUID changes on the first change
-//     of every open-for-write session.
-//   - WriteZeroes with unmap and Discard turn whole blocks into zero
-//     blocks (free blocks for Discard in a differencing image) and give
+//   - The driver holds no chain logic: it never reads another layer, and
+//     whether free blocks show a parent is decided by the header alone
+//     (type differencing). ReadAt serves data blocks; zero and free blocks
+//     read as zeros there (the container reads free blocks from the layers
+//     below).
+//   - The block map stays in memory. A write into a free or zero block
+//     writes a new data block (the rest of the block zeros) and then its
+//     4-byte map entry; the header (allocated count, modification UUID) is
+//     written on Flush. Full-block writes of zeros allocate nothing. The
+//     modification UUID changes on the first change of every
+//     open-for-write session.
+//   - Copy-on-write: a write (or WriteZeroes) covering only part of a free
+//     block of a differencing image writes nothing and returns a
+//     *driver.FillError for the whole partially covered free blocks at its
+//     ends and everything between; the container reads that range from
+//     the chain and writes it again, whole. Free blocks of a base image
+//     read zeros and zero blocks are the image's own: those are filled
+//     with zeros without asking.
+//   - WriteZeroes with unmap turns whole blocks into zero blocks and gives
 //     their data blocks back by moving the last data blocks into the holes
-//     and truncating the file, as VirtualBox's discard does; partial blocks
-//     are zero-filled. Compact does the same for blocks that are all zeros
-//     or equal to the parent's content. Moves copy into unreferenced holes,
-//     sync, repoint entries, sync, then truncate: a crash at any point
-//     leaves an image that opens and reads the same (at worst with leaked
-//     data blocks, which check -r removes).
+//     and truncating the file, as VirtualBox's discard does; partial
+//     blocks are zero-filled. Discard turns every whole block of the range
+//     into a free block (zeros in a base image, the parent's content in a
+//     differencing image) the same way and leaves partial blocks alone;
+//     fixed images do not discard. Compact only packs the file (moves the
+//     data blocks after holes into them and truncates); the container
+//     finds the blocks that are all zeros or equal to the layers below
+//     and discards them first. Moves copy into unreferenced holes, sync,
+//     repoint entries, sync, then truncate: a crash at any point leaves an
+//     image that opens and reads the same (at worst with leaked data
+//     blocks, which check -r or the next Compact removes).
 //   - Resize grows the map in place when it has room, else moves the data
 //     blocks in the way to the end of the file and renumbers; shrinking is
 //     refused when the cut-off range holds data. Fixed images are not

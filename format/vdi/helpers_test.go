@@ -37,7 +37,13 @@ func openVDI(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk 
 }
 
 // topImage returns the driver image of the top layer.
-func topImage(d *vdisk.Disk) *image { return d.Top().Image.(*image) }
+func topImage(d *vdisk.Disk) *image {
+	im, ok := vdisk.As[*image](d.Top())
+	if !ok {
+		panic("the top layer is not a VDI image")
+	}
+	return im
+}
 
 func fileSize(t testing.TB, st driver.Storage, name string) int64 {
 	t.Helper()

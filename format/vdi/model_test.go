@@ -50,13 +50,16 @@ func TestModelChain(t *testing.T) {
 			// The chain links by UUID.
 			ls := d.Layers()
 			for i := 0; i+1 < len(ls); i++ {
-				ref := ls[i].Image.Parent()
-				id := ls[i+1].Image.(driver.Identifier)
+				ref := ls[i].ParentRef()
+				id, ok := vdisk.As[driver.Identifier](ls[i+1])
+				if !ok {
+					t.Fatalf("layer %d is no driver.Identifier", i+1)
+				}
 				if ref == nil || ref.UUID != id.UUID() || ref.Name != "" {
 					t.Fatalf("layer %d records parent %+v, its parent's UUID is %s", i, ref, id.UUID())
 				}
 			}
-			if ls[len(ls)-1].Image.Parent() != nil {
+			if ls[len(ls)-1].ParentRef() != nil {
 				t.Fatal("the base records a parent")
 			}
 			res, err := d.Check(ctx, driver.RepairNone)

@@ -14,15 +14,21 @@ import (
 // WriteZeroes makes [off, off+n) read as zeros. With unmap, whole blocks
 // become zero blocks and their data blocks are given back (the file
 // shrinks); without it, allocated blocks are zero-filled in place. Fixed
-// images are always zero-filled in place.
+// images are always zero-filled in place. Free blocks of a base image and
+// zero blocks read zeros already; whole free blocks of a differencing
+// image become zero blocks. Where the range covers only part of a free
+// block of a differencing image (whose rest must keep showing the layers
+// below), nothing is written and a *driver.FillError is returned, as from
+// WriteAt; the container then writes those parts itself.
 func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 	return im.zeroRange(off, n, false, unmap)
 }
 
-// Discard deallocates the whole blocks of [off, off+n): zero blocks in a
-// base image, free blocks (the parent shows through) in a differencing
-// image; the file shrinks. Partial blocks are zero-filled. Discard does
-// nothing on fixed images.
+// Discard deallocates the whole blocks of [off, off+n): they become free
+// blocks (reading through to the parent in a differencing image, zeros in
+// a base image), zero blocks included, and the file shrinks by their data
+// blocks. Parts of blocks are left as they are. A fixed image cannot free
+// blocks: Discard returns ErrUnsupported.
 func (im *image) Discard(off, n int64) error {
 	return im.zeroRange(off, n, true, true)
 }
@@ -41,17 +47,22 @@ func (im *image) zeroRange(off, n int64, discard, unmap bool) error {
 	im.meta.Unlock()
 	if typ == typeFixed {
 		if discard {
-			return nil
+			return driver.Unsupportedf(im.name, "a fixed VDI image cannot discard blocks")
 		}
 		unmap = false
 	}
 	if n == 0 {
 		return nil
 	}
+	diff := typ == typeDiff
+	if !discard {
+		if err := im.needFill(off, off+n, diff); err != nil {
+			return err
+		}
+	}
 	im.touch()
-	freeZero := im.freeIsZero()
 	target := uint32(entZero)
-	if discard && typ == typeDiff {
+	if discard {
 		target = entFree
 	}
 	freed := false
@@ -62,6 +73,15 @@ func (im *image) zeroRange(off, n int64, discard, unmap bool) error {
 		e := im.entry(b)
 		whole := in == 0 && m == bl
 		switch {
+		case discard && !whole:
+			// Parts of blocks are left as they are.
+		case discard:
+			if e != entFree {
+				if err := im.setEntry(b, entFree); err != nil {
+					return err
+				}
+				freed = freed || allocated(e)
+			}
 		case allocated(e) && whole && unmap:
 			if err := im.setEntry(b, target); err != nil {
 				return err
@@ -87,22 +107,19 @@ func (im *image) zeroRange(off, n int64, discard, unmap bool) error {
 				return driver.WithFile(err, "write zeroes", im.name)
 			}
 		case allocated(e):
-			if _, err := im.f.WriteAt(zeroBuf(m), im.dataOff(e)+in); err != nil {
+			if _, err := im.f.WriteAt(driver.Zeros(m), im.dataOff(e)+in); err != nil {
 				return driver.WithFile(err, "write zeroes", im.name)
 			}
-		case discard:
-			// Nothing allocated; a discarded range may keep reading as before.
-		case e == entZero || (e == entFree && freeZero):
+		case e == entZero || (e == entFree && !diff):
 			// Reads zeros already.
 		case whole:
 			if err := im.setEntry(b, entZero); err != nil {
 				return err
 			}
 		default:
-			// Part of a free block over a parent: copy-on-write with zeros.
-			if err := im.write(zeroBuf(m), off); err != nil {
-				return err
-			}
+			// Part of a free block of a differencing image: needFill
+			// turned the request away before anything was written.
+			return driver.Corruptf(im.name, off, "internal error: partial zeroing of free block %d of a differencing image without a fill", b)
 		}
 		off += m
 	}
@@ -114,18 +131,7 @@ func (im *image) zeroRange(off, n int64, discard, unmap bool) error {
 	if err := im.f.Sync(); err != nil {
 		return driver.WithFile(err, "sync", im.name)
 	}
-	return im.pack(nil)
-}
-
-// zeros is shared, never written.
-var zeros = make([]byte, 1<<20)
-
-// zeroBuf returns n zero bytes, not to be written to.
-func zeroBuf(n int64) []byte {
-	if n <= int64(len(zeros)) {
-		return zeros[:n]
-	}
-	return make([]byte, n)
+	return im.pack(nil, nil)
 }
 
 // mapScan is what a walk over the block map found.
@@ -217,13 +223,16 @@ func (im *image) scan(fileSize int64, dups bool) mapScan {
 // left by freed blocks, so that the referenced indices are exactly
 // 0..count-1, and truncates the file after them. The caller holds mu
 // exclusively, and the entry changes that made the holes are durable.
+// ctx (may be nil) stops the moves early: nothing is repointed then, and
+// the copies already made sit in unreferenced holes. progress (may be nil)
+// gets the moves done out of the moves needed.
 //
 // Crash safety: the copies go into unreferenced holes and are synced
 // before any entry points at them; the entries are synced before the file
 // is truncated. Every intermediate state reads the same content; one
 // interrupted early leaves holes (leaks) that the next pack or check -r
 // removes.
-func (im *image) pack(progress func()) error {
+func (im *image) pack(ctx context.Context, progress driver.Progress) error {
 	fileSize, err := im.f.Size()
 	if err != nil {
 		return driver.WithFile(err, "stat", im.name)
@@ -259,9 +268,19 @@ func (im *image) pack(progress func()) error {
 	if len(holes) != len(srcs) {
 		return driver.Corruptf(im.name, -1, "internal error: %d holes for %d blocks to move", len(holes), len(srcs))
 	}
+	total := int64(len(srcs))
+	if progress != nil {
+		progress(0, total)
+	}
 	if len(srcs) > 0 {
 		buf := im.getBuf()
 		for i, s := range srcs {
+			if ctx != nil {
+				if err := ctx.Err(); err != nil {
+					im.putBuf(buf)
+					return err
+				}
+			}
 			if err := im.readData(buf, im.slotOff(s.idx)); err != nil {
 				im.putBuf(buf)
 				return err
@@ -270,8 +289,8 @@ func (im *image) pack(progress func()) error {
 				im.putBuf(buf)
 				return driver.WithFile(err, "move block", im.name)
 			}
-			if progress != nil {
-				progress()
+			if progress != nil && int64(i+1) < total {
+				progress(int64(i+1), total)
 			}
 		}
 		im.putBuf(buf)
@@ -307,14 +326,20 @@ func (im *image) pack(progress func()) error {
 			return driver.WithFile(err, "sync", im.name)
 		}
 	}
+	if progress != nil {
+		progress(total, total)
+	}
 	return nil
 }
 
-// Compact gives back the blocks that read all zeros (they become zero
-// blocks) and, in a differencing image, the blocks equal to the parent's
-// content (they become free), then packs the data area so the file has no
-// holes. A kill at any point leaves an image that opens and reads the same.
-func (im *image) Compact(ctx context.Context, parent driver.ParentView, progress driver.Progress) error {
+// Compact packs the data area: the data blocks after the holes that freed
+// blocks left (discarded, unmapped, or leaked by an interrupted operation)
+// move into them, the map entries follow, and the file is truncated after
+// the last data block. Finding the blocks worth freeing (all zeros, or
+// equal to the layers below) is the container's job: it discards them
+// before calling Compact. A kill at any point leaves an image that opens
+// and reads the same. Fixed images are not compacted.
+func (im *image) Compact(ctx context.Context, progress driver.Progress) error {
 	if err := im.writable(-1); err != nil {
 		return err
 	}
@@ -326,77 +351,12 @@ func (im *image) Compact(ctx context.Context, parent driver.ParentView, progress
 	if typ == typeFixed {
 		return driver.Unsupportedf(im.name, "a fixed VDI image cannot be compacted")
 	}
-	if parent == nil {
-		parent = driver.NoParent{}
-	}
-	im.touch()
-	var list []int64
-	for b := range im.bmap {
-		if allocated(im.entry(int64(b))) {
-			list = append(list, int64(b))
-		}
-	}
-	total := 2 * int64(len(list))
-	var done int64
-	report := func() {
-		done++
-		if progress != nil {
-			progress(min(done, total), total)
-		}
-	}
-	if progress != nil {
-		progress(0, total)
-	}
-	buf := im.getBuf()
-	defer im.putBuf(buf)
-	var pbuf []byte
-	if parent.Present() {
-		pbuf = make([]byte, im.bs)
-	}
-	freed := false
-	var cerr error
-	for _, b := range list {
-		if cerr = ctx.Err(); cerr != nil {
-			break
-		}
-		e := im.entry(b)
-		bl := im.blockLen(b)
-		if err := im.readData(buf[:bl], im.dataOff(e)); err != nil {
-			return err
-		}
-		target := uint32(0)
-		if pbuf != nil {
-			if err := driver.ReadFullAt(parent, pbuf[:bl], b*im.bs); err != nil {
-				return driver.WithFile(err, "read parent", im.name)
-			}
-			if bytes.Equal(buf[:bl], pbuf[:bl]) {
-				target = entFree
-			}
-		}
-		if target == 0 && driver.IsZero(buf[:bl]) {
-			target = entZero
-		}
-		if target != 0 {
-			if err := im.setEntry(b, target); err != nil {
-				return err
-			}
-			freed = true
-		}
-		report()
-	}
-	if freed {
-		if err := im.f.Sync(); err != nil {
-			return driver.WithFile(err, "sync", im.name)
-		}
-	}
-	// Always pack: it also removes holes left by an interrupted operation.
-	if err := im.pack(report); err != nil {
+	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if progress != nil && cerr == nil {
-		progress(total, total)
-	}
-	return cerr
+	// Moving blocks changes nothing the image reads: the modification UUID
+	// stays.
+	return im.pack(ctx, progress)
 }
 
 // Resize changes the virtual size. Growing extends the block map; when the
@@ -459,7 +419,7 @@ func (im *image) grow(ctx context.Context, size, nb int64) error {
 		return im.commitSize(size, nb, im.grownMap(nb, 0), im.offData)
 	}
 	// Make the data area dense, then move the blocks in the way.
-	if err := im.pack(nil); err != nil {
+	if err := im.pack(nil, nil); err != nil {
 		return err
 	}
 	count := im.count
@@ -606,7 +566,7 @@ func (im *image) shrink(size, nb int64) error {
 		if err := im.f.Sync(); err != nil {
 			return driver.WithFile(err, "sync", im.name)
 		}
-		if err := im.pack(nil); err != nil {
+		if err := im.pack(nil, nil); err != nil {
 			return err
 		}
 	}
@@ -752,5 +712,5 @@ func (im *image) repair(ctx context.Context, mode driver.RepairMode, in inspecti
 			return driver.WithFile(err, "sync", im.name)
 		}
 	}
-	return im.pack(nil)
+	return im.pack(nil, nil)
 }

@@ -71,7 +71,6 @@ type image struct {
 	name string
 	ro   bool
 	log  *slog.Logger
-	view driver.ParentView
 
 	mu   sync.RWMutex
 	meta sync.Mutex
@@ -109,7 +108,7 @@ func open(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	im, err := load(f, p.Name, p.ReadOnly, p.Logger, p.Parent)
+	im, err := load(f, p.Name, p.ReadOnly, p.Logger)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -118,12 +117,9 @@ func open(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
 }
 
 // load reads, validates and sets up an image from an open file.
-func load(f driver.File, name string, ro bool, log *slog.Logger, view driver.ParentView) (*image, error) {
+func load(f driver.File, name string, ro bool, log *slog.Logger) (*image, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
-	}
-	if view == nil {
-		view = driver.NoParent{}
 	}
 	fileSize, err := f.Size()
 	if err != nil {
@@ -136,7 +132,7 @@ func load(f driver.File, name string, ro bool, log *slog.Logger, view driver.Par
 	if err := h.validate(name, fileSize); err != nil {
 		return nil, err
 	}
-	im := &image{f: f, name: name, ro: ro, log: log, view: view, hdr: *h}
+	im := &image{f: f, name: name, ro: ro, log: log, hdr: *h}
 	im.setLayout()
 	raw := make([]byte, int64(h.blocks)*4)
 	if err := driver.ReadFullAt(f, raw, im.offBlocks); err != nil {
@@ -297,12 +293,9 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	if err := f.Truncate(end); err != nil {
 		return fail(err)
 	}
-	im := &image{f: f, name: p.Name, log: p.Logger, view: p.Parent, hdr: h, bmap: bm}
+	im := &image{f: f, name: p.Name, log: p.Logger, hdr: h, bmap: bm}
 	if im.log == nil {
 		im.log = slog.New(slog.DiscardHandler)
-	}
-	if im.view == nil {
-		im.view = driver.NoParent{}
 	}
 	im.setLayout()
 	im.count, im.hiRef, im.cursor = h.allocated, h.allocated, h.allocated
@@ -326,12 +319,14 @@ func (im *image) dataOff(idx uint32) int64 { return im.slotOff(idx) + im.extra }
 // blockLen is the number of bytes of block b inside the virtual disk.
 func (im *image) blockLen(b int64) int64 { return min(im.bs, im.Size()-b*im.bs) }
 
-// freeIsZero reports whether a free block reads as zeros (no parent below).
-func (im *image) freeIsZero() bool {
+// isDiff reports whether the image is a differencing image: its free
+// blocks show the parent's content (which the driver never reads), where a
+// base image's free blocks read zeros. It is the header's type alone,
+// never the state of an opened chain.
+func (im *image) isDiff() bool {
 	im.meta.Lock()
-	diff := im.hdr.typ == typeDiff
-	im.meta.Unlock()
-	return !diff && !im.view.Present()
+	defer im.meta.Unlock()
+	return im.hdr.typ == typeDiff
 }
 
 func (im *image) getBuf() []byte {
@@ -388,7 +383,9 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 }
 
 // ReadAt reads p at off: data blocks from the file (contiguous blocks in
-// one read), zero blocks as zeros, free blocks from the parent view.
+// one read). The container asks only for runs Status reported as Data;
+// zero blocks, and free blocks (whose content, in a differencing image,
+// the layers below supply), read as zeros.
 func (im *image) ReadAt(p []byte, off int64) (int, error) {
 	im.mu.RLock()
 	defer im.mu.RUnlock()
@@ -414,15 +411,8 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 			if err := im.readData(p[done:done+n], fo); err != nil {
 				return done, err
 			}
-		case driver.Zero:
-			clear(p[done : done+n])
 		default:
-			for done+n < len(p) && im.entry((pos+int64(n))/im.bs) == entFree {
-				n += int(min(int64(len(p)-done-n), im.bs))
-			}
-			if err := driver.ReadFullAt(im.view, p[done:done+n], pos); err != nil {
-				return done, driver.WithFile(err, "read parent", im.name)
-			}
+			clear(p[done : done+n])
 		}
 		done += n
 	}

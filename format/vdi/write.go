@@ -41,8 +41,15 @@ func (im *image) touch() {
 // WriteAt writes p at off. Allocated blocks are written in place (blocks
 // contiguous in the file with one write); a write into a free or zero block
 // allocates a new block at the end of the data area, filling the rest of
-// the block from the parent (free block of a differencing image) or with
-// zeros, then points the block map entry at it.
+// the block with zeros, then points the block map entry at it.
+//
+// In a differencing image, a write covering only part of a free block
+// writes nothing and returns a *driver.FillError asking for the whole
+// partially covered free blocks at its ends (and everything between): the
+// rest of such a block must keep reading what the layers below show, which
+// the container reads and writes back with the data (copy-on-write). A
+// base image's free blocks read zeros, and zero blocks are the image's
+// own: both are filled with zeros here.
 func (im *image) WriteAt(p []byte, off int64) (int, error) {
 	if err := im.writable(off); err != nil {
 		return 0, err
@@ -55,16 +62,54 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	// The type is read once: the check and the write agree on it.
+	diff := im.isDiff()
+	if err := im.needFill(off, off+int64(len(p)), diff); err != nil {
+		return 0, err
+	}
 	im.touch()
-	if err := im.write(p, off); err != nil {
+	if err := im.write(p, off, diff); err != nil {
 		return 0, err
 	}
 	return len(p), nil
 }
 
-// write does WriteAt's work; the caller holds mu (shared or exclusive).
-func (im *image) write(p []byte, off int64) error {
-	freeZero := im.freeIsZero()
+// needFill returns the *driver.FillError for a write of [off, end) (off <
+// end) into a differencing image (diff: isDiff's answer) whose first or
+// last block is free and only partly covered, or nil when the write can go
+// ahead. The caller holds mu; the container's range lock keeps the two
+// entries from changing until the write is done.
+func (im *image) needFill(off, end int64, diff bool) error {
+	if !diff {
+		return nil
+	}
+	start, stop := off, end
+	if hb := off / im.bs; im.partialFree(hb, off, end) {
+		start = hb * im.bs
+	}
+	if tb := (end - 1) / im.bs; im.partialFree(tb, off, end) {
+		stop = tb*im.bs + im.blockLen(tb)
+	}
+	if start == off && stop == end {
+		return nil
+	}
+	return driver.NeedFill(im.name, start, stop)
+}
+
+// partialFree reports whether block b is free and [off, end) covers only
+// part of it.
+func (im *image) partialFree(b, off, end int64) bool {
+	if im.entry(b) != entFree {
+		return false
+	}
+	lo := b * im.bs
+	return off > lo || end < lo+im.blockLen(b)
+}
+
+// write does WriteAt's work; the caller holds mu (shared or exclusive) and
+// has checked the request with needFill (diff: the image type it used).
+func (im *image) write(p []byte, off int64, diff bool) error {
+	freeZero := !diff
 	for len(p) > 0 {
 		b, in := off/im.bs, off%im.bs
 		e := im.entry(b)
@@ -195,18 +240,15 @@ func (im *image) allocRun(b, k, in int64, data []byte, freeZero bool) error {
 }
 
 // fillBlock prepares the file image of block b before new data is copied
-// in: zeros, or (a partially written free block of a differencing image)
-// the parent's content.
+// in: zeros. A partly written free block of a differencing image would
+// need the parent's content, which the driver never reads: needFill turned
+// such writes away, so meeting one here is an internal error.
 func (im *image) fillBlock(buf []byte, b int64, full, freeZero bool) error {
 	clear(buf)
 	if full || freeZero || im.entry(b) != entFree {
 		return nil
 	}
-	bl := im.blockLen(b)
-	if err := driver.ReadFullAt(im.view, buf[im.extra:im.extra+bl], b*im.bs); err != nil {
-		return driver.WithFile(err, "read parent", im.name)
-	}
-	return nil
+	return driver.Corruptf(im.name, b*im.bs, "internal error: partial write into free block %d of a differencing image without a fill", b)
 }
 
 // reserve takes k consecutive data block indices.

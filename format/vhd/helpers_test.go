@@ -41,7 +41,17 @@ func openDisk(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk
 }
 
 func spec(d *vdisk.Disk) *vhd.Specific {
-	return d.Top().Image.Info().Specific.(*vhd.Specific)
+	return d.Top().Info().Specific.(*vhd.Specific)
+}
+
+// ident is the top image's driver.Identifier.
+func ident(t testing.TB, d *vdisk.Disk) driver.Identifier {
+	t.Helper()
+	id, ok := vdisk.As[driver.Identifier](d.Top())
+	if !ok {
+		t.Fatal("the VHD image is not a driver.Identifier")
+	}
+	return id
 }
 
 // qemuRaw converts a qemu-readable image to raw with qemu-img and returns

@@ -94,14 +94,52 @@ func (v *blockView) run(s, limit int64) (bool, int64) {
 	return st, e - s
 }
 
-// fill reads what an unset range of this image shows: the parent's content
-// in a differencing image, zeros otherwise.
-func (im *image) fill(p []byte, voff int64) error {
-	if im.kind == diskDiff && im.parent != nil {
-		_, err := im.parent.ReadAt(p, voff)
-		return err
+// sectorSet reports whether the image holds disk sector s (its block is
+// allocated and the sector's bitmap bit set).
+func (im *image) sectorSet(s int64) (bool, error) {
+	b, i := s/im.spb, s%im.spb
+	v, err := im.view(b, i, i+1)
+	if err != nil || !v.alloc {
+		return false, err
 	}
-	clear(p)
+	return v.set(i), nil
+}
+
+// needFill is the copy-on-write rule of a differencing image: a write of
+// [off, off+n) that covers only part of its first or last sector, where
+// that sector is not held by this image, needs the sector's other bytes
+// from the chain below. It returns the *driver.FillError asking for the
+// request rounded out to those sectors (a bound whose sector is held, or
+// that is sector-aligned, stays at the request's edge), or nil. Whole
+// sectors never need a fill: the sector bitmaps record them one by one.
+// A dynamic or fixed image records no parent and never asks.
+func (im *image) needFill(off, n int64) error {
+	if im.kind != diskDiff || n <= 0 {
+		return nil
+	}
+	end := off + n
+	start, stop := off, end
+	if off%sectorSize != 0 {
+		set, err := im.sectorSet(off / sectorSize)
+		if err != nil {
+			return err
+		}
+		if !set {
+			start = off - off%sectorSize
+		}
+	}
+	if end%sectorSize != 0 {
+		set, err := im.sectorSet(end / sectorSize)
+		if err != nil {
+			return err
+		}
+		if !set {
+			stop = roundUp(end, sectorSize)
+		}
+	}
+	if start != off || stop != end {
+		return driver.NeedFill(im.name, start, stop)
+	}
 	return nil
 }
 
@@ -137,7 +175,8 @@ func (im *image) readBlock(p []byte, b, in int64) error {
 		return err
 	}
 	if !v.alloc {
-		return im.fill(p, b*im.bs+in)
+		clear(p) // not held here: zeros (the container reads the parent)
+		return nil
 	}
 	if v.full {
 		return driver.ReadFullAt(im.f, p, v.data+in)
@@ -148,12 +187,11 @@ func (im *image) readBlock(p []byte, b, in int64) error {
 		re := min((s+ns)*sectorSize, end)
 		sub := p[x-in : re-in]
 		if set {
-			err = driver.ReadFullAt(im.f, sub, v.data+x)
+			if err := driver.ReadFullAt(im.f, sub, v.data+x); err != nil {
+				return err
+			}
 		} else {
-			err = im.fill(sub, b*im.bs+x)
-		}
-		if err != nil {
-			return err
+			clear(sub)
 		}
 		x = re
 	}
@@ -228,6 +266,11 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 	if im.kind == diskFixed {
 		return im.f.WriteAt(p, off)
 	}
+	// Decided before anything is written: a fill request must leave the
+	// image unchanged.
+	if err := im.needFill(off, int64(len(p))); err != nil {
+		return 0, err
+	}
 	done := 0
 	for done < len(p) {
 		pos := off + int64(done)
@@ -268,26 +311,24 @@ func (im *image) writeBlock(b, in int64, p []byte) error {
 		_, err := im.f.WriteAt(p, v.data+in)
 		return err
 	}
-	// Partial sectors whose bit is clear take the rest of their content
-	// from what they show now (parent or zeros).
+	// Partial sectors whose bit is clear: in a differencing image their
+	// other bytes are the parent's, which the container supplies (needFill
+	// asked before anything was written; this is its safety net). In a
+	// dynamic image they read zeros.
 	headPart := in%sectorSize != 0
 	tailPart := end%sectorSize != 0
 	if (headPart && !v.set(s0)) || (tailPart && !v.set(s1-1)) {
-		buf := make([]byte, (s1-s0)*sectorSize)
-		edge := func(s int64) error {
-			sec := buf[(s-s0)*sectorSize : (s-s0+1)*sectorSize]
-			if v.set(s) {
-				return driver.ReadFullAt(im.f, sec, v.data+s*sectorSize)
-			}
-			return im.fill(sec, b*im.bs+s*sectorSize)
+		if im.kind == diskDiff {
+			return im.fillErr(b, in, end, headPart && !v.set(s0), tailPart && !v.set(s1-1))
 		}
-		if headPart {
-			if err := edge(s0); err != nil {
+		buf := make([]byte, (s1-s0)*sectorSize)
+		if headPart && v.set(s0) {
+			if err := driver.ReadFullAt(im.f, buf[:sectorSize], v.data+s0*sectorSize); err != nil {
 				return err
 			}
 		}
-		if tailPart && (s1-1 != s0 || !headPart) {
-			if err := edge(s1 - 1); err != nil {
+		if tailPart && v.set(s1-1) && (s1-1 != s0 || !headPart) {
+			if err := driver.ReadFullAt(im.f, buf[len(buf)-sectorSize:], v.data+(s1-1)*sectorSize); err != nil {
 				return err
 			}
 		}
@@ -308,25 +349,16 @@ func (im *image) allocWrite(b, in int64, p []byte) error {
 	end := in + int64(len(p))
 	s0, s1 := in/sectorSize, (end+sectorSize-1)/sectorSize
 	bm := make([]byte, im.bmSize)
-	data, dataOff := p, in
 	if im.kind == diskDiff {
+		// Only the sectors written become this image's; the rest keep
+		// showing the parent. A partial sector would need the parent's
+		// bytes (needFill asked for them before anything was written).
+		headPart, tailPart := in%sectorSize != 0, end%sectorSize != 0
+		if headPart || tailPart {
+			return im.fillErr(b, in, end, headPart, tailPart)
+		}
 		for s := s0; s < s1; s++ {
 			bm[s/8] |= 0x80 >> (s % 8)
-		}
-		if in%sectorSize != 0 || end%sectorSize != 0 {
-			buf := make([]byte, (s1-s0)*sectorSize)
-			if in%sectorSize != 0 {
-				if err := im.fill(buf[:sectorSize], b*im.bs+s0*sectorSize); err != nil {
-					return err
-				}
-			}
-			if end%sectorSize != 0 && (s1-1 != s0 || in%sectorSize == 0) {
-				if err := im.fill(buf[len(buf)-sectorSize:], b*im.bs+(s1-1)*sectorSize); err != nil {
-					return err
-				}
-			}
-			copy(buf[in-s0*sectorSize:], p)
-			data, dataOff = buf, s0*sectorSize
 		}
 	} else {
 		// As qemu does: every bit set, the data area reads zeros where
@@ -336,7 +368,20 @@ func (im *image) allocWrite(b, in int64, p []byte) error {
 			bm[i] = 0xFF
 		}
 	}
-	return im.allocBlock(b, bm, data, dataOff)
+	return im.allocBlock(b, bm, p, in)
+}
+
+// fillErr is needFill's answer for bytes [in, end) of block b whose head
+// and/or tail sector is partly written and not held.
+func (im *image) fillErr(b, in, end int64, head, tail bool) error {
+	start, stop := b*im.bs+in, b*im.bs+end
+	if head {
+		start -= in % sectorSize
+	}
+	if tail {
+		stop = b*im.bs + roundUp(end, sectorSize)
+	}
+	return driver.NeedFill(im.name, start, stop)
 }
 
 // allocBlock appends a block for b with bitmap bm, writes data at byte
@@ -387,18 +432,26 @@ func (im *image) reserveLocked() (int64, error) {
 	if pos/sectorSize > batUnused-1 {
 		return 0, driver.Errorf(driver.ErrUnsupported, im.name, pos, "the VHD file cannot grow past 2 TiB (its block table holds 32-bit sector numbers)")
 	}
+	return im.appendLocked(rs)
+}
+
+// appendLocked takes n bytes at the end of the data and moves the footer
+// behind them (the new footer is written first, so the file always ends
+// with a valid footer). Space leaked by an interrupted allocation is
+// dropped first, so that the new bytes read zeros. It returns where the n
+// bytes start.
+func (im *image) appendLocked(n int64) (int64, error) {
+	pos := im.end
 	if im.fileSize > pos+footerSize {
-		// Space leaked by an interrupted allocation: drop it, so the new
-		// block's data area reads zeros.
 		if err := im.f.Truncate(pos + footerSize); err != nil {
 			return 0, err
 		}
 		im.fileSize = pos + footerSize
 	}
-	if _, err := im.f.WriteAt(im.ftRaw, pos+rs); err != nil {
+	if _, err := im.f.WriteAt(im.ftRaw, pos+n); err != nil {
 		return 0, err
 	}
-	im.end = pos + rs
+	im.end = pos + n
 	im.fileSize = max(im.fileSize, im.end+footerSize)
 	return pos, nil
 }
@@ -454,6 +507,12 @@ func (im *image) trimTailLocked() error {
 	if err := im.f.Sync(); err != nil {
 		return err
 	}
+	return im.cutLocked(end)
+}
+
+// cutLocked ends the data at end: the footer is written there and the
+// file cut behind it.
+func (im *image) cutLocked(end int64) error {
 	if _, err := im.f.WriteAt(im.ftRaw, end); err != nil {
 		return err
 	}
@@ -469,36 +528,6 @@ func (im *image) blockSpan(b int64) int64 {
 	return min(im.bs, im.size-b*im.bs)
 }
 
-// parentZero reports whether [off, off+n) of the parent reads as zeros
-// (always true in a dynamic image).
-func (im *image) parentZero(off, n int64) (bool, error) {
-	if im.kind != diskDiff || im.parent == nil || !im.parent.Present() {
-		return true, nil
-	}
-	psize := im.parent.Size()
-	for n > 0 && off < psize {
-		e, err := im.parent.Status(off, min(n, psize-off))
-		if err != nil {
-			return false, err
-		}
-		if e.State == driver.Data || e.Length <= 0 {
-			return false, nil
-		}
-		off += e.Length
-		n -= e.Length
-	}
-	return true, nil
-}
-
-func (im *image) zeros(n int64) []byte {
-	im.mu.Lock()
-	defer im.mu.Unlock()
-	if int64(len(im.zeroBuf)) < n {
-		im.zeroBuf = make([]byte, max(n, 64<<10))
-	}
-	return im.zeroBuf[:n]
-}
-
 // zeroFile makes [off, off+n) of the file read zeros.
 func (im *image) zeroFile(off, n int64, unmap bool) error {
 	if unmap {
@@ -507,21 +536,17 @@ func (im *image) zeroFile(off, n int64, unmap bool) error {
 	if z, ok := im.f.(driver.ZeroRanger); ok {
 		return z.ZeroRange(off, n)
 	}
-	for n > 0 {
-		c := min(n, 1<<20)
-		if _, err := im.f.WriteAt(im.zeros(c), off); err != nil {
-			return err
-		}
-		off += c
-		n -= c
-	}
-	return nil
+	return driver.WriteZeros(im.f, off, n)
 }
 
-// WriteZeroes: whole blocks that read zeros without this image (every
-// block of a dynamic image) are unmapped; other whole blocks become
-// all-set blocks of zeros (sparse in the file); partial blocks are written
-// with zeros.
+// WriteZeroes makes the range read zeros. In a dynamic image unallocated
+// blocks read zeros already and are left alone; whole allocated blocks are
+// unmapped with unmap, otherwise zeroed in place. A differencing image does
+// not know what its parent holds, so its zeros shadow the parent: whole
+// blocks become blocks with every bit set and zero (sparse) data, partial
+// ones get zeros written over the sectors with their bits set. A partial
+// sector not held by a differencing image asks for a fill first (see
+// needFill), with nothing changed.
 func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 	if im.ro {
 		return im.readOnlyErr(off)
@@ -537,6 +562,9 @@ func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 			return z.ZeroRange(off, n)
 		}
 		return driver.ErrUnsupported
+	}
+	if err := im.needFill(off, n); err != nil {
+		return err
 	}
 	end := off + n
 	for off < end {
@@ -560,10 +588,8 @@ func (im *image) zeroBlock(b, in, c int64, unmap bool) error {
 	e := im.bat[b]
 	im.mu.Unlock()
 	alloc := e != batUnused
-	pz, err := im.parentZero(b*im.bs+in, c)
-	if err != nil {
-		return err
-	}
+	// Without this image the range reads zeros only in a dynamic image.
+	pz := im.kind != diskDiff
 	switch {
 	case !alloc && pz:
 		return nil
@@ -585,10 +611,18 @@ func (im *image) zeroBlock(b, in, c int64, unmap bool) error {
 			bm[i] = 0xFF
 		}
 		return im.allocBlock(b, bm, nil, 0)
+	case !alloc && in%sectorSize == 0 && c%sectorSize == 0:
+		// A differencing image: a new block holding just these sectors,
+		// whose fresh data area reads zeros.
+		bm := make([]byte, im.bmSize)
+		for s := in / sectorSize; s < (in+c)/sectorSize; s++ {
+			bm[s/8] |= 0x80 >> (s % 8)
+		}
+		return im.allocBlock(b, bm, nil, 0)
 	}
 	for c > 0 {
-		k := min(c, 1<<20)
-		if err := im.writeBlock(b, in, im.zeros(k)); err != nil {
+		k := min(c, driver.ZeroChunk)
+		if err := im.writeBlock(b, in, driver.Zeros(k)); err != nil {
 			return err
 		}
 		in += k
@@ -597,10 +631,13 @@ func (im *image) zeroBlock(b, in, c int64, unmap bool) error {
 	return nil
 }
 
-// Discard unmaps whole blocks: a discarded block of a dynamic image reads
-// zeros, one of a differencing image shows the parent again. Partial
-// blocks are left as they are. In a fixed image the range is punched out
-// of the file (it reads zeros).
+// Discard unmaps every whole block inside the range (its BAT entry becomes
+// free, so it is Unallocated: a dynamic image reads zeros there, a
+// differencing one shows the parent again) and punches its space out of
+// the file; Compact later fills the hole. Partial blocks are left as they
+// are. A block whose table entry is corrupt fails with ErrCorrupt (check
+// -r all repairs it). In a fixed image the range is punched out of the
+// file (it reads zeros).
 func (im *image) Discard(off, n int64) error {
 	if im.ro {
 		return im.readOnlyErr(off)

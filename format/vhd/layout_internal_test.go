@@ -106,7 +106,7 @@ func TestUUIDAndNames(t *testing.T) {
 func TestTrimWaitsForAllocations(t *testing.T) {
 	st := memfs.New()
 	vals, _ := driver.ParseOptions("vpc", Format.CreateOptions, []driver.KV{{Key: "block_size", Value: "64K"}})
-	di, err := create(context.Background(), &driver.CreateParams{Storage: st, Name: "/t.vhd", Size: 1 << 20, Options: vals, Parent: driver.NoParent{}})
+	di, err := create(context.Background(), &driver.CreateParams{Storage: st, Name: "/t.vhd", Size: 1 << 20, Options: vals})
 	if err != nil {
 		t.Fatal(err)
 	}

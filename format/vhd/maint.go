@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/prealloc"
 )
 
 // Specific is the format-specific part of Info. qemu's vpc driver shows
@@ -84,7 +85,9 @@ func (im *image) ParentUUID() string {
 
 func (im *image) ParentModificationUUID() string { return "" }
 
-func (im *image) SetUUID(s string) error {
+// setUUID parses the UUID s and, on a writable image, records it with set
+// under mu.
+func (im *image) setUUID(s string, set func(u [16]byte) error) error {
 	u, err := parseUUID(s)
 	if err != nil {
 		return driver.OptionErrorf("%v", err)
@@ -94,8 +97,14 @@ func (im *image) SetUUID(s string) error {
 	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
-	im.ft.uuid = u
-	return im.writeFootersLocked()
+	return set(u)
+}
+
+func (im *image) SetUUID(s string) error {
+	return im.setUUID(s, func(u [16]byte) error {
+		im.ft.uuid = u
+		return im.writeFootersLocked()
+	})
 }
 
 func (im *image) SetModificationUUID(string) error {
@@ -103,26 +112,19 @@ func (im *image) SetModificationUUID(string) error {
 }
 
 func (im *image) SetParentUUID(s string) error {
-	u, err := parseUUID(s)
-	if err != nil {
-		return driver.OptionErrorf("%v", err)
-	}
-	if im.ro {
-		return im.readOnlyErr(-1)
-	}
-	im.mu.Lock()
-	defer im.mu.Unlock()
-	if im.kind != diskDiff {
-		return driver.Unsupportedf(im.name, "only a differencing VHD records a parent UUID")
-	}
-	im.hdr.parentUUID = u
-	if _, err := im.f.WriteAt(im.hdr.marshal(), im.hdrOff); err != nil {
-		return err
-	}
-	if im.parentRf != nil {
-		im.parentRf.UUID = formatUUID(u)
-	}
-	return nil
+	return im.setUUID(s, func(u [16]byte) error {
+		if im.kind != diskDiff {
+			return driver.Unsupportedf(im.name, "only a differencing VHD records a parent UUID")
+		}
+		im.hdr.parentUUID = u
+		if _, err := im.f.WriteAt(im.hdr.marshal(), im.hdrOff); err != nil {
+			return err
+		}
+		if im.parentRf != nil {
+			im.parentRf.UUID = formatUUID(u)
+		}
+		return nil
+	})
 }
 
 func (im *image) SetParentModificationUUID(string) error {
@@ -373,95 +375,50 @@ func (im *image) copyRegionLocked(src, dst, n int64) error {
 
 // ---- Compact ----
 
-// Compact frees the blocks of a dynamic image that read all zeros and the
-// blocks of a differencing image that read the same as the parent, then
-// moves the last blocks into the holes and shrinks the file.
-func (im *image) Compact(ctx context.Context, parent driver.ParentView, progress driver.Progress) error {
+// Compact packs the file: the blocks nearest its end move into the holes
+// that freed blocks left (Discard, WriteZeroes with unmap, a shrink), the
+// footer moves behind the last block and the file is truncated. Which
+// blocks are all zeros or equal to the parent is the container's business:
+// it discards them before calling Compact, which only reorganises the
+// file and does not change what any block reads.
+func (im *image) Compact(ctx context.Context, progress driver.Progress) error {
 	if im.ro {
 		return im.readOnlyErr(-1)
 	}
 	if im.kind == diskFixed {
 		return driver.Unsupportedf(im.name, "a fixed VHD cannot be compacted (convert it to a dynamic one)")
 	}
-	if parent == nil {
-		parent = im.parent
-	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
+	if im.inflight > 0 {
+		// The container excludes writes during Compact; a block being
+		// allocated now would be taken for a hole.
+		return driver.Errorf(driver.ErrBusy, im.name, -1, "cannot compact while blocks are being allocated")
+	}
+	// Bitmaps are written back first: moved blocks are copied from the
+	// file.
 	if err := im.flushBitmapsLocked(); err != nil {
 		return err
 	}
 	if err := im.f.Sync(); err != nil {
 		return err
 	}
-	n := int64(len(im.bat))
-	total := 2 * n
+	var total int64
+	for _, e := range im.bat {
+		if e != batUnused {
+			total++
+		}
+	}
 	report := func(done int64) {
 		if progress != nil {
-			progress(done, total)
+			progress(min(done, total), total)
 		}
 	}
 	report(0)
-	const chunk = 1 << 20
-	data := make([]byte, min(im.bs, chunk))
-	pbuf := make([]byte, len(data))
-	usesParent := im.kind == diskDiff && parent != nil && parent.Present()
-	freed := false
-	for b := int64(0); b < n; b++ {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		report(b)
-		if im.bat[b] == batUnused || im.isBad(b) || b*im.bs >= im.size {
-			continue
-		}
-		span := im.blockSpan(b)
-		v, err := im.viewLocked(b, 0, im.spb)
-		if err != nil {
-			return err
-		}
-		// The block can go if every sector it holds reads what the
-		// image would show without it (zeros, or the parent).
-		drop := true
-		for c0 := int64(0); c0 < span && drop; c0 += chunk {
-			c1 := min(span, c0+chunk)
-			d, pb := data[:c1-c0], pbuf[:c1-c0]
-			if err := driver.ReadFullAt(im.f, d, v.data+c0); err != nil {
-				return err
-			}
-			if usesParent {
-				if _, err := parent.ReadAt(pb, b*im.bs+c0); err != nil {
-					return err
-				}
-			} else {
-				clear(pb)
-			}
-			for x := c0; x < c1 && drop; {
-				s := x / sectorSize
-				set, ns := v.run(s, im.spb)
-				e := min((s+ns)*sectorSize, c1)
-				if set && string(d[x-c0:e-c0]) != string(pb[x-c0:e-c0]) {
-					drop = false
-				}
-				x = e
-			}
-		}
-		if drop {
-			if err := im.setEntryLocked(b, batUnused); err != nil {
-				return err
-			}
-			im.dropBitmapLocked(b)
-			freed = true
-		}
-	}
-	if freed {
-		if err := im.f.Sync(); err != nil {
-			return err
-		}
-	}
-	if err := im.packLocked(ctx, func(i int64) { report(n + min(i, n)) }); err != nil {
+	if err := im.packLocked(ctx, report); err != nil {
 		return err
 	}
+	im.tailFreed = false
 	report(total)
 	return im.f.Sync()
 }
@@ -501,11 +458,11 @@ func (im *image) packLocked(ctx context.Context, progress func(int64)) error {
 		}
 		reach = max(reach, u.end)
 	}
-	moved := int64(0)
 	for k := len(blocks) - 1; k >= 0; k-- {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		progress(int64(len(blocks) - 1 - k)) // blocks looked at
 		bl := blocks[k]
 		h := -1
 		for i, hole := range holes {
@@ -535,8 +492,6 @@ func (im *image) packLocked(ctx context.Context, progress func(int64)) error {
 		}
 		holes[h].off += rs
 		blocks[k].pos = dst
-		moved++
-		progress(moved)
 	}
 	// The new end: the last used byte.
 	end := int64(0)
@@ -552,14 +507,7 @@ func (im *image) packLocked(ctx context.Context, progress func(int64)) error {
 		}
 	}
 	im.end = roundUp(end, sectorSize)
-	if _, err := im.f.WriteAt(im.ftRaw, im.end); err != nil {
-		return err
-	}
-	if err := im.f.Truncate(im.end + footerSize); err != nil {
-		return err
-	}
-	im.fileSize = im.end + footerSize
-	return nil
+	return im.cutLocked(im.end)
 }
 
 // ---- Resize ----
@@ -586,7 +534,7 @@ func (im *image) resizeGeometry(size int64) (driver.CHS, int64, error) {
 	return createGeometry(size, false)
 }
 
-func (im *image) Resize(ctx context.Context, size int64, prealloc string) error {
+func (im *image) Resize(ctx context.Context, size int64, mode string) error {
 	if im.ro {
 		return im.readOnlyErr(-1)
 	}
@@ -601,34 +549,42 @@ func (im *image) Resize(ctx context.Context, size int64, prealloc string) error 
 	}
 	oldSize := im.size
 	if im.kind == diskFixed {
-		err = im.resizeFixedLocked(ctx, g, newSize, prealloc)
+		err = im.resizeFixedLocked(ctx, g, newSize, mode)
 		im.mu.Unlock()
 		return err
 	}
-	if prealloc != "" && prealloc != "off" {
+	if prealloc.Active(mode) {
 		im.mu.Unlock()
-		return driver.Unsupportedf(im.name, "preallocation=%s is not supported when resizing a dynamic VHD", prealloc)
+		return driver.Unsupportedf(im.name, "preallocation=%s is not supported when resizing a dynamic VHD", mode)
 	}
 	err = im.resizeDynamicLocked(g, newSize)
 	im.mu.Unlock()
 	if err != nil || newSize <= oldSize {
 		return err
 	}
-	// The new range must read zeros: stale data left in the old last block
-	// (after an earlier shrink) and, in a differencing image, whatever the
-	// parent holds there.
+	// The new range must read zeros where this image holds something:
+	// stale data left in the old last block (after an earlier shrink), or
+	// blocks a foreign writer allocated past the size. Unallocated blocks
+	// of a dynamic image read zeros; those of a differencing image show the
+	// parent, which the container shadows where it reaches (the driver
+	// does not know what the parent holds).
 	for off := oldSize; off < newSize; {
 		b, in := off/im.bs, off%im.bs
 		c := min(newSize-off, im.bs-in)
-		if err := im.zeroBlock(b, in, c, true); err != nil {
-			return err
+		im.mu.Lock()
+		free := im.bat[b] == batUnused
+		im.mu.Unlock()
+		if !free {
+			if err := im.zeroBlock(b, in, c, true); err != nil {
+				return err
+			}
 		}
 		off += c
 	}
 	return nil
 }
 
-func (im *image) resizeFixedLocked(ctx context.Context, g driver.CHS, newSize int64, prealloc string) error {
+func (im *image) resizeFixedLocked(ctx context.Context, g driver.CHS, newSize int64, mode string) error {
 	dataEnd := im.fileSize - footerSize // the old footer's place
 	im.ft.curSize = uint64(newSize)
 	im.ft.setCHS(g)
@@ -641,7 +597,7 @@ func (im *image) resizeFixedLocked(ctx context.Context, g driver.CHS, newSize in
 		if err := im.f.PunchHole(dataEnd, footerSize); err != nil {
 			return err
 		}
-		if err := preallocate(ctx, im.f, im.name, dataEnd, newSize, prealloc); err != nil {
+		if err := preallocate(ctx, im.f, im.name, dataEnd, newSize, mode); err != nil {
 			return err
 		}
 	} else if err := im.f.Truncate(newSize + footerSize); err != nil {

@@ -32,7 +32,8 @@ func fileSize(t testing.TB, st driver.Storage, name string) int64 {
 
 // TestDiscardAndZero: whole blocks are unmapped (a dynamic block then
 // reads zeros, a differencing one the parent); zeroing a differencing
-// block reads zeros over the parent; partial ranges are zero-filled.
+// block reads zeros over the parent (whatever the parent holds: the driver
+// does not look); partial ranges are zero-filled.
 func TestDiscardAndZero(t *testing.T) {
 	st := memfs.New()
 	const bs = 64 << 10
@@ -68,7 +69,7 @@ func TestDiscardAndZero(t *testing.T) {
 	d.Discard(5*bs, bs)                    // shows the parent again
 	d.WriteZeroes(6*bs, bs, true)          // reads zeros over the parent
 	d.WriteZeroes(9*bs, bs, false)         // unallocated: a block of zeros
-	d.WriteZeroes(2*bs, bs, true)          // the parent reads zeros: nothing to do
+	d.WriteZeroes(2*bs, bs, true)          // the parent reads zeros, which the driver does not know: a block of zeros
 	d.WriteZeroes(10*bs+512, 700, true)    // partial
 	d.WriteAt([]byte{0x33, 0x33}, 11*bs+1) // partial sector, filled from the parent
 	copy(want[5*bs:], pb[:bs])
@@ -78,8 +79,16 @@ func TestDiscardAndZero(t *testing.T) {
 	clear(want[10*bs+512 : 10*bs+1212])
 	want[11*bs+1], want[11*bs+2] = 0x33, 0x33
 	mustEqual(t, "diff", disktest.ReadAll(t, d), want)
+	if n := alloc(d); n != 6 {
+		t.Fatalf("diff has %d blocks, want 6", n)
+	}
+	// Compaction drops the block of zeros over the parent's zeros.
+	if err := d.Compact(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	mustEqual(t, "diff compacted", disktest.ReadAll(t, d), want)
 	if n := alloc(d); n != 5 {
-		t.Fatalf("diff has %d blocks, want 5", n)
+		t.Fatalf("compacted diff has %d blocks, want 5", n)
 	}
 	// Status: only what the child holds is data in the child.
 	e, _ := d.Status(5*bs, bs)
@@ -258,14 +267,14 @@ func TestResize(t *testing.T) {
 func TestDiffParent(t *testing.T) {
 	st := memfs.New()
 	b := create(t, st, "/vms/base.vhd", 2<<20, "", "force_size=on")
-	baseUUID := b.Top().Image.(driver.Identifier).UUID()
+	baseUUID := ident(t, b).UUID()
 	b.Close()
 	d := create(t, st, "/vms/child.vhd", 0, "base.vhd")
 	checkClean(t, d)
 	d.Close()
 	d = openDisk(t, st, "/vms/child.vhd", false)
 	checkClean(t, d)
-	ref := d.Top().Image.Parent()
+	ref := d.Top().ParentRef()
 	if ref == nil || ref.Name != "base.vhd" || ref.UUID != baseUUID || baseUUID == "" {
 		t.Fatalf("parent ref %+v, base UUID %s", ref, baseUUID)
 	}
@@ -273,7 +282,7 @@ func TestDiffParent(t *testing.T) {
 	if s.Type != "differencing" || s.ParentUUID != baseUUID || s.ParentName != "base.vhd" || s.CreatorApp != "vdsk" {
 		t.Fatalf("info %+v", s)
 	}
-	js, _ := json.Marshal(d.Top().Image.Info().Specific)
+	js, _ := json.Marshal(d.Top().Info().Specific)
 	for _, k := range []string{`"type":"differencing"`, `"parent-uuid"`, `"creator-app":"vdsk"`, `"block-size":2097152`, `"geometry"`} {
 		if !strings.Contains(string(js), k) {
 			t.Errorf("info JSON lacks %s: %s", k, js)
@@ -303,7 +312,7 @@ func TestDiffParent(t *testing.T) {
 
 	// A parent with another UUID is refused.
 	b = openDisk(t, st, "/vms/base.vhd", false)
-	if err := b.Top().Image.(driver.Identifier).SetUUID("01234567-89ab-cdef-0123-456789abcdef"); err != nil {
+	if err := b.SetUUID(vdisk.UUIDImage, "01234567-89ab-cdef-0123-456789abcdef"); err != nil {
 		t.Fatal(err)
 	}
 	b.Close()
@@ -316,7 +325,7 @@ func TestDiffParent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Top().Image.(driver.Identifier).SetParentUUID("01234567-89ab-cdef-0123-456789abcdef"); err != nil {
+	if err := c.SetUUID(vdisk.UUIDParent, "01234567-89ab-cdef-0123-456789abcdef"); err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
@@ -402,7 +411,7 @@ func TestInfoAndOptions(t *testing.T) {
 	if d.Size() != int64(s.CurrentSize) || d.Size() != 10514432 {
 		t.Fatalf("size %d, current %d", d.Size(), s.CurrentSize)
 	}
-	if inf := d.Top().Image.Info(); inf.ClusterSize != 2<<20 || inf.Format != "vpc" {
+	if inf := d.Top().Info(); inf.ClusterSize != 2<<20 || inf.Format != "vpc" {
 		t.Fatalf("%+v", inf)
 	}
 	d.Close()
@@ -411,7 +420,7 @@ func TestInfoAndOptions(t *testing.T) {
 	if s.Type != "fixed" || s.SizeSource != "current-size" || s.Geometry != (driver.CHS{Cylinders: 65535, Heads: 16, Sectors: 255}) {
 		t.Fatalf("%+v", s)
 	}
-	if inf := d.Top().Image.Info(); inf.ClusterSize != 0 {
+	if inf := d.Top().Info(); inf.ClusterSize != 0 {
 		t.Fatalf("%+v", inf)
 	}
 	d.Close()

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/prealloc"
 )
 
 func init() { driver.Register(Format) }
@@ -71,10 +72,10 @@ func probe(r io.ReaderAt, size int64) int {
 // image is one open VHD.
 type image struct {
 	f        driver.File
+	st       driver.Storage // where the parent is looked up (SetParent)
 	name     string
 	ro       bool
 	log      *slog.Logger
-	parent   driver.ParentView
 	sizeCalc string // the force_size_calc open option
 
 	mu sync.Mutex
@@ -105,7 +106,6 @@ type state struct {
 	bad      []uint64
 	nbad     int
 	bms      bmCache
-	zeroBuf  []byte
 	issues   []issue // found at open, for Check
 	parentRf *driver.ParentRef
 	// tailFreed: a block at the end of the file was freed since the last
@@ -141,7 +141,7 @@ func open(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	im := &image{f: f, name: p.Name, ro: p.ReadOnly, log: p.Logger, parent: p.Parent,
+	im := &image{f: f, st: p.Storage, name: p.Name, ro: p.ReadOnly, log: p.Logger,
 		sizeCalc: p.Options.String("force_size_calc")}
 	if im.log == nil {
 		im.log = slog.New(slog.DiscardHandler)
@@ -313,7 +313,6 @@ func (im *image) loadDynamic(first, last []byte, copyOK, ce, se bool, fsize int6
 	}
 	im.validateBAT(fsize)
 	im.bms.init(im)
-	im.zeroBuf = nil
 
 	// The footer at the end.
 	footerAt := fsize - footerSize
@@ -398,7 +397,20 @@ func (im *image) loadParent(fsize int64) error {
 			macx = s
 		}
 	}
-	ref := &driver.ParentRef{UUID: formatUUID(h.parentUUID)}
+	ref := parentRefFrom(rel, abs, macx, name, h.parentUUID)
+	if ref.Name == "" && ref.UUID == "" {
+		return im.corrupt(im.hdrOff+40, "differencing image records neither a parent name nor a parent UUID")
+	}
+	im.parentRf = ref
+	return nil
+}
+
+// parentRefFrom is the reference Parent() reports for the decoded W2ru,
+// W2ku and MacX locators, the header's parent name and parent UUID: the
+// relative path, else a POSIX absolute path, else a file URL's path, else
+// the name.
+func parentRefFrom(rel, abs, macx, name string, uuid [16]byte) *driver.ParentRef {
+	ref := &driver.ParentRef{UUID: formatUUID(uuid)}
 	if rel != "" {
 		ref.Name = fromWindowsRel(rel)
 	}
@@ -414,11 +426,7 @@ func (im *image) loadParent(fsize int64) error {
 		n := strings.ReplaceAll(name, "\\", "/")
 		ref.Name = n[strings.LastIndex(n, "/")+1:]
 	}
-	if ref.Name == "" && ref.UUID == "" {
-		return im.corrupt(im.hdrOff+40, "differencing image records neither a parent name nor a parent UUID")
-	}
-	im.parentRf = ref
-	return nil
+	return ref
 }
 
 // fromWindowsRel turns a W2ru path (".\base.vhd", "..\x\base.vhd") into a
@@ -523,7 +531,7 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	if bs == 0 {
 		bs = defaultBlockSize
 	}
-	prealloc := p.Options.String("preallocation")
+	mode := p.Options.String("preallocation")
 	kind := uint32(diskDynamic)
 	if sub == "fixed" {
 		kind = diskFixed
@@ -537,8 +545,8 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 			return nil, driver.Unsupportedf(p.Name, "a VHD does not record its parent's format, and a raw parent cannot be found again by probing; convert the parent to VHD first")
 		}
 	}
-	if kind != diskFixed && prealloc != "" && prealloc != "off" {
-		return nil, driver.OptionErrorf("preallocation=%s applies to fixed VHDs only (subformat=fixed)", prealloc)
+	if kind != diskFixed && prealloc.Active(mode) {
+		return nil, driver.OptionErrorf("preallocation=%s applies to fixed VHDs only (subformat=fixed)", mode)
 	}
 	var g driver.CHS
 	var size int64
@@ -580,7 +588,7 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	im := &image{f: f, name: p.Name, log: log, parent: p.Parent}
+	im := &image{f: f, st: p.Storage, name: p.Name, log: log}
 	im.kind, im.size = kind, size
 	im.ft = footer{
 		features:   featReserved,
@@ -601,7 +609,7 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		im.sizeMode = "current-size"
 	}
 	if kind == diskFixed {
-		err = im.createFixed(ctx, prealloc)
+		err = im.createFixed(ctx, mode)
 	} else {
 		err = im.createDynamic(p, bs)
 	}
@@ -612,12 +620,12 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	return im, nil
 }
 
-func (im *image) createFixed(ctx context.Context, prealloc string) error {
+func (im *image) createFixed(ctx context.Context, mode string) error {
 	im.ftRaw = im.ft.marshal()
 	if err := im.f.Truncate(im.size + footerSize); err != nil {
 		return err
 	}
-	if err := preallocate(ctx, im.f, im.name, 0, im.size, prealloc); err != nil {
+	if err := preallocate(ctx, im.f, im.name, 0, im.size, mode); err != nil {
 		return err
 	}
 	if _, err := im.f.WriteAt(im.ftRaw, im.size); err != nil {
@@ -627,34 +635,15 @@ func (im *image) createFixed(ctx context.Context, prealloc string) error {
 	return nil
 }
 
+// preallocate does mode for [from, to) of a fixed image's data area.
 func preallocate(ctx context.Context, f driver.File, name string, from, to int64, mode string) error {
 	if to <= from {
 		return nil
 	}
-	switch mode {
-	case "", "off":
-	case "falloc":
-		a, ok := f.(driver.Allocator)
-		if !ok {
-			return driver.Unsupportedf(name, "the storage cannot preallocate (preallocation=falloc); use full")
-		}
-		return a.Allocate(from, to-from)
-	case "full":
-		buf := make([]byte, 1<<20)
-		for off := from; off < to; {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			n := min(int64(len(buf)), to-off)
-			if _, err := f.WriteAt(buf[:n], off); err != nil {
-				return err
-			}
-			off += n
-		}
-	default:
-		return driver.OptionErrorf("invalid preallocation mode %q (off, falloc, full)", mode)
+	if err := prealloc.Check("", mode, prealloc.Falloc, prealloc.Full); err != nil {
+		return err
 	}
-	return nil
+	return prealloc.File(ctx, f, name, mode, from, to-from)
 }
 
 func (im *image) createDynamic(p *driver.CreateParams, bs int64) error {
@@ -704,14 +693,8 @@ func (im *image) createDynamic(p *driver.CreateParams, bs int64) error {
 	if _, err := im.f.WriteAt(head, 0); err != nil {
 		return err
 	}
-	ff := make([]byte, min(batEnd-im.batOff, 1<<20))
-	for i := range ff {
-		ff[i] = 0xFF
-	}
-	for off := im.batOff; off < batEnd; off += int64(len(ff)) {
-		if _, err := im.f.WriteAt(ff[:min(int64(len(ff)), batEnd-off)], off); err != nil {
-			return err
-		}
+	if err := writeUnused(im.f, im.batOff, batEnd-im.batOff); err != nil {
+		return err
 	}
 	for i, l := range im.hdr.locators[:len(locs)] {
 		buf := make([]byte, l.space)
@@ -724,6 +707,23 @@ func (im *image) createDynamic(p *driver.CreateParams, bs int64) error {
 		return err
 	}
 	im.fileSize = im.end + footerSize
+	return nil
+}
+
+// writeUnused writes n bytes of unused block table entries (all bits set)
+// at off, in pieces of at most 1 MiB.
+func writeUnused(f driver.File, off, n int64) error {
+	ff := make([]byte, min(n, 1<<20))
+	for i := range ff {
+		ff[i] = 0xFF
+	}
+	for end := off + n; off < end; {
+		c := min(int64(len(ff)), end-off)
+		if _, err := f.WriteAt(ff[:c], off); err != nil {
+			return err
+		}
+		off += c
+	}
 	return nil
 }
 

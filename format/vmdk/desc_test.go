@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/storage/memfs"
@@ -83,7 +84,7 @@ func TestVMFSDescriptors(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("vmfsSparse content differs")
 	}
-	x, _ := d.Top().Image.Status(0, 64*512)
+	x, _ := topImage(d).Status(0, 64*512)
 	if x.State != driver.Unallocated || x.Length != 4096 {
 		t.Fatalf("status %+v", x)
 	}
@@ -155,7 +156,7 @@ func TestBareSparseFile(t *testing.T) {
 	st.WriteFile("/b-s001.vmdk", b)
 	d = openDisk(t, st, "/b-s001.vmdk", false)
 	disktest.MustWrite(t, d, nil, disktest.Fill(1000, 0x44), 1000)
-	if err := d.Top().Image.(driver.Identifier).SetUUID("12345678"); !errors.Is(err, driver.ErrUnsupported) {
+	if err := d.SetUUID(vdisk.UUIDImage, "12345678"); !errors.Is(err, driver.ErrUnsupported) {
 		t.Fatalf("SetUUID: %v", err)
 	}
 	disktest.MustClose(t, d)

@@ -16,13 +16,33 @@
 //     preallocated tables, the directory and its tables, grains (64 KiB)
 //     from a grain boundary; split extents NAME-s001.vmdk / NAME-f001.vmdk
 //     of 2 GiB; monolithicFlat data in NAME-flat.vmdk.
-//   - Writes allocate grains at the end of the file, fill partial grains
-//     from the parent view (or zeros), write the grain before its table
-//     entries (primary and redundant), and a table before the directory
-//     entries that point at it (tables are allocated on demand when a
-//     directory entry is empty).
+//   - The driver holds no chain logic (driver contract v2): it never reads
+//     a parent. Status reports unallocated grains (GTE 0) as Unallocated,
+//     and the container reads them from the chain below; ReadAt, asked
+//     anyway, reads them as zeros. Whether the image has a parent is
+//     decided from its own descriptor only: a parentCID other than
+//     ffffffff or a parentFileNameHint (what Parent reports).
+//   - Writes allocate grains at the end of the file, write the grain
+//     before its table entries (primary and redundant), and a table
+//     before the directory entries that point at it (tables are allocated
+//     on demand when a directory entry is empty). A write (or WriteZeroes)
+//     covering only part of an unallocated grain of an image with a
+//     parent changes nothing and returns driver.NeedFill for the request
+//     extended to the whole grains at its head and tail (a grain ends
+//     early at the end of its extent); the container re-issues it with
+//     the chain's bytes around it. Without a parent, and in zeroed grains
+//     (the image's own zeros), the rest of a new grain is zeros. Flat
+//     extents are always allocated.
 //   - Zeroed grains (GTE 1 with the header flag) are used by WriteZeroes
-//     for whole grains where the extent enables them.
+//     for whole grains where the extent enables them; with unmap, whole
+//     grains of an image without a parent become unallocated.
+//   - Discard (driver.Discarder) makes every whole grain of the sparse
+//     extents in the range unallocated (GTE 0, data and zeroed grains
+//     alike); flat extents and parts of grains stay as they are. The
+//     grains' file space is not reused until the image is converted (as
+//     with qemu's unmapping zero writes; qemu-img check counts no leaks
+//     for VMDK). There is no Compacter: the container's compaction
+//     discards redundant grains and the file keeps its size.
 //   - streamOptimized images are read in both layouts (qemu's, with the
 //     directory in front, and VMware's, with the directory at the end and
 //     a footer). A new streamOptimized image is StreamOnly: it is filled

@@ -39,7 +39,13 @@ func openDisk(t testing.TB, st driver.Storage, name string, ro bool) *vdisk.Disk
 	return d
 }
 
-func topImage(d *vdisk.Disk) *image { return d.Top().Image.(*image) }
+func topImage(d *vdisk.Disk) *image {
+	im, ok := vdisk.As[*image](d.Top())
+	if !ok {
+		panic("the top layer is not a VMDK image")
+	}
+	return im
+}
 
 // qemuRaw converts an image to raw with qemu-img and returns the bytes.
 func qemuRaw(t testing.TB, f string) []byte {

@@ -64,7 +64,7 @@ func openBytes(t testing.TB, b []byte, rw bool) error {
 	st := memfs.New()
 	st.WriteFile("/f.vmdk", b)
 	st.WriteFile("/f-flat.vmdk", disktest.Fill(8<<10, 0x5f))
-	img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: !rw, Parent: driver.NoParent{}})
+	img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: !rw})
 	if err != nil {
 		return err
 	}
@@ -77,8 +77,8 @@ func openBytes(t testing.TB, b []byte, rw bool) error {
 		if err != nil {
 			break
 		}
-		if x.Length <= 0 || x.Length > size-off {
-			t.Fatalf("status at %d: bad length %d", off, x.Length)
+		if err := driver.CheckExtent("vmdk", "image", off, size-off, x); err != nil {
+			t.Fatal(err)
 		}
 		n := min(x.Length, int64(len(buf)))
 		img.ReadAt(buf[:n], off)
@@ -182,7 +182,7 @@ func TestHostile(t *testing.T) {
 	// A grain past EOF is reported by reads and by check.
 	st := memfs.New()
 	st.WriteFile("/f.vmdk", putU32(good, gt0, 1<<30))
-	img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: true, Parent: driver.NoParent{}})
+	img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +207,7 @@ func TestHostile(t *testing.T) {
 	} {
 		st := memfs.New()
 		st.WriteFile("/f.vmdk", b)
-		img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: true, Parent: driver.NoParent{}})
+		img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -221,7 +221,7 @@ func TestHostile(t *testing.T) {
 	// A clean image checks clean.
 	st = memfs.New()
 	st.WriteFile("/f.vmdk", good)
-	img, err = Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: true, Parent: driver.NoParent{}})
+	img, err = Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -268,7 +268,7 @@ func TestFlatZeroReadOnlyExtents(t *testing.T) {
 	if res, err := d.Check(ctx, driver.RepairNone); err != nil || res.Corruptions != 2 {
 		t.Fatalf("check of a short flat file: %+v %v", res, err)
 	}
-	x, err := d.Top().Image.Status(128*512, 256*512-128*512)
+	x, err := topImage(d).Status(128*512, 256*512-128*512)
 	if err != nil || x.State != driver.Zero || x.Length != 64*512 {
 		t.Fatalf("status of the zero extent %+v %v", x, err)
 	}

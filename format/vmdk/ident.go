@@ -10,13 +10,16 @@ import (
 // VMDK links a delta disk to its parent by content ID: the child records
 // the parent's CID as parentCID, and every write session gives an image a
 // new CID. The Identifier interface exposes the CID as the image's UUID
-// (eight hex digits) so that the container's parent identity check (a
-// mismatch is ErrCorrupt) and parent references at create, rebase and
-// commit work on it; it doubles as the modification UUID.
+// (eight hex digits) so that parent references at create, rebase and
+// commit record it; it doubles as the modification UUID, and Parent
+// reports the recorded parentCID as the parent's modification UUID, so a
+// stale one (the parent was written since) is a warning, not ErrCorrupt.
 var (
 	_ driver.Identifier = (*image)(nil)
 	_ driver.Geometry   = (*image)(nil)
 	_ driver.Reparenter = (*image)(nil)
+	_ driver.Zeroer     = (*image)(nil)
+	_ driver.Discarder  = (*image)(nil)
 )
 
 func (im *image) UUID() string {
@@ -124,9 +127,11 @@ func (im *image) updateDesc(change func()) error {
 	old.lines = append([]descLine(nil), im.desc.lines...)
 	cid, pcid, done := im.cid, im.parentCID, im.cidDone
 	change()
+	im.refreshParent()
 	if err := im.writeDescriptor(); err != nil {
 		*im.desc = old
 		im.cid, im.parentCID, im.cidDone = cid, pcid, done
+		im.refreshParent()
 		return err
 	}
 	return nil

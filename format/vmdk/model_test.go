@@ -72,9 +72,12 @@ func TestModel(t *testing.T) {
 			}
 			ls := d.Layers()
 			for i := 0; i+1 < len(ls); i++ {
-				ref := ls[i].Image.Parent()
-				id := ls[i+1].Image.(driver.Identifier)
-				if ref == nil || ref.UUID != id.UUID() || ref.Name == "" {
+				ref := ls[i].ParentRef()
+				id, ok := vdisk.As[driver.Identifier](ls[i+1])
+				if !ok {
+					t.Fatalf("layer %d has no CID", i+1)
+				}
+				if ref == nil || ref.ModUUID != id.UUID() || ref.Name == "" {
 					t.Fatalf("layer %d records parent %+v, its parent's CID is %s", i, ref, id.UUID())
 				}
 			}

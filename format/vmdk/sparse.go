@@ -517,6 +517,35 @@ func (s *sparse) setGTE(g int64, v uint32) error {
 	return nil
 }
 
+// unmap clears the grain table entries of grains [first, last): the
+// grains become unallocated. Tables that are not allocated stay so.
+func (s *sparse) unmap(first, last int64) error {
+	for g := first; g < last; {
+		gi := g / s.gtes
+		end := min(last, (gi+1)*s.gtes)
+		s.mu.Lock()
+		t, err := s.gt(gi)
+		if err == nil && t != nil {
+			changed := false
+			for j := g; j < end; j++ {
+				if t[j%s.gtes] != 0 {
+					t[j%s.gtes] = 0
+					changed = true
+				}
+			}
+			if changed {
+				s.markGT(gi)
+			}
+		}
+		s.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		g = end
+	}
+	return nil
+}
+
 func (s *sparse) markGT(gi int64) {
 	if s.dirtyGT == nil {
 		s.dirtyGT = map[int64]bool{}

@@ -80,7 +80,7 @@ func createStream(p *driver.CreateParams, f driver.File, size int64, desc []byte
 	if err != nil {
 		return nil, err
 	}
-	im := &image{st: p.Storage, name: p.Name, log: p.Logger, view: p.Parent, main: f,
+	im := &image{st: p.Storage, name: p.Name, log: p.Logger, main: f,
 		files: map[string]driver.File{p.Name: f}, desc: d, descEmbed: true, descOff: sectorSize,
 		descCap: int64(h.descSize) * sectorSize, cidDone: true, size: size}
 	if err := im.readDescKeys(); err != nil {
@@ -102,9 +102,6 @@ func createStream(p *driver.CreateParams, f driver.File, size int64, desc []byte
 	sw.wg.Add(1)
 	go sw.writer()
 	im.stream = sw
-	if im.view == nil {
-		im.view = driver.NoParent{}
-	}
 	return im, nil
 }
 

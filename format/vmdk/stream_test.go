@@ -57,7 +57,7 @@ func TestStreamOptimizedConvert(t *testing.T) {
 		os.Remove(ours)
 		s := openDisk(t, nil, src, true)
 		d := createDisk(t, nil, ours, s.Size(), "", "subformat=streamOptimized")
-		if so, ok := d.Top().Image.(driver.StreamOnly); !ok || !so.StreamOnly() {
+		if so, ok := vdisk.As[driver.StreamOnly](d.Top()); !ok || !so.StreamOnly() {
 			t.Fatal("a new streamOptimized image is not StreamOnly")
 		}
 		if err := vdisk.Convert(ctx, d, s, nil); err != nil {

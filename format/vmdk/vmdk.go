@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vdisk/vdisk/driver"
 )
@@ -92,7 +93,6 @@ type image struct {
 	name string
 	ro   bool
 	log  *slog.Logger
-	view driver.ParentView
 
 	files map[string]driver.File // by resolved name, every open file
 	main  driver.File
@@ -108,6 +108,10 @@ type image struct {
 	parentCID  uint32
 	createType string
 	cidDone    bool
+	// hasParent: the descriptor records a parent (parentCID or
+	// parentFileNameHint), so unallocated grains read what the chain below
+	// shows and a partial write into one asks the container to fill it.
+	hasParent atomic.Bool
 
 	exts []*extent
 	size int64
@@ -116,12 +120,9 @@ type image struct {
 }
 
 func open(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
-	im := &image{st: p.Storage, name: p.Name, ro: p.ReadOnly, log: p.Logger, view: p.Parent, files: map[string]driver.File{}}
+	im := &image{st: p.Storage, name: p.Name, ro: p.ReadOnly, log: p.Logger, files: map[string]driver.File{}}
 	if im.log == nil {
 		im.log = slog.New(slog.DiscardHandler)
-	}
-	if im.view == nil {
-		im.view = driver.NoParent{}
 	}
 	if err := im.load(p.Options.Bool("allow_unsafe_extents") || p.UnsafePaths); err != nil {
 		im.closeFiles()
@@ -286,7 +287,15 @@ func (im *image) readDescKeys() error {
 	if v, ok := d.get("createType"); ok {
 		im.createType = v
 	}
+	im.refreshParent()
 	return nil
+}
+
+// refreshParent records whether the descriptor names a parent (the same
+// test as Parent). Called with mu held, or before the image is shared.
+func (im *image) refreshParent() {
+	_, hint := im.desc.get("parentFileNameHint")
+	im.hasParent.Store(im.parentCID != 0xffffffff || hint)
 }
 
 // resolve resolves an extent file name against the descriptor's directory.
@@ -448,12 +457,10 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 		}
 		q := p[done : done+int(r.n)]
 		switch {
-		case r.st == driver.Zero:
+		case r.st == driver.Zero, r.st == driver.Unallocated:
+			// The container reads unallocated runs from the chain
+			// below; asked anyway, they read as zeros.
 			clear(q)
-		case r.st == driver.Unallocated:
-			if _, err := im.view.ReadAt(q, off+int64(done)); err != nil {
-				return done, err
-			}
 		case r.fileOff >= 0:
 			if r.e.sp != nil {
 				err = r.e.sp.readData(q, r.fileOff)
@@ -549,6 +556,9 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 	if err := im.checkWritable(off, int64(len(p)), false); err != nil {
 		return 0, err
 	}
+	if err := im.needFill(off, int64(len(p))); err != nil {
+		return 0, err
+	}
 	if err := im.beginWrite(off); err != nil {
 		return 0, err
 	}
@@ -580,6 +590,45 @@ func (im *image) checkWritable(off, n int64, zero bool) error {
 		if err := im.extentWritable(e, max(off, e.start)-e.start); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// needFill returns a *driver.FillError when [off, off+n) covers only part
+// of an unallocated grain at its head or tail (the only places a request
+// can cover a grain partly) in an image that records a parent: the rest of
+// such a grain must keep what the chain below shows, which only the
+// container can read. The error asks for the request extended to those
+// whole grains (a grain ends early at the end of its extent). Without a
+// parent, allocating grains are filled with zeros, and zeroed grains are
+// the image's own zeros; flat extents are always allocated.
+func (im *image) needFill(off, n int64) error {
+	if n <= 0 || !im.hasParent.Load() {
+		return nil
+	}
+	start, end := off, off+n
+	for _, o := range []int64{off, off + n - 1} {
+		e := im.exts[im.find(o)]
+		if e.sp == nil {
+			continue
+		}
+		g := (o - e.start) / e.sp.grain
+		gs := e.start + g*e.sp.grain
+		ge := min(gs+e.sp.grain, e.start+e.size)
+		if gs >= off && ge <= off+n {
+			continue // covered whole
+		}
+		v, err := e.sp.gte(g)
+		if err != nil {
+			return err
+		}
+		if e.sp.grainState(v) != driver.Unallocated {
+			continue
+		}
+		start, end = min(start, gs), max(end, ge)
+	}
+	if start < off || end > off+n {
+		return driver.NeedFill(im.name, start, end)
 	}
 	return nil
 }
@@ -639,20 +688,17 @@ func (im *image) writeGrain(e *extent, g, in int64, q []byte) error {
 		_, err := e.f.WriteAt(q, off+in)
 		return driver.WithFile(err, "write", e.path)
 	}
-	// Allocate: the whole grain, filled from the parent (or zeros).
+	// Allocate the whole grain. A partial write lands here only where
+	// the rest reads zeros: an image without a parent, or a zeroed grain
+	// (needFill asked the container to fill the others).
 	gl := sp.grain
+	if v == 0 && im.hasParent.Load() && (in > 0 || in+int64(len(q)) < min(gl, e.size-g*gl)) {
+		return driver.Errorf(driver.ErrUnsupported, e.path, e.start+g*gl+in,
+			"internal error: partial write into unallocated grain %d of a delta disk was not filled", g)
+	}
 	buf := q
 	if int64(len(q)) != gl {
 		buf = make([]byte, gl)
-		vstart := e.start + g*gl
-		if v == 0 {
-			pn := min(gl, im.size-vstart)
-			if pn > 0 && im.view.Present() {
-				if _, err := im.view.ReadAt(buf[:pn], vstart); err != nil {
-					return err
-				}
-			}
-		}
 		copy(buf[in:], q)
 	}
 	off, err := sp.reserve()
@@ -669,7 +715,9 @@ func (im *image) writeGrain(e *extent, g, in int64, q []byte) error {
 
 // WriteZeroes zeroes [off, off+n). Whole grains become zeroed-grain
 // entries where the extent enables them, or unallocated in a base image
-// with unmap; the rest is written as zeros.
+// with unmap; the rest is written as zeros. Part of an unallocated grain
+// in an image with a parent needs the parent's content around it: then
+// nothing is changed and a *driver.FillError is returned (see needFill).
 func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 	if err := driver.CheckRange(im.name, off, n, im.size); err != nil {
 		return err
@@ -678,6 +726,9 @@ func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 		return im.stream.writeZeroes(off, n)
 	}
 	if err := im.checkWritable(off, n, true); err != nil {
+		return err
+	}
+	if err := im.needFill(off, n); err != nil {
 		return err
 	}
 	if err := im.beginWrite(off); err != nil {
@@ -707,13 +758,14 @@ func (im *image) zeroExtent(e *extent, rel, n int64, unmap bool) error {
 		if unmap {
 			return driver.WithFile(e.f.PunchHole(e.flatOff+rel, n), "punch hole", e.path)
 		}
-		return writeZeros(e.f, e.path, e.flatOff+rel, n)
+		return driver.WithFile(driver.WriteZeros(e.f, e.flatOff+rel, n), "write", e.path)
 	}
 	sp := e.sp
+	parent := im.hasParent.Load()
 	for n > 0 {
 		g, in := rel/sp.grain, rel%sp.grain
 		k := min(n, sp.grain-in)
-		whole := in == 0 && (k == sp.grain || e.start+rel+k == im.size)
+		whole := in == 0 && (k == sp.grain || rel+k == e.size)
 		v, err := sp.gte(g)
 		if err != nil {
 			return err
@@ -721,12 +773,12 @@ func (im *image) zeroExtent(e *extent, rel, n int64, unmap bool) error {
 		st := sp.grainState(v)
 		switch {
 		case st == driver.Zero:
-		case st == driver.Unallocated && !im.view.Present():
+		case st == driver.Unallocated && !parent:
 		case whole && sp.zeroGrain && (unmap || st == driver.Unallocated):
 			sp.mu.Lock()
 			err = sp.setGTE(g, gteZeroed)
 			sp.mu.Unlock()
-		case whole && unmap && !im.view.Present():
+		case whole && unmap && !parent:
 			sp.mu.Lock()
 			err = sp.setGTE(g, 0)
 			sp.mu.Unlock()
@@ -742,12 +794,40 @@ func (im *image) zeroExtent(e *extent, rel, n int64, unmap bool) error {
 	return nil
 }
 
-func writeZeros(f driver.File, name string, off, n int64) error {
-	z := make([]byte, min(n, 1<<20))
+// Discard makes every whole grain of the sparse extents inside [off, off+n)
+// unallocated (grain table entry 0): it reads through to the parent in a
+// delta disk and as zeros in a base. Parts of grains stay as they are; flat
+// extents have no allocation units and stay as they are. The grains' file
+// space is not reused (as with qemu's unmapping zero writes, which leave
+// it to a convert to reclaim); qemu-img check does not count it as leaked.
+func (im *image) Discard(off, n int64) error {
+	if err := driver.CheckRange(im.name, off, n, im.size); err != nil || n == 0 {
+		return err
+	}
+	if im.stream != nil {
+		return driver.Errorf(driver.ErrUnsupported, im.name, off, "a streamOptimized image being written cannot discard")
+	}
+	if err := im.checkWritable(off, n, true); err != nil {
+		return err
+	}
+	if err := im.beginWrite(off); err != nil {
+		return err
+	}
 	for n > 0 {
-		k := min(n, int64(len(z)))
-		if _, err := f.WriteAt(z[:k], off); err != nil {
-			return driver.WithFile(err, "write", name)
+		e := im.exts[im.find(off)]
+		rel := off - e.start
+		k := min(n, e.size-rel)
+		if sp := e.sp; sp != nil {
+			first := (rel + sp.grain - 1) / sp.grain
+			last := (rel + k) / sp.grain // exclusive
+			if rel+k == e.size {
+				last = (e.size + sp.grain - 1) / sp.grain // a short last grain is whole
+			}
+			if first < last {
+				if err := sp.unmap(first, last); err != nil {
+					return err
+				}
+			}
 		}
 		off += k
 		n -= k
@@ -865,7 +945,16 @@ func (im *image) Parent() *driver.ParentRef {
 	}
 	ref := &driver.ParentRef{Name: hint, Format: "vmdk"}
 	if im.parentCID != 0xffffffff {
-		ref.UUID = fmt.Sprintf("%08x", im.parentCID)
+		// The parent's CID changes whenever the parent is written (a commit
+		// into it, a crash half-way through one), so it identifies a
+		// version, not the parent: a mismatch is a warning, as for other
+		// formats' modification UUIDs (qemu does not check it at all).
+		// Only a reference without a file name has to find its parent by
+		// it.
+		ref.ModUUID = fmt.Sprintf("%08x", im.parentCID)
+		if !ok {
+			ref.UUID = ref.ModUUID
+		}
 	}
 	return ref
 }

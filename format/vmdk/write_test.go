@@ -130,7 +130,7 @@ func TestAllocGrainTables(t *testing.T) {
 	st.WriteFile("/g.vmdk", b)
 	m := model.New(size)
 	d = openDisk(t, st, "/g.vmdk", false)
-	x, _ := d.Top().Image.Status(0, size)
+	x, _ := topImage(d).Status(0, size)
 	if x.State != 0 || x.Length != size {
 		t.Fatalf("status of an image without tables: %+v", x)
 	}

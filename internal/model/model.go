@@ -119,6 +119,12 @@ type Harness struct {
 	MaxIO int64
 	// Align, when > 1, aligns offsets and lengths (default 1: any byte).
 	Align int64
+	// Unit is the allocation unit whose boundaries a quarter of the
+	// operations straddle, at every alignment, so that the container's
+	// copy-on-write fills are exercised (default: the top's cluster size,
+	// else 64 KiB; 512 bytes are straddled too, for sector-granular
+	// formats).
+	Unit int64
 	// Reopen closes d and opens the chain again (nil: no reopen steps).
 	Reopen func(d *vdisk.Disk) (*vdisk.Disk, error)
 	// Snapshot puts a new diff image on top of d and returns the new disk,
@@ -163,7 +169,22 @@ func (h *Harness) Run(t testing.TB, d *vdisk.Disk, m *Model) *vdisk.Disk {
 	if int64(len(m.Data)) != size {
 		t.Fatalf("model size %d != disk size %d", len(m.Data), size)
 	}
+	unit := h.Unit
+	if unit <= 0 {
+		unit = d.Top().Info().ClusterSize
+	}
+	if unit <= 0 {
+		unit = 64 << 10
+	}
 	randRange := func() (int64, int64) {
+		if u := []int64{unit, 512}[rng.IntN(2)]; rng.IntN(4) == 0 && u > align && size >= 2*u {
+			// Across a unit boundary: x bytes before it, y after.
+			b := (rng.Int64N(size/u-1) + 1) * u
+			x := (rng.Int64N(min(u, maxIO/2))/align + 1) * align
+			y := (rng.Int64N(min(u, maxIO/2))/align + 1) * align
+			x, y = min(x, b), min(y, size-b)
+			return b - x, x + y
+		}
 		n := (rng.Int64N(maxIO)/align + 1) * align
 		if rng.IntN(8) == 0 { // small ops around block edges
 			n = (rng.Int64N(3*align+1)/align + 1) * align

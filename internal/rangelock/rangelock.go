@@ -58,3 +58,16 @@ func (l *Locker) Unlock(r *Range) {
 	}
 	l.mu.Unlock()
 }
+
+// Covers reports whether r holds all of [off, off+n).
+func (r *Range) Covers(off, n int64) bool { return r.off <= off && off+n <= r.end }
+
+// Widen releases r and acquires the smallest range covering both r and
+// [off, off+n), with r's mode. It does not hold r while it waits (two
+// widening holders would otherwise wait for each other), so what r
+// protected may change in between: callers re-read after widening.
+func (l *Locker) Widen(r *Range, off, n int64) *Range {
+	start, end := min(r.off, off), max(r.end, off+n)
+	l.Unlock(r)
+	return l.Lock(start, end-start, r.write)
+}

@@ -124,15 +124,7 @@ func (f *file) ZeroRange(off, n int64) error {
 		if off < 0 || n < 0 {
 			return driver.Errorf(driver.ErrInvalidOption, f.inner.Name(), off, "zero range: invalid range of %d bytes", n)
 		}
-		buf := make([]byte, min(n, 1<<20))
-		for n > 0 {
-			c := min(n, int64(len(buf)))
-			if _, err := f.inner.WriteAt(buf[:c], off); err != nil {
-				return err
-			}
-			off, n = off+c, n-c
-		}
-		return nil
+		return driver.WriteZeros(f.inner, off, n)
 	})
 }
 

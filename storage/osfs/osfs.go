@@ -24,6 +24,7 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -108,9 +109,20 @@ func (f *File) init(flag driver.OpenFlag) error {
 		if f.writable {
 			how = unix.LOCK_EX
 		}
-		err := f.control(func(fd int) error {
-			return retryEINTR(func() error { return unix.Flock(fd, how|unix.LOCK_NB) })
-		})
+		lock := func() error {
+			return f.control(func(fd int) error {
+				return retryEINTR(func() error { return unix.Flock(fd, how|unix.LOCK_NB) })
+			})
+		}
+		err := lock()
+		// A lock just released may still be held for a moment by a child
+		// process forked (by any goroutine) before the holder closed its
+		// descriptor, until the child's exec closes its copy: wait a little
+		// before calling the image busy.
+		for i := 0; i < 20 && errors.Is(err, unix.EWOULDBLOCK); i++ {
+			time.Sleep(5 * time.Millisecond)
+			err = lock()
+		}
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return &driver.Error{Op: "lock", File: f.name, Offset: -1,
 				Reason: "image is in use by another process (advisory lock held)",

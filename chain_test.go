@@ -221,7 +221,7 @@ func TestConvertKeepsHolesAndFlattens(t *testing.T) {
 		(&model.Harness{Seed: -1}).Verify(t, dst, m)
 		var alloc int64
 		dst.Map(ctx, 0, size, func(e vdisk.Extent) error {
-			if e.Data {
+			if e.IsData() {
 				alloc += e.Length
 			}
 			return nil

@@ -51,7 +51,7 @@ func Compare(ctx context.Context, a, b *Disk, o *CompareOptions) (CompareResult,
 			return CompareResult{}, err
 		}
 		n := min(ea.Length, eb.Length)
-		if !ea.Data && !eb.Data {
+		if !ea.IsData() && !eb.IsData() {
 			off += n
 			if o.Progress != nil {
 				o.Progress(off, total)
@@ -91,7 +91,7 @@ func Compare(ctx context.Context, a, b *Disk, o *CompareOptions) (CompareResult,
 		if err != nil {
 			return CompareResult{}, err
 		}
-		if !e.Data {
+		if !e.IsData() {
 			off += e.Length
 			continue
 		}

@@ -199,7 +199,7 @@ func (c *converter) produce(ctx context.Context, jobs chan<- convJob) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		e := Extent{Start: off, Length: c.size - off, Data: true}
+		e := Extent{Start: off, Length: c.size - off, State: driver.Data}
 		if c.zd >= 0 {
 			var err error
 			if e, err = c.src.Status(off, c.size-off); err != nil {
@@ -208,7 +208,7 @@ func (c *converter) produce(ctx context.Context, jobs chan<- convJob) error {
 		}
 		end := off + e.Length
 		switch {
-		case c.o.Above > 0 && e.Depth >= c.o.Above, !e.Data && !c.o.TargetNotZero:
+		case c.o.Above > 0 && e.Depth >= c.o.Above, !e.IsData() && !c.o.TargetNotZero:
 			c.report(e.Length)
 		case c.cw != nil:
 			// Whole clusters: round the data run out to the unit, never
@@ -227,7 +227,7 @@ func (c *converter) produce(ctx context.Context, jobs chan<- convJob) error {
 		default:
 			for p := off; p < end; {
 				n := min(c.chunk-p%c.chunk, end-p)
-				if !send(convJob{off: p, n: n, data: e.Data}) {
+				if !send(convJob{off: p, n: n, data: e.IsData()}) {
 					return nil
 				}
 				p += n

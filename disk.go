@@ -267,13 +267,23 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	r := d.lockRange(off, int64(len(p)), true)
-	defer func() { d.locks.Unlock(r) }()
+	h := &held{r: d.lockRange(off, int64(len(p)), true), widen: true}
+	defer func() { d.locks.Unlock(h.r) }()
 	d.markDirty(off, int64(len(p)))
-	if err := d.writeLayer(0, p, off, &r); err != nil {
+	if err := d.writeLayer(0, p, off, h); err != nil {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// held is the range lock a write holds. nil stands for the disk's
+// exclusive lock (nothing else runs). widen allows the fill path to trade
+// the lock for a wider one when a unit reaches past it: a client's write
+// may, since it re-reads everything after; a job may not, since it read
+// the data it writes under the lock it holds.
+type held struct {
+	r     *rangelock.Range
+	widen bool
 }
 
 // maxFill bounds the range a driver may ask the Disk to fill for one write
@@ -286,7 +296,7 @@ const maxFill = 256 << 20
 // layer does not hold) and the extended buffer is written instead. r is
 // the caller's range lock; it is widened when the fill reaches past it.
 // Callers hold d.mu (read or write).
-func (d *Disk) writeLayer(depth int, p []byte, off int64, r **rangelock.Range) error {
+func (d *Disk) writeLayer(depth int, p []byte, off int64, h *held) error {
 	l := d.layers[depth]
 	for attempt := 0; ; attempt++ {
 		n, err := l.img.WriteAt(p, off)
@@ -301,7 +311,7 @@ func (d *Disk) writeLayer(depth int, p []byte, off int64, r **rangelock.Range) e
 			return driver.Corruptf(l.Name, off, "driver %s asked for a second fill of [%d, %d) after a filled write", l.Format.Name, fe.Off, fe.Off+fe.Len)
 		}
 		var err2 error
-		p, off, err2 = d.fill(depth, fe, p, off, r)
+		p, off, err2 = d.fill(depth, fe, p, off, h)
 		if err2 != nil {
 			return err2
 		}
@@ -310,17 +320,23 @@ func (d *Disk) writeLayer(depth int, p []byte, off int64, r **rangelock.Range) e
 
 // fill builds the buffer for [fe.Off, fe.Off+fe.Len): p at off, the rest
 // read from the chain as the disk shows it below layer depth's own data.
-func (d *Disk) fill(depth int, fe *driver.FillError, p []byte, off int64, r **rangelock.Range) ([]byte, int64, error) {
+func (d *Disk) fill(depth int, fe *driver.FillError, p []byte, off int64, h *held) ([]byte, int64, error) {
 	l := d.layers[depth]
 	end := off + int64(len(p))
 	if fe.Off > off || fe.Len > maxFill || fe.Off < 0 || fe.Off+fe.Len < end || fe.Off+fe.Len > l.img.Size() {
 		return nil, 0, driver.Corruptf(l.Name, off, "driver %s asked to fill [%d, %d) for a write of [%d, %d)", l.Format.Name, fe.Off, fe.Off+fe.Len, off, end)
 	}
-	if r != nil && !(*r).Covers(fe.Off, fe.Len) {
-		// The unit reaches past the lock held: hold one covering both.
-		// Ranges only grow, so no write overlapping them runs meanwhile.
+	if h != nil && !h.r.Covers(fe.Off, fe.Len) {
+		// The unit reaches past the lock held (a unit larger than the
+		// lock granularity, which no format here has).
+		if !h.widen {
+			return nil, 0, driver.Errorf(ErrUnsupported, l.Name, off, "format %s asked to fill [%d, %d), past the %d-byte lock granularity", l.Format.Name, fe.Off, fe.Off+fe.Len, d.gran)
+		}
+		// Widen lets go of the lock while it waits, so the unit is read
+		// only once the wider lock is held (and a write that landed in
+		// between is read back, not overwritten).
 		start, end := d.alignLock(fe.Off, fe.Len)
-		*r = d.locks.Widen(*r, start, end-start)
+		h.r = d.locks.Widen(h.r, start, end-start)
 	}
 	buf := make([]byte, fe.Len)
 	if err := d.readLayerView(depth, buf[:off-fe.Off], fe.Off); err != nil {
@@ -367,17 +383,17 @@ func (d *Disk) WriteZeroes(off, n int64, unmap bool) error {
 	if n == 0 {
 		return nil
 	}
-	r := d.lockRange(off, n, true)
-	defer func() { d.locks.Unlock(r) }()
+	h := &held{r: d.lockRange(off, n, true), widen: true}
+	defer func() { d.locks.Unlock(h.r) }()
 	d.markDirty(off, n)
-	return d.zeroLayer(0, off, n, unmap, &r)
+	return d.zeroLayer(0, off, n, unmap, h)
 }
 
 // zeroLayer makes [off, off+n) of layer depth read as zeros: through the
 // driver's Zeroer where it has one, else (or for the partial units a
 // driver needs filled) by writing zero buffers through the fill path.
 // Callers hold d.mu and a write lock over the range.
-func (d *Disk) zeroLayer(depth int, off, n int64, unmap bool, r **rangelock.Range) error {
+func (d *Disk) zeroLayer(depth int, off, n int64, unmap bool, h *held) error {
 	l := d.layers[depth]
 	if z, ok := l.img.(driver.Zeroer); ok {
 		err := z.WriteZeroes(off, n, unmap)
@@ -385,24 +401,24 @@ func (d *Disk) zeroLayer(depth int, off, n int64, unmap bool, r **rangelock.Rang
 			return nil
 		}
 		if _, fill := driver.AsFill(err); fill {
-			return d.zeroSplit(depth, off, n, unmap, r)
+			return d.zeroSplit(depth, off, n, unmap, h)
 		}
 		if !errors.Is(err, ErrUnsupported) {
 			return driver.WithFile(err, "write zeroes", l.Name)
 		}
 	}
-	return d.writeZeroBuffers(depth, off, n, r)
+	return d.writeZeroBuffers(depth, off, n, h)
 }
 
 // zeroSplit zeroes the partial units at both ends of the range by writing
 // (with the fill path) and the aligned middle through the Zeroer.
-func (d *Disk) zeroSplit(depth int, off, n int64, unmap bool, r **rangelock.Range) error {
+func (d *Disk) zeroSplit(depth int, off, n int64, unmap bool, h *held) error {
 	g := max(d.layers[depth].img.Info().ClusterSize, 512)
 	end := off + n
 	head := min(end, (off+g-1)/g*g)
 	tail := max(head, end/g*g)
 	if head > off {
-		if err := d.writeZeroBuffers(depth, off, head-off, r); err != nil {
+		if err := d.writeZeroBuffers(depth, off, head-off, h); err != nil {
 			return err
 		}
 	}
@@ -412,13 +428,13 @@ func (d *Disk) zeroSplit(depth int, off, n int64, unmap bool, r **rangelock.Rang
 			if _, fill := driver.AsFill(err); !fill {
 				return driver.WithFile(err, "write zeroes", d.layers[depth].Name)
 			}
-			if err := d.writeZeroBuffers(depth, head, tail-head, r); err != nil {
+			if err := d.writeZeroBuffers(depth, head, tail-head, h); err != nil {
 				return err
 			}
 		}
 	}
 	if end > tail {
-		return d.writeZeroBuffers(depth, tail, end-tail, r)
+		return d.writeZeroBuffers(depth, tail, end-tail, h)
 	}
 	return nil
 }
@@ -429,10 +445,10 @@ var zeroBuf = make([]byte, 1<<20)
 
 // writeZeroBuffers writes zeros over [off, off+n) of layer depth, 1 MiB at
 // a time: the fallback for formats without an efficient Zeroer.
-func (d *Disk) writeZeroBuffers(depth int, off, n int64, r **rangelock.Range) error {
+func (d *Disk) writeZeroBuffers(depth int, off, n int64, h *held) error {
 	for n > 0 {
 		c := min(n, int64(len(zeroBuf)))
-		if err := d.writeLayer(depth, zeroBuf[:c], off, r); err != nil {
+		if err := d.writeLayer(depth, zeroBuf[:c], off, h); err != nil {
 			return driver.WithFile(err, "write zeroes", d.layers[depth].Name)
 		}
 		off += c
@@ -527,26 +543,9 @@ func (d *Disk) close(sync bool) error {
 	return first
 }
 
-// Extent is a run of the whole chain's content, as `map` shows it.
-type Extent struct {
-	Start  int64 `json:"start"`
-	Length int64 `json:"length"`
-	// Depth is the index of the layer holding the run (0 = top); for runs no
-	// layer holds it is the chain length.
-	Depth int `json:"depth"`
-	// Present: some layer holds the run (data or zeros).
-	Present bool `json:"present"`
-	// Zero: the run reads as zeros.
-	Zero bool `json:"zero"`
-	// Data: the run is stored data.
-	Data bool `json:"data"`
-	// Compressed data.
-	Compressed bool `json:"compressed,omitempty"`
-	// Offset in the holding layer's file, or -1.
-	Offset int64 `json:"offset"`
-	// File is the name of the layer holding the run ("" when none).
-	File string `json:"-"`
-}
+// Extent is a run of the whole chain's content, as `map` shows it: the
+// driver SDK's run with Start, Depth and File filled (see driver.Extent).
+type Extent = driver.Extent
 
 // Status reports the run of the chain's content starting at off, at most n
 // bytes long.
@@ -566,13 +565,13 @@ func (d *Disk) Status(off, n int64) (Extent, error) {
 
 func (d *Disk) statusFrom(depth int, off, n int64) (Extent, error) {
 	if depth >= len(d.layers) {
-		return Extent{Start: off, Length: n, Depth: depth, Zero: true, Offset: -1}, nil
+		return Extent{Start: off, Length: n, Depth: depth, Offset: -1}, nil
 	}
 	l := d.layers[depth]
 	size := l.img.Size()
 	if off >= size {
 		// Past the end of a smaller parent: reads as zeros.
-		return Extent{Start: off, Length: n, Depth: depth, Zero: true, Offset: -1}, nil
+		return Extent{Start: off, Length: n, Depth: depth, Offset: -1}, nil
 	}
 	if n > size-off {
 		n = size - off
@@ -581,15 +580,14 @@ func (d *Disk) statusFrom(depth int, off, n int64) (Extent, error) {
 	if err != nil {
 		return Extent{}, err
 	}
-	switch ext.State {
-	case driver.Data:
-		return Extent{Start: off, Length: ext.Length, Depth: depth, Present: true, Data: true, Compressed: ext.Compressed, Offset: ext.Offset, File: l.Name}, nil
-	case driver.Zero:
-		return Extent{Start: off, Length: ext.Length, Depth: depth, Present: true, Zero: true, Offset: ext.Offset, File: l.Name}, nil
-	case driver.Unallocated:
+	if ext.State == driver.Unallocated {
 		return d.statusFrom(depth+1, off, ext.Length)
 	}
-	return Extent{}, driver.Corruptf(l.Name, off, "driver %s reported invalid state %d", l.Format.Name, ext.State)
+	ext.Start, ext.Depth, ext.File = off, depth, l.Name
+	if ext.State == driver.Zero {
+		ext.Compressed = false
+	}
+	return ext, nil
 }
 
 // Map calls fn for every run of [off, off+n), merging adjacent runs that
@@ -626,7 +624,7 @@ func (d *Disk) Map(ctx context.Context, off, n int64, fn func(Extent) error) err
 }
 
 func mergeable(a, b *Extent) bool {
-	if a.Depth != b.Depth || a.Present != b.Present || a.Zero != b.Zero || a.Data != b.Data || a.Compressed != b.Compressed || a.File != b.File {
+	if a.Depth != b.Depth || a.State != b.State || a.Compressed != b.Compressed || a.File != b.File {
 		return false
 	}
 	if (a.Offset < 0) != (b.Offset < 0) {

@@ -172,7 +172,7 @@ func TestChainStatusDepth(t *testing.T) {
 	}
 	for i, w := range want {
 		g := got[i]
-		if g.Start != w.start || g.Length != w.length || g.Depth != w.depth || g.Present != w.present || g.Zero != w.z || g.Data != w.dat {
+		if g.Start != w.start || g.Length != w.length || g.Depth != w.depth || g.Present() != w.present || g.ReadsZero() != w.z || g.IsData() != w.dat {
 			t.Errorf("run %d = %+v, want %+v", i, g, w)
 		}
 	}
@@ -223,5 +223,83 @@ func TestAccessChecks(t *testing.T) {
 	d.Close()
 	if _, err := d.ReadAt(make([]byte, 1), 0); err == nil {
 		t.Fatal("read after close succeeded")
+	}
+}
+
+// filler asks for a fill of unit bytes around every write that does not
+// cover whole units, with a lock granularity (ClusterSize) of 512 bytes:
+// the Disk must widen a client's lock, and refuse in a job.
+type filler struct {
+	scripted
+	unit   int64
+	filled [][2]int64
+}
+
+func (f *filler) WriteAt(p []byte, off int64) (int, error) {
+	start := off / f.unit * f.unit
+	end := min((off+int64(len(p))+f.unit-1)/f.unit*f.unit, f.size)
+	if start != off || end != off+int64(len(p)) {
+		return 0, driver.NeedFill("filler", start, end)
+	}
+	f.mu.Lock()
+	f.filled = append(f.filled, [2]int64{off, end})
+	f.mu.Unlock()
+	return f.scripted.WriteAt(p, off)
+}
+func (f *filler) Info() driver.Info {
+	return driver.Info{Format: "filler", VirtualSize: f.size, ClusterSize: 512}
+}
+
+func TestFillPath(t *testing.T) {
+	cases := []struct {
+		name      string
+		off, n    int64
+		wantStart int64
+		wantEnd   int64
+	}{
+		{"head and tail", 100, 200, 0, 8192},
+		{"whole unit", 8192, 8192, 8192, 16384},
+		{"across units", 8000, 400, 0, 16384},
+		{"last unit", 30000, 100, 24576, 32768},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			top := &filler{scripted: scripted{size: 32768, tag: 't', runs: runs(U, 32768)}, unit: 8192}
+			base := &scripted{size: 32768, tag: 'b', runs: runs(D, 32768)}
+			d := newDisk([]*Layer{
+				{Name: "top", Format: scriptedFormat, img: top},
+				{Name: "base", Format: scriptedFormat, img: base, ReadOnly: true},
+			}, false, nil, nil)
+			p := bytes.Repeat([]byte{'w'}, int(c.n))
+			if _, err := d.WriteAt(p, c.off); err != nil {
+				t.Fatal(err)
+			}
+			if len(top.filled) != 1 || top.filled[0] != [2]int64{c.wantStart, c.wantEnd} {
+				t.Fatalf("driver wrote %v, want [%d, %d)", top.filled, c.wantStart, c.wantEnd)
+			}
+			for i := c.wantStart; i < c.wantEnd; i++ {
+				want := byte('b')
+				if i >= c.off && i < c.off+c.n {
+					want = 'w'
+				}
+				if got := top.writes[i]; got != want {
+					t.Fatalf("byte %d written as %q, want %q", i, got, want)
+				}
+			}
+			// A job writing into the same kind of unit may not trade its
+			// lock: it refuses instead.
+			err := d.shared(func() error {
+				h := &held{r: d.lockRange(c.off, c.n, true)}
+				defer d.locks.Unlock(h.r)
+				return d.writeLayer(0, p, c.off, h)
+			})
+			if c.off%8192 != 0 || c.n%8192 != 0 {
+				if !errors.Is(err, ErrUnsupported) {
+					t.Fatalf("job write past the lock: %v", err)
+				}
+			} else if err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }

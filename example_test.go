@@ -112,7 +112,7 @@ func ExampleDisk_Map() {
 	defer d.Close()
 	d.WriteAt(bytes.Repeat([]byte{1}, 64<<10), 1<<20)
 	d.Map(ctx, 0, d.Size(), func(e vdisk.Extent) error {
-		fmt.Printf("%8d %8d data=%v\n", e.Start, e.Length, e.Data)
+		fmt.Printf("%8d %8d data=%v\n", e.Start, e.Length, e.IsData())
 		return nil
 	})
 	// Output:

@@ -8,7 +8,6 @@ import (
 	"strings"
 
 	"github.com/vdisk/vdisk/driver"
-	"github.com/vdisk/vdisk/internal/rangelock"
 )
 
 // Live jobs: commit, merge, stream, rebase and external snapshots on an
@@ -163,9 +162,9 @@ func (d *Disk) copyDown(ctx context.Context, dst, from int, off, end int64, pr *
 			if off >= size {
 				return nil
 			}
-			r := d.lockRange(off, n, true)
-			defer func() { d.locks.Unlock(r) }()
-			return d.copyRunsRange(ctx, dst, from, dst, off, min(off+n, size), &r)
+			h := &held{r: d.lockRange(off, n, true)}
+			defer d.locks.Unlock(h.r)
+			return d.copyRunsRange(ctx, dst, from, dst, off, min(off+n, size), h)
 		})
 		if err != nil {
 			return err
@@ -180,7 +179,7 @@ func (d *Disk) copyDown(ctx context.Context, dst, from int, off, end int64, pr *
 // sub-chain [from, to) holds (zero runs as zeroes, so they shadow what lies
 // below). Callers hold d.mu and a write lock over the range (r may be nil
 // under the exclusive lock).
-func (d *Disk) copyRunsRange(ctx context.Context, dst, from, to int, off, end int64, r **rangelock.Range) error {
+func (d *Disk) copyRunsRange(ctx context.Context, dst, from, to int, off, end int64, h *held) error {
 	var buf []byte
 	for off < end {
 		if err := ctx.Err(); err != nil {
@@ -190,15 +189,15 @@ func (d *Disk) copyRunsRange(ctx context.Context, dst, from, to int, off, end in
 		if err != nil {
 			return err
 		}
-		if !e.Present || e.Depth >= to {
+		if !e.Present() || e.Depth >= to {
 			off += e.Length
 			continue
 		}
 		runEnd := off + e.Length
 		for off < runEnd {
 			n := min(int64(2<<20), runEnd-off)
-			if !e.Data {
-				if err := d.zeroLayer(dst, off, n, false, r); err != nil {
+			if !e.IsData() {
+				if err := d.zeroLayer(dst, off, n, false, h); err != nil {
 					return err
 				}
 				off += n
@@ -213,9 +212,9 @@ func (d *Disk) copyRunsRange(ctx context.Context, dst, from, to int, off, end in
 				return err
 			}
 			if driver.IsZero(p) {
-				err = d.zeroLayer(dst, off, n, false, r)
+				err = d.zeroLayer(dst, off, n, false, h)
 			} else {
-				err = d.writeLayer(dst, p, off, r)
+				err = d.writeLayer(dst, p, off, h)
 			}
 			if err != nil {
 				return err
@@ -584,9 +583,9 @@ func (d *Disk) fillUnallocated(ctx context.Context, at, below int, size int64, p
 		}
 		n := min(jobChunk-off%jobChunk, size-off)
 		err := d.shared(func() error {
-			r := d.lockRange(off, n, true)
-			defer func() { d.locks.Unlock(r) }()
-			return d.fillUnallocatedRange(ctx, at, below, off, min(off+n, d.layers[at].img.Size()), &r)
+			h := &held{r: d.lockRange(off, n, true)}
+			defer d.locks.Unlock(h.r)
+			return d.fillUnallocatedRange(ctx, at, below, off, min(off+n, d.layers[at].img.Size()), h)
 		})
 		if err != nil {
 			return err
@@ -599,14 +598,14 @@ func (d *Disk) fillUnallocated(ctx context.Context, at, below int, size int64, p
 
 // fillUnallocatedRange is fillUnallocated over [off, end) under a lock the
 // caller holds (r nil: the exclusive lock).
-func (d *Disk) fillUnallocatedRange(ctx context.Context, at, below int, off, end int64, r **rangelock.Range) error {
+func (d *Disk) fillUnallocatedRange(ctx context.Context, at, below int, off, end int64, h *held) error {
 	for pos := off; pos < end; {
 		e, err := d.checkedStatus(at, pos, end-pos)
 		if err != nil {
 			return err
 		}
 		if e.State == driver.Unallocated {
-			if err := d.copyRunsRange(ctx, at, at+1, below, pos, pos+e.Length, r); err != nil {
+			if err := d.copyRunsRange(ctx, at, at+1, below, pos, pos+e.Length, h); err != nil {
 				return err
 			}
 		}
@@ -823,9 +822,9 @@ func (d *Disk) rebaseCopy(ctx context.Context, nb *Disk, pr *progressTotal) erro
 		}
 		n := min(jobChunk-off%jobChunk, size-off)
 		err := d.shared(func() error {
-			r := d.lockRange(off, n, true)
-			defer func() { d.locks.Unlock(r) }()
-			return d.rebaseRange(nb, buf, off, off+n, &r)
+			h := &held{r: d.lockRange(off, n, true)}
+			defer d.locks.Unlock(h.r)
+			return d.rebaseRange(nb, buf, off, off+n, h)
 		})
 		if err != nil {
 			return err
@@ -852,7 +851,7 @@ func newRebaseBufs(gran int64) *rebaseBufs {
 // rebaseRange does rebaseCopy's work over [off, end) (at most jobChunk
 // long at a time) under a lock the caller holds (r nil: the exclusive
 // lock).
-func (d *Disk) rebaseRange(nb *Disk, b *rebaseBufs, off, end int64, r **rangelock.Range) error {
+func (d *Disk) rebaseRange(nb *Disk, b *rebaseBufs, off, end int64, h *held) error {
 	for pos := off; pos < end; {
 		e, err := d.checkedStatus(0, pos, min(end-pos, jobChunk))
 		if err != nil {
@@ -874,7 +873,7 @@ func (d *Disk) rebaseRange(nb *Disk, b *rebaseBufs, off, end int64, r **rangeloc
 		for i := int64(0); i < e.Length; {
 			j := min(e.Length, i+b.g-(pos+i)%b.g)
 			if !bytes.Equal(op[i:j], np[i:j]) {
-				if err := d.writeLayer(0, op[i:j], pos+i, r); err != nil {
+				if err := d.writeLayer(0, op[i:j], pos+i, h); err != nil {
 					return err
 				}
 			}

@@ -61,7 +61,7 @@ func Measure(ctx context.Context, format string, o *MeasureOptions) (driver.Meas
 			}
 			var total, lastEnd int64 = 0, -1
 			err := src.Map(ctx, 0, src.Size(), func(e Extent) error {
-				if !e.Data {
+				if !e.IsData() {
 					return nil
 				}
 				start := e.Start / unit * unit

@@ -101,7 +101,7 @@ func TestCommit(t *testing.T) {
 				d, _ := vdisk.Open(ctx, "/c/l2.tdf", &vdisk.OpenOptions{Storage: st, ReadOnly: true, NoBacking: true})
 				e, err := d.Status(0, chainSize)
 				d.Close()
-				if err != nil || e.Present || e.Length != chainSize {
+				if err != nil || e.Present() || e.Length != chainSize {
 					t.Fatalf("top not emptied: %+v %v", e, err)
 				}
 			}

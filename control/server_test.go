@@ -509,7 +509,7 @@ func TestControlCommitIntoBaseOnly(t *testing.T) {
 	checkContent(t, d, want)
 	// The top was emptied.
 	err := d.Map(context.Background(), 0, diskSize, func(e vdisk.Extent) error {
-		if e.Depth == 0 && e.Present {
+		if e.Depth == 0 && e.Present() {
 			t.Errorf("the top still holds [%d, +%d) after the commit", e.Start, e.Length)
 		}
 		return nil
@@ -526,7 +526,7 @@ func TestControlCommitIntoBaseOnly(t *testing.T) {
 	if j := waitJob(t, c, st.JobID); j.Status != StatusConcluded {
 		t.Fatalf("job: %+v", j)
 	}
-	if e, err := d.Status(0, 4096); err != nil || e.Depth != 0 || !e.Data {
+	if e, err := d.Status(0, 4096); err != nil || e.Depth != 0 || !e.IsData() {
 		t.Errorf("the top after commit with keep: %+v %v", e, err)
 	}
 	checkContent(t, d, want)

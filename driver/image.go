@@ -32,7 +32,11 @@ func (s State) String() string {
 	return "invalid"
 }
 
-// Extent is a run of one state starting at the offset passed to Status.
+// Extent is a run of one state. A driver's Status fills State, Length,
+// Offset and Compressed for the run starting at the offset it was asked
+// about. The container's status walk over a whole chain (vdisk.Disk.Status
+// and Map, the same type as vdisk.Extent) also fills Start, Depth and File;
+// there, Unallocated means that no layer holds the run, so it reads zeros.
 type Extent struct {
 	State  State
 	Length int64
@@ -41,7 +45,28 @@ type Extent struct {
 	Offset int64
 	// Compressed marks data stored compressed.
 	Compressed bool
+
+	// Start is the run's virtual offset (chain runs).
+	Start int64
+	// Depth is the index of the layer holding the run (0 = top); for runs
+	// no layer holds, the chain length (chain runs).
+	Depth int
+	// File is the name of the layer holding the run, "" when none (chain
+	// runs).
+	File string
 }
+
+// Present reports whether the run is held (data or zeros) rather than
+// unallocated.
+func (e Extent) Present() bool { return e.State != Unallocated }
+
+// IsData reports whether the run is stored data (which may happen to be
+// zeros).
+func (e Extent) IsData() bool { return e.State == Data }
+
+// ReadsZero reports, for a chain run, whether it reads as zeros: a Zero
+// run, or one no layer holds.
+func (e Extent) ReadsZero() bool { return e.State != Data }
 
 // ParentRef is the parent (backing) reference an image records.
 type ParentRef struct {

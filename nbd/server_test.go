@@ -209,13 +209,13 @@ func expectedStatus(t *testing.T, d *vdisk.Disk) (base, depth []BlockExtent) {
 	t.Helper()
 	err := d.Map(context.Background(), 0, d.Size(), func(e vdisk.Extent) error {
 		var bf, df uint32
-		if !e.Data {
+		if !e.IsData() {
 			bf |= StateHole
 		}
-		if e.Zero {
+		if e.ReadsZero() {
 			bf |= StateZero
 		}
-		if e.Present {
+		if e.Present() {
 			df = uint32(e.Depth + 1)
 		}
 		base = mergeExt(base, BlockExtent{uint32(e.Length), bf})

@@ -459,7 +459,7 @@ func (c *conn) segments(off, n int64) ([]segment, error) {
 		if e.Length <= 0 {
 			return []segment{{0, n, false}}, nil
 		}
-		add(segment{pos, e.Length, e.Zero})
+		add(segment{pos, e.Length, e.ReadsZero()})
 		pos += e.Length
 	}
 	// Fold short holes into data.
@@ -510,13 +510,13 @@ func (c *conn) blockStatus(req *request) {
 			break // report what is known
 		}
 		var bf, df uint32
-		if !e.Data {
+		if !e.IsData() {
 			bf |= StateHole
 		}
-		if e.Zero {
+		if e.ReadsZero() {
 			bf |= StateZero
 		}
-		if e.Present {
+		if e.Present() {
 			df = uint32(e.Depth) + 1
 		}
 		base = appendExtent(base, uint32(e.Length), bf)

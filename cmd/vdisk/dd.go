@@ -163,7 +163,7 @@ func (a *app) ddCopy(dst, src *vdisk.Disk, start, end int64) error {
 			return fmt.Errorf("error while reading from input image file: %w", err)
 		}
 		runEnd := pos + e.Length
-		if !e.Data {
+		if !e.IsData() {
 			pos = runEnd
 			continue
 		}

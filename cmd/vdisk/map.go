@@ -145,8 +145,8 @@ func (a *app) mapImage(name, format string, start, maxLen int64, asJSON bool) er
 	var err2 error
 	if start < length {
 		err2 = d.Map(a.ctx, start, length-start, func(x vdisk.Extent) error {
-			e := &mapEntry{start: x.Start, length: x.Length, depth: x.Depth, present: x.Present,
-				zero: x.Zero, data: x.Data, compr: x.Compressed, offset: x.Offset, file: x.File}
+			e := &mapEntry{start: x.Start, length: x.Length, depth: x.Depth, present: x.Present(),
+				zero: x.ReadsZero(), data: x.IsData(), compr: x.Compressed, offset: x.Offset, file: x.File}
 			if e.offset < 0 {
 				e.offset = -1
 			}

@@ -43,7 +43,7 @@ func checkStatus(t testing.TB, d *vdisk.Disk, content []byte) {
 			return fmt.Errorf("gap at %d", end)
 		}
 		end = e.Start + e.Length
-		if !e.Data && !bytes.Equal(content[e.Start:end], make([]byte, e.Length)) {
+		if !e.IsData() && !bytes.Equal(content[e.Start:end], make([]byte, e.Length)) {
 			return fmt.Errorf("run %d+%d reported zero but holds data", e.Start, e.Length)
 		}
 		return nil
@@ -201,10 +201,10 @@ func checkMapAgainstQemu(t *testing.T, d *vdisk.Disk, file string) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if st.Depth != 0 || !st.Present {
+			if st.Depth != 0 || !st.Present() {
 				t.Fatalf("qemu map says %d+%d is in the top image (%+v), vdisk says %+v", e.Start, e.Length, e, st)
 			}
-			if e.Data != st.Data && !(e.Data && e.Zero) {
+			if e.Data != st.IsData() && !(e.Data && e.Zero) {
 				t.Fatalf("qemu map says %d+%d data=%v, vdisk says %+v", e.Start, e.Length, e.Data, st)
 			}
 			off += st.Length

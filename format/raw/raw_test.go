@@ -60,7 +60,7 @@ func TestReadsQemuImages(t *testing.T) {
 					continue
 				}
 				st, err := d.Status(e.Start, e.Length)
-				if err != nil || !st.Data {
+				if err != nil || !st.IsData() {
 					t.Fatalf("qemu says %d+%d is data, vdisk says %+v (%v)", e.Start, e.Length, st, err)
 				}
 			}

@@ -76,7 +76,7 @@ func TestReadsQemuImages(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if e.Data != st.Data || (e.Data && st.Length != e.Length) {
+				if e.Data != st.IsData() || (e.Data && st.Length != e.Length) {
 					t.Fatalf("qemu map %+v, vdisk status %+v", e, st)
 				}
 				if e.Data && e.Offset != nil && *e.Offset != st.Offset {

@@ -116,7 +116,7 @@ func TestReadsQemuImages(t *testing.T) {
 					continue
 				}
 				st, err := d.Status(e.Start, e.Length)
-				if err != nil || !(st.Data || st.Zero) {
+				if err != nil || !(st.IsData() || st.ReadsZero()) {
 					t.Fatalf("qemu says %d+%d is data, vdisk says %+v (%v)", e.Start, e.Length, st, err)
 				}
 			}

@@ -372,7 +372,7 @@ func (h *Harness) Verify(t testing.TB, d *vdisk.Disk, m *Model) {
 		m.Learn(buf[:n], off)
 	}
 	err := d.Map(context.Background(), 0, size, func(e vdisk.Extent) error {
-		if e.Data {
+		if e.IsData() {
 			return nil
 		}
 		if i := firstNonZero(m.Data[e.Start : e.Start+e.Length]); i >= 0 {

@@ -24,7 +24,8 @@ import (
 //     under the Disk's exclusive lock, with no request in flight.
 // An interrupted job (error, cancellation, crash) leaves a chain with the
 // same content: references are rewritten only after the copied data is
-// durable.
+// durable. A job's Progress callback may run under the disk's locks: it
+// must return quickly and must not call the disk.
 
 // jobChunk is the unit a job copies under one range lock.
 const jobChunk = 1 << 20

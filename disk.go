@@ -115,12 +115,21 @@ func (d *Disk) Size() int64 {
 	return d.size
 }
 
-// Layers returns the chain, top first. The slice is a copy; the layers are
-// owned by the Disk.
+// Layers returns the chain, top first.
+//
+// Each is a snapshot of the layer as it is now: live jobs reopen layers
+// (read-write, then read-only again) and change the chain under the disk's
+// lock, and a snapshot is not changed by that, so reading its fields needs
+// no lock. Take new snapshots after a job.
 func (d *Disk) Layers() []*Layer {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	return append([]*Layer(nil), d.layers...)
+	out := make([]*Layer, len(d.layers))
+	for i, l := range d.layers {
+		c := *l
+		out[i] = &c
+	}
+	return out
 }
 
 // Top is the top layer.

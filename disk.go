@@ -232,8 +232,6 @@ func (d *Disk) readFrom(depth int, p []byte, off int64) error {
 			if err := d.readFrom(depth+1, chunk, off); err != nil {
 				return err
 			}
-		default:
-			return driver.Corruptf(l.Name, off, "driver %s reported invalid state %d", l.Format.Name, ext.State)
 		}
 		p = p[ext.Length:]
 		off += ext.Length
@@ -448,16 +446,12 @@ func (d *Disk) zeroSplit(depth int, off, n int64, unmap bool, h *held) error {
 	return nil
 }
 
-// zeroBuf is a shared all-zero buffer: drivers only read what they are
-// given to write.
-var zeroBuf = make([]byte, 1<<20)
-
 // writeZeroBuffers writes zeros over [off, off+n) of layer depth, 1 MiB at
 // a time: the fallback for formats without an efficient Zeroer.
 func (d *Disk) writeZeroBuffers(depth int, off, n int64, h *held) error {
 	for n > 0 {
-		c := min(n, int64(len(zeroBuf)))
-		if err := d.writeLayer(depth, zeroBuf[:c], off, h); err != nil {
+		c := min(n, driver.ZeroChunk)
+		if err := d.writeLayer(depth, driver.Zeros(c), off, h); err != nil {
 			return driver.WithFile(err, "write zeroes", d.layers[depth].Name)
 		}
 		off += c

@@ -758,7 +758,7 @@ func (d *Disk) Rebase(ctx context.Context, backing string, o *RebaseOptions) err
 			if id, ok := nb.layers[0].img.(driver.Identifier); ok {
 				ref.UUID, ref.ModUUID = id.UUID(), id.ModificationUUID()
 			}
-		case o.Unsafe && o.Format != "" && isNotFound(err) && knownFormat(o.Format):
+		case o.Unsafe && o.Format != "" && errors.Is(err, ErrNotFound) && knownFormat(o.Format):
 			// Like qemu-img rebase -u -F: the reference is only rewritten,
 			// so the new backing file need not exist (yet).
 			d.log.Warn("the new backing file does not exist; recording the reference anyway", "image", top.Name, "backing", backing, "error", err)
@@ -884,8 +884,6 @@ func (d *Disk) rebaseRange(nb *Disk, b *rebaseBufs, off, end int64, h *held) err
 	}
 	return nil
 }
-
-func isNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
 
 // parentRefFor builds the reference that child should record for parent:
 // the parent's name relative to the child's directory when possible.

@@ -71,17 +71,15 @@ func (d *Disk) DeleteSnapshot(name string) error {
 // Amend changes the top image's creation options in place (qemu-img
 // amend); a size option resizes the disk.
 func (d *Disk) Amend(ctx context.Context, opts []driver.KV) error {
-	var old int64
-	err := change(d, "amend", "does not support option amendment", func(a driver.Amender) error {
-		old = d.layers[0].img.Size()
-		return a.Amend(ctx, opts)
+	return change(d, "amend", "does not support option amendment", func(a driver.Amender) error {
+		old := d.layers[0].img.Size()
+		if err := a.Amend(ctx, opts); err != nil {
+			return err
+		}
+		// Under the same lock: no reader sees the grown range show the
+		// parent's old content.
+		return d.shadowGrowth(0, old)
 	})
-	if err != nil {
-		return err
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.shadowGrowth(0, old)
 }
 
 // UUIDKind names one of the UUIDs an image may record.

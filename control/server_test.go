@@ -27,7 +27,7 @@ const diskSize = 4 << 20
 // chain makes base.qcow2 (0x11 over [0, 1M)) under top.qcow2 (0x22 over
 // [512K, 1.5M)) in a new directory and returns the open chain and the
 // content it reads.
-func chain(t *testing.T) (d *vdisk.Disk, want []byte, dir string) {
+func chain(t testing.TB) (d *vdisk.Disk, want []byte, dir string) {
 	t.Helper()
 	ctx := context.Background()
 	dir = t.TempDir()

@@ -381,25 +381,37 @@ func (im *image) copyRegionLocked(src, dst, n int64) error {
 // blocks are all zeros or equal to the parent is the container's business:
 // it discards them before calling Compact, which only reorganises the
 // file and does not change what any block reads.
-func (im *image) Compact(ctx context.Context, progress driver.Progress) error {
+// beginTableOp starts an operation that rewrites the block table of a
+// writable dynamic or differencing image (Compact, MakeEmpty): it refuses
+// fixed images (fixedWhy) and allocations in flight (busyWhy), takes mu
+// and writes the cached bitmaps back. On success the caller holds mu.
+func (im *image) beginTableOp(fixedWhy, busyWhy string) error {
 	if im.ro {
 		return im.readOnlyErr(-1)
 	}
 	if im.kind == diskFixed {
-		return driver.Unsupportedf(im.name, "a fixed VHD cannot be compacted (convert it to a dynamic one)")
+		return driver.Unsupportedf(im.name, "%s", fixedWhy)
 	}
 	im.mu.Lock()
-	defer im.mu.Unlock()
 	if im.inflight > 0 {
-		// The container excludes writes during Compact; a block being
-		// allocated now would be taken for a hole.
-		return driver.Errorf(driver.ErrBusy, im.name, -1, "cannot compact while blocks are being allocated")
+		im.mu.Unlock()
+		return driver.Errorf(driver.ErrBusy, im.name, -1, "%s", busyWhy)
 	}
-	// Bitmaps are written back first: moved blocks are copied from the
-	// file.
 	if err := im.flushBitmapsLocked(); err != nil {
+		im.mu.Unlock()
 		return err
 	}
+	return nil
+}
+
+func (im *image) Compact(ctx context.Context, progress driver.Progress) error {
+	// The container excludes writes during Compact; a block being
+	// allocated now would be taken for a hole. Bitmaps are written back
+	// first: moved blocks are copied from the file.
+	if err := im.beginTableOp("a fixed VHD cannot be compacted (convert it to a dynamic one)", "cannot compact while blocks are being allocated"); err != nil {
+		return err
+	}
+	defer im.mu.Unlock()
 	if err := im.f.Sync(); err != nil {
 		return err
 	}

@@ -387,22 +387,12 @@ func (im *image) punchLocked(old []region) error {
 // punched and the file cut behind the metadata. A differencing image then
 // shows its parent everywhere, a dynamic one reads zeros.
 func (im *image) MakeEmpty() error {
-	if im.ro {
-		return im.readOnlyErr(-1)
-	}
-	if im.kind == diskFixed {
-		return driver.Unsupportedf(im.name, "a fixed VHD has no block table to empty")
-	}
-	im.mu.Lock()
-	defer im.mu.Unlock()
-	if im.inflight > 0 {
-		return driver.Errorf(driver.ErrBusy, im.name, -1, "cannot empty the image while blocks are being allocated")
-	}
 	// Bitmaps are written back first, so that a failure below loses
 	// nothing.
-	if err := im.flushBitmapsLocked(); err != nil {
+	if err := im.beginTableOp("a fixed VHD has no block table to empty", "cannot empty the image while blocks are being allocated"); err != nil {
 		return err
 	}
+	defer im.mu.Unlock()
 	if err := writeUnused(im.f, im.batOff, int64(len(im.bat))*4); err != nil {
 		return err
 	}

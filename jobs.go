@@ -6,6 +6,7 @@ import (
 	"errors"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/vdisk/vdisk/driver"
 )
@@ -176,6 +177,12 @@ func (d *Disk) copyDown(ctx context.Context, dst, from int, off, end int64, pr *
 	return nil
 }
 
+// copyBufs are copyRunsRange's buffers: a job calls it for every chunk.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyPiece); return &b }}
+
+// copyPiece is the largest piece copyRunsRange reads and writes at once.
+const copyPiece = 2 << 20
+
 // copyRunsRange copies into layer dst every run of [off, end) that the
 // sub-chain [from, to) holds (zero runs as zeroes, so they shadow what lies
 // below). Callers hold d.mu and a write lock over the range (r may be nil
@@ -196,7 +203,7 @@ func (d *Disk) copyRunsRange(ctx context.Context, dst, from, to int, off, end in
 		}
 		runEnd := off + e.Length
 		for off < runEnd {
-			n := min(int64(2<<20), runEnd-off)
+			n := min(copyPiece, runEnd-off)
 			if !e.IsData() {
 				if err := d.zeroLayer(dst, off, n, false, h); err != nil {
 					return err
@@ -205,9 +212,11 @@ func (d *Disk) copyRunsRange(ctx context.Context, dst, from, to int, off, end in
 				continue
 			}
 			if buf == nil {
-				buf = make([]byte, min(end-off, 2<<20))
+				bp := copyBufs.Get().(*[]byte)
+				defer copyBufs.Put(bp)
+				buf = *bp
 			}
-			p := buf[:min(n, int64(len(buf)))]
+			p := buf[:n]
 			n = int64(len(p))
 			if err := d.readFrom(from, p, off); err != nil {
 				return err

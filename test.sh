@@ -49,7 +49,11 @@ if [ "$fuzztime" != 0 ]; then
 		dir=$(go list -f '{{.Dir}}' "$pkg")
 		for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //'); do
 			echo "fuzz $pkg $target ($fuzztime)"
-			go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg" >/dev/null
+			if ! go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg" >"$log" 2>&1; then
+				cat "$log"
+				echo "packages: $passed passed, 1 failed (fuzz $pkg $target)"
+				exit 1
+			fi
 		done
 	done
 fi

@@ -26,7 +26,13 @@ type CreateOptions struct {
 	BackingFormat string
 	// Overwrite replaces an existing file.
 	Overwrite bool
-	// AllowUnsafeBacking follows absolute or ".." backing chains.
+	// Paths is the policy for the file names the backing chain records
+	// (see OpenOptions.Paths). Backing itself is the caller's name: an
+	// absolute one is always accepted, one climbing out with ".." only
+	// under driver.PathTrusted.
+	Paths driver.PathPolicy
+	// AllowUnsafeBacking is Paths = driver.PathTrusted (kept for
+	// compatibility).
 	AllowUnsafeBacking bool
 	// NoBackingOpen records Backing without opening it (qemu-img create
 	// -u): Size and BackingFormat are then required, and no parent UUIDs
@@ -70,11 +76,12 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 		if f.Caps&driver.CapDiff == 0 {
 			return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s does not support backing files", f.Name)
 		}
-		bpath, err := resolveParent(name, o.Backing, o.AllowUnsafeBacking || filepath.IsAbs(o.Backing))
+		trusted := o.AllowUnsafeBacking || o.Paths == driver.PathTrusted
+		bpath, err := resolveParent(name, o.Backing, trusted || filepath.IsAbs(o.Backing))
 		if err != nil {
 			return nil, err
 		}
-		parent, err = openParentDisk(ctx, bpath, o.BackingFormat, st, log, o.AllowUnsafeBacking)
+		parent, err = openParentDisk(ctx, bpath, o.BackingFormat, st, log, trusted)
 		if err != nil {
 			return nil, err
 		}
@@ -162,5 +169,7 @@ func createLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name,
 		}
 		return nil, driver.WithFile(err, "create", name)
 	}
-	return &Layer{Name: name, Format: f, img: img, Storage: st, path: name, kvs: kvs, fl: layerFlags{writable: true, topLevel: true}}, nil
+	// Every name the new image records is the caller's (a data file, a
+	// backing file), so reopening it (live jobs) follows them as given.
+	return &Layer{Name: name, Format: f, img: img, Storage: st, path: name, kvs: kvs, fl: layerFlags{writable: true, topLevel: true, paths: driver.PathTrusted}}, nil
 }

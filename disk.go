@@ -30,6 +30,8 @@ type Layer struct {
 	// another access mode during live jobs.
 	kvs []driver.KV
 	fl  layerFlags
+	// refs are the file names the image records that its driver met.
+	refs *driver.ReferenceLog
 }
 
 // Info describes the layer's image (as `info` shows it).

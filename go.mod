@@ -3,6 +3,7 @@ module github.com/vdisk/vdisk
 go 1.26.8
 
 require (
+	github.com/dsnet/compress v0.0.1
 	github.com/google/uuid v1.6.0
 	github.com/klauspost/compress v1.20.4
 	github.com/schollz/progressbar/v3 v3.19.1

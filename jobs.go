@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vdisk/vdisk/driver"
 )
@@ -133,6 +134,36 @@ func (d *Disk) shared(fn func() error) error {
 type progressTotal struct {
 	p           Progress
 	done, total int64
+	// rate limits the first pass of a job to this many bytes of the disk
+	// per second (0: no limit), as qemu's job speed does.
+	rate  int64
+	start time.Time
+	paced int64 // bytes the limit has accounted for
+}
+
+// pace sleeps as long as the job is ahead of its rate after n more bytes.
+// It is called with no lock held.
+func (t *progressTotal) pace(ctx context.Context, n int64) error {
+	if t.rate <= 0 {
+		return nil
+	}
+	if t.start.IsZero() {
+		t.start = time.Now()
+	}
+	t.paced += n
+	due := t.start.Add(time.Duration(float64(t.paced) / float64(t.rate) * float64(time.Second)))
+	wait := time.Until(due)
+	if wait <= 0 {
+		return nil
+	}
+	tm := time.NewTimer(wait)
+	defer tm.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-tm.C:
+		return nil
+	}
 }
 
 func (t *progressTotal) add(n int64) {
@@ -173,6 +204,9 @@ func (d *Disk) copyDown(ctx context.Context, dst, from int, off, end int64, pr *
 		}
 		pr.step(n)
 		off += n
+		if err := pr.pace(ctx, n); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -351,6 +385,10 @@ type CommitOptions struct {
 	// Keep leaves the top's data and the chain as they are (qemu-img
 	// commit -d; implied by a Base other than 1 in the CLI).
 	Keep bool
+	// Rate limits the copy to this many bytes of the disk per second
+	// (qemu-img commit -r, the speed of qemu's block-commit); 0: no limit.
+	// Writes the disk takes meanwhile are copied after it, unlimited.
+	Rate int64
 	// Progress reports bytes copied out of bytes to copy.
 	Progress Progress
 	// Open configures how the file-name function Commit opens the chain;
@@ -393,7 +431,7 @@ func (d *Disk) Commit(ctx context.Context, o *CommitOptions) error {
 		return err
 	}
 	defer d.settle(ctx)
-	pr := &progressTotal{p: o.Progress}
+	pr := &progressTotal{p: o.Progress, rate: o.Rate}
 	return d.copyTracked(ctx, base, 0, size, pr, func() error {
 		target := d.layers[base]
 		if o.Keep {
@@ -425,7 +463,8 @@ func (d *Disk) Commit(ctx context.Context, o *CommitOptions) error {
 type MergeOptions struct {
 	// Progress reports bytes copied out of bytes to copy.
 	Progress Progress
-	stream   bool // run for Stream (the job's name)
+	stream   bool  // run for Stream (the job's name)
+	rate     int64 // Stream's Rate
 	// Open configures how the file-name function Merge opens the chain;
 	// Disk.Merge ignores it.
 	Open *OpenOptions
@@ -466,7 +505,7 @@ func (d *Disk) Merge(ctx context.Context, from, to int, o *MergeOptions) ([]stri
 	if from < to {
 		return d.mergeForward(ctx, from, to, o.Progress)
 	}
-	return d.mergeBackward(ctx, from, to, o.Progress)
+	return d.mergeBackward(ctx, from, to, o.Progress, o.rate)
 }
 
 // checkIndices validates layer indices and that layer relink (when >= 0)
@@ -519,7 +558,7 @@ func (d *Disk) mergeForward(ctx context.Context, from, to int, progress Progress
 	return dropped, err
 }
 
-func (d *Disk) mergeBackward(ctx context.Context, from, to int, progress Progress) ([]string, error) {
+func (d *Disk) mergeBackward(ctx context.Context, from, to int, progress Progress, rate int64) ([]string, error) {
 	var size int64
 	err := d.exclusive(func() error {
 		if err := d.checkIndices(from, to, to); err != nil {
@@ -537,7 +576,7 @@ func (d *Disk) mergeBackward(ctx context.Context, from, to int, progress Progres
 	if err != nil {
 		return nil, err
 	}
-	pr := &progressTotal{p: progress}
+	pr := &progressTotal{p: progress, rate: rate}
 	pr.add(size)
 	var t *dirtyMap
 	if to == 0 {
@@ -602,6 +641,9 @@ func (d *Disk) fillUnallocated(ctx context.Context, at, below int, size int64, p
 		}
 		pr.step(n)
 		off += n
+		if err := pr.pace(ctx, n); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -629,6 +671,9 @@ type StreamOptions struct {
 	// Base is the index of the layer that stays below the top; 0 pulls
 	// the whole chain in and makes the top standalone.
 	Base int
+	// Rate limits the copy to this many bytes of the disk per second (the
+	// speed of qemu's block-stream); 0: no limit.
+	Rate int64
 	// Progress reports bytes examined out of the disk's size.
 	Progress Progress
 	// Open configures how the file-name function Stream opens the chain;
@@ -655,7 +700,7 @@ func (d *Disk) Stream(ctx context.Context, o *StreamOptions) ([]string, error) {
 	if from == 0 {
 		return nil, nil
 	}
-	return d.Merge(ctx, from, 0, &MergeOptions{Progress: o.Progress, stream: true})
+	return d.Merge(ctx, from, 0, &MergeOptions{Progress: o.Progress, stream: true, rate: o.Rate})
 }
 
 // SnapshotOptions configures an external snapshot.
@@ -698,7 +743,7 @@ func (d *Disk) Snapshot(ctx context.Context, name string, o *SnapshotOptions) er
 		if err != nil {
 			return err
 		}
-		l.fl.unsafePaths = old.fl.unsafePaths
+		l.fl.paths = old.fl.paths
 		d.layers = append([]*Layer{l}, d.layers...)
 		if err := d.reopen(ctx, 1, false); err != nil {
 			d.layers = d.layers[1:]
@@ -752,7 +797,7 @@ func (d *Disk) Rebase(ctx context.Context, backing string, o *RebaseOptions) err
 	if !canReparent(top) {
 		return driver.Errorf(ErrUnsupported, top.Name, -1, "format %s cannot change its parent reference", top.Format.Name)
 	}
-	unsafe := top.fl.unsafePaths
+	unsafe := top.fl.paths == driver.PathTrusted
 	var nb *Disk
 	var ref *driver.ParentRef
 	if backing != "" {

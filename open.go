@@ -36,10 +36,21 @@ type OpenOptions struct {
 	Parents []string
 	// ParentFormats optionally gives the formats of Parents (same order).
 	ParentFormats []string
-	// AllowUnsafeBacking follows parent references that are absolute or
-	// leave the child's directory through "..". Without it such a reference
-	// is an error.
+	// Paths is the policy for every file name an image of the chain
+	// records: parent references (backing files, VHD parent locators) and
+	// the files a driver opens itself (VMDK extents, a qcow2 external data
+	// file). The zero value, driver.PathStrict, follows a name only to a
+	// regular file in the referring image's directory or below, checked on
+	// the real path; driver.PathTrusted follows names wherever they point,
+	// as qemu-img does. See docs/drivers.md.
+	Paths driver.PathPolicy
+	// AllowUnsafeBacking is Paths = driver.PathTrusted (kept for
+	// compatibility).
 	AllowUnsafeBacking bool
+	// NoRawGuess makes a top image whose Format is "" and that no probe
+	// recognises an error instead of opening it as raw: for files of
+	// unknown origin (vdisk info --untrusted), where a guess is no answer.
+	NoRawGuess bool
 	// Direct opens the top image with O_DIRECT where supported.
 	Direct bool
 	// Snapshot, when set, shows the top image's internal snapshot with this
@@ -54,7 +65,7 @@ type OpenOptions struct {
 	// holding it and the name inside that storage, so each layer may live
 	// on its own storage (a base on object storage, a diff on local disk),
 	// chosen by the name's scheme. Names with a scheme ("s3://...") are
-	// followed as parent references only with AllowUnsafeBacking. Nil puts
+	// followed as parent references only under driver.PathTrusted. Nil puts
 	// every name in Storage.
 	Resolver func(name string) (driver.Storage, string, error)
 	// Logger receives notices and warnings; nil discards them.
@@ -97,6 +108,14 @@ func (o *OpenOptions) openNamed(ctx context.Context, log *slog.Logger, name, for
 	return l, nil
 }
 
+// policy is the path policy o asks for.
+func (o *OpenOptions) policy() driver.PathPolicy {
+	if o.AllowUnsafeBacking {
+		return driver.PathTrusted
+	}
+	return o.Paths
+}
+
 func (o *OpenOptions) logger() *slog.Logger {
 	if o.Logger != nil {
 		return o.Logger
@@ -111,7 +130,7 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 	}
 	st, log := o.storage(), o.logger()
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
-	top, err := o.openNamed(ctx, log, name, o.Format, o.Options, layerFlags{writable: !ro, infoOnly: o.InfoOnly, direct: o.Direct, topLevel: true, unsafePaths: o.AllowUnsafeBacking})
+	top, err := o.openNamed(ctx, log, name, o.Format, o.Options, layerFlags{writable: !ro, infoOnly: o.InfoOnly, direct: o.Direct, topLevel: true, noRawGuess: o.NoRawGuess, paths: o.policy()})
 	if err != nil {
 		return nil, err
 	}
@@ -150,7 +169,11 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 				return nil, driver.Corruptf(child.Name, -1, "backing chain loops back to %s", pname)
 			}
 			seen[canonical(pname)] = true
-			p, err := openParent(ctx, o, log, child, ref, pname, pformat, layerFlags{infoOnly: o.InfoOnly, unsafePaths: o.AllowUnsafeBacking})
+			// A name the image records (not one the caller gave) is
+			// opened beneath the child's directory under the strict
+			// policy.
+			confined := explicit == "" && o.policy() == driver.PathStrict
+			p, err := openParent(ctx, o, log, child, ref, pname, pformat, confined, layerFlags{infoOnly: o.InfoOnly, paths: o.policy()})
 			if err != nil {
 				cleanup()
 				return nil, err
@@ -229,7 +252,7 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
 	var layers []*Layer
 	for i, s := range specs {
-		l, err := o.openNamed(ctx, log, s.Name, s.Format, nil, layerFlags{writable: i == 0 && !ro, infoOnly: o.InfoOnly, direct: o.Direct && i == 0, topLevel: i == 0, unsafePaths: o.AllowUnsafeBacking})
+		l, err := o.openNamed(ctx, log, s.Name, s.Format, nil, layerFlags{writable: i == 0 && !ro, infoOnly: o.InfoOnly, direct: o.Direct && i == 0, topLevel: i == 0, noRawGuess: o.NoRawGuess, paths: o.policy()})
 		if err != nil {
 			for _, l := range layers {
 				l.img.Close()
@@ -250,11 +273,10 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 // layerFlags say how openLayer opens an image.
 type layerFlags struct {
 	writable, infoOnly, direct bool
-	// topLevel allows the raw fallback when probing.
-	topLevel bool
-	// unsafePaths lets the driver follow file names of its own (VMDK
-	// extents) that are absolute or leave the image's directory.
-	unsafePaths bool
+	// topLevel allows the raw fallback when probing, unless noRawGuess.
+	topLevel, noRawGuess bool
+	// paths is the policy for the file names the image records.
+	paths driver.PathPolicy
 }
 
 // openLayer opens one image.
@@ -271,7 +293,11 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 			return nil, driver.WithFile(err, "open", name)
 		}
 	} else {
-		f, err = probe(st, log, name, fl.topLevel, writable)
+		if fl.topLevel && fl.noRawGuess {
+			f, err = probeKnown(st, name)
+		} else {
+			f, err = probe(st, log, name, fl.topLevel, writable)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -280,25 +306,59 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
 	}
+	refs := &driver.ReferenceLog{}
 	img, err := f.Open(ctx, &driver.OpenParams{
-		Storage:     st,
-		Name:        name,
-		ReadOnly:    !writable,
-		InfoOnly:    fl.infoOnly,
-		Direct:      fl.direct,
-		Options:     vals,
-		UnsafePaths: fl.unsafePaths,
-		Logger:      log.With("image", name),
+		Storage:    st,
+		Name:       name,
+		ReadOnly:   !writable,
+		InfoOnly:   fl.infoOnly,
+		Direct:     fl.direct,
+		Options:    vals,
+		Paths:      fl.paths,
+		References: refs,
+		Logger:     log.With("image", name),
 	})
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
 	}
-	return &Layer{Name: name, Format: f, img: img, ReadOnly: !writable, Storage: st, path: name, kvs: kvs, fl: fl}, nil
+	return &Layer{Name: name, Format: f, img: img, ReadOnly: !writable, Storage: st, path: name, kvs: kvs, fl: fl, refs: refs}, nil
+}
+
+// probeKnown finds the format of a top image without guessing raw.
+func probeKnown(st driver.Storage, name string) (*driver.Format, error) {
+	f, err := probeFormat(st, name)
+	if err == nil && f == nil {
+		err = driver.Errorf(ErrUnsupported, name, -1, "no known image format recognises this file and it is not opened as raw by guessing; give the format (-f)")
+	}
+	return f, err
 }
 
 // probe finds the format of name. For a top-level image raw is the fallback
 // (with a warning); for a parent whose format is not recorded it is an error.
 func probe(st driver.Storage, log *slog.Logger, name string, topLevel, writable bool) (*driver.Format, error) {
+	f, err := probeFormat(st, name)
+	if err != nil || f != nil {
+		return f, err
+	}
+	if !topLevel {
+		return nil, driver.Errorf(ErrUnsupported, name, -1,
+			"backing file has no recorded format and is not a known image format; it is not opened as raw by guessing (record its format with 'vdisk rebase -u -F raw -b NAME IMAGE')")
+	}
+	raw, err := driver.Lookup("raw")
+	if err != nil {
+		return nil, driver.WithFile(err, "open", name)
+	}
+	if writable {
+		log.Warn("image format was not specified and probing guessed raw; writes to block 0 could turn it into another format's image: pass the format (-f raw)", "file", name)
+	} else {
+		log.Debug("image format was not specified; probing guessed raw", "file", name)
+	}
+	return raw, nil
+}
+
+// probeFormat returns the best-scoring format for the file name, nil when
+// no probe recognises it.
+func probeFormat(st driver.Storage, name string) (*driver.Format, error) {
 	fi, err := st.Stat(name)
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
@@ -320,20 +380,7 @@ func probe(st driver.Storage, log *slog.Logger, name string, topLevel, writable 
 	if len(res) > 0 {
 		return res[0].Format, nil
 	}
-	if !topLevel {
-		return nil, driver.Errorf(ErrUnsupported, name, -1,
-			"backing file has no recorded format and is not a known image format; it is not opened as raw by guessing (record its format with 'vdisk rebase -u -F raw -b NAME IMAGE')")
-	}
-	raw, err := driver.Lookup("raw")
-	if err != nil {
-		return nil, driver.WithFile(err, "open", name)
-	}
-	if writable {
-		log.Warn("image format was not specified and probing guessed raw; writes to block 0 could turn it into another format's image: pass the format (-f raw)", "file", name)
-	} else {
-		log.Debug("image format was not specified; probing guessed raw", "file", name)
-	}
-	return raw, nil
+	return nil, nil
 }
 
 // resolveParent turns a recorded parent name into a name relative to the
@@ -345,25 +392,29 @@ func resolveParent(childName, ref string, allowUnsafe bool) (string, error) {
 
 func resolveParentWith(childName, ref string, allowUnsafe, schemes bool) (string, error) {
 	if strings.Contains(ref, "://") {
+		if !allowUnsafe {
+			return "", refuseParent(childName, ref, "is a URL")
+		}
 		if !schemes {
 			return "", driver.Errorf(ErrUnsupported, childName, -1, "backing file %q is a URL; network backing files are not supported without a storage resolver", ref)
-		}
-		if !allowUnsafe {
-			return "", driver.Errorf(ErrInvalidOption, childName, -1, "backing file %q is a URL; refusing to follow it (allow unsafe backing files to open it)", ref)
 		}
 		return ref, nil
 	}
 	if filepath.IsAbs(ref) {
 		if !allowUnsafe {
-			return "", driver.Errorf(ErrInvalidOption, childName, -1, "backing file %q is an absolute path; refusing to follow it (allow unsafe backing files to open it)", ref)
+			return "", refuseParent(childName, ref, "is an absolute path")
 		}
 		return ref, nil
 	}
 	clean := filepath.Clean(ref)
 	if (clean == ".." || strings.HasPrefix(clean, "../")) && !allowUnsafe {
-		return "", driver.Errorf(ErrInvalidOption, childName, -1, "backing file %q leaves the image's directory; refusing to follow it (allow unsafe backing files to open it)", ref)
+		return "", refuseParent(childName, ref, "leaves the image's directory")
 	}
 	return joinDir(childName, clean), nil
+}
+
+func refuseParent(child, ref, reason string) error {
+	return &Error{Op: "open", File: child, Offset: -1, Err: &driver.PathError{Image: child, Field: "backing file", Name: ref, Reason: reason}}
 }
 
 // joinDir joins rel to the directory of name, keeping a scheme's "//"
@@ -392,13 +443,13 @@ func parentName(ctx context.Context, o *OpenOptions, log *slog.Logger, child *La
 		}
 	case ref.Name != "":
 		var err error
-		name, err = resolveParentWith(child.Name, ref.Name, o.AllowUnsafeBacking, o.Resolver != nil)
+		name, err = resolveParentWith(child.Name, ref.Name, o.policy() == driver.PathTrusted, o.Resolver != nil)
 		if err != nil {
 			return "", "", err
 		}
 	case ref.UUID != "":
 		var err error
-		name, format, err = findByUUID(ctx, child.Storage, log, child, ref.UUID, format)
+		name, format, err = findByUUID(ctx, child.Storage, log, child, ref.UUID, format, o.policy())
 		if err != nil {
 			return "", "", err
 		}
@@ -408,8 +459,18 @@ func parentName(ctx context.Context, o *OpenOptions, log *slog.Logger, child *La
 	return name, format, nil
 }
 
-func openParent(ctx context.Context, o *OpenOptions, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, fl layerFlags) (*Layer, error) {
-	p, err := o.openNamed(ctx, log, name, format, nil, fl)
+func openParent(ctx context.Context, o *OpenOptions, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, confined bool, fl layerFlags) (*Layer, error) {
+	st, inner, err := o.resolve(name)
+	if err != nil {
+		return nil, err
+	}
+	if confined {
+		st = confine(st, child.Name, child.path, inner)
+	}
+	p, err := openLayer(ctx, st, log, inner, format, nil, fl)
+	if err == nil {
+		p.Name = name
+	}
 	if err != nil {
 		if errors.Is(err, ErrNotFound) {
 			return nil, driver.Errorf(ErrNotFound, child.Name, -1, "cannot open backing file %s: %v", name, err)
@@ -439,7 +500,7 @@ func checkParentIdentity(log *slog.Logger, child, p *Layer, ref *driver.ParentRe
 }
 
 // findByUUID looks in the child's directory for an image whose UUID is u.
-func findByUUID(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, u, format string) (string, string, error) {
+func findByUUID(ctx context.Context, st driver.Storage, log *slog.Logger, child *Layer, u, format string, paths driver.PathPolicy) (string, string, error) {
 	dir := filepath.Dir(child.path)
 	names, err := st.List(dir)
 	if err != nil {
@@ -470,7 +531,12 @@ func findByUUID(ctx context.Context, st driver.Storage, log *slog.Logger, child 
 			if tried > maxTried {
 				break
 			}
-			l, err := openLayer(ctx, st, log, full, f.Name, nil, layerFlags{infoOnly: true})
+			lst := st
+			if paths == driver.PathStrict {
+				// A directory entry may be a link out of it, or a FIFO.
+				lst = confine(st, child.Name, child.path, full)
+			}
+			l, err := openLayer(ctx, lst, log, full, f.Name, nil, layerFlags{infoOnly: true, paths: paths})
 			if err != nil {
 				continue
 			}

@@ -51,6 +51,14 @@ qemu-img convert -f raw -O qcow2 "$src" "$src_qcow2"
 src_vmdk=$work/src.vmdk
 qemu-img convert -f raw -O vmdk "$src" "$src_vmdk"
 
+# VHDX, QED and Parallels sources: the same content, made by qemu-img.
+src_vhdx=$work/src.vhdx
+qemu-img convert -f raw -O vhdx "$src" "$src_vhdx"
+src_qed=$work/src.qed
+qemu-img convert -f raw -O qed "$src" "$src_qed"
+src_par=$work/src.parallels
+qemu-img convert -f raw -O parallels "$src" "$src_par"
+
 # Text-like source for stream-optimized output (compressible, unlike the
 # random chunks): 256 MiB, every other 1 MiB chunk holding log-like lines.
 src_txt=$work/src-txt.raw
@@ -60,7 +68,10 @@ for ((i = 0; i < 256; i += 2)); do
 	dd if="$work/tchunk" of="$src_txt" bs=1M seek=$i conv=notrunc status=none
 done
 
-# PAIRS: "name|src|srcfmt|dstfmt|extra vdisk/qemu args"
+# PAIRS: "name|src|srcfmt|dstfmt|extra vdisk/qemu args[|qemu dstfmt|qemu args]"
+# The last two fields give qemu-img a different target where it cannot
+# write the format (DMG: the nearest compressed peer, qcow2 -c); vdisk's
+# output is then compared with the source instead of qemu's output.
 PAIRS=(
 	"raw->raw|$src|raw|raw|"
 	"raw->vdi|$src|raw|vdi|"
@@ -75,6 +86,15 @@ PAIRS=(
 	"vmdk->raw|$src_vmdk|vmdk|raw|"
 	"raw->vmdk-stream|$src|raw|vmdk|-o subformat=streamOptimized"
 	"txt->vmdk-stream|$src_txt|raw|vmdk|-o subformat=streamOptimized"
+	"raw->vhdx|$src|raw|vhdx|"
+	"vhdx->raw|$src_vhdx|vhdx|raw|"
+	"raw->qed|$src|raw|qed|"
+	"qed->raw|$src_qed|qed|raw|"
+	"raw->parallels|$src|raw|parallels|"
+	"parallels->raw|$src_par|parallels|raw|"
+	"raw->qcow|$src|raw|qcow|"
+	"raw->dmg|$src|raw|dmg||qcow2|-c"
+	"txt->dmg|$src_txt|raw|dmg||qcow2|-c"
 )
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
@@ -90,15 +110,20 @@ run() {
 
 printf '%-18s %10s %10s %10s %10s %8s %8s\n' pair vdisk_s qemu_s vdisk_MiB qemu_MiB ratio rss_ratio
 for pair in "${PAIRS[@]}"; do
-	IFS='|' read -r name s sf df extra <<<"$pair"
+	IFS='|' read -r name s sf df extra qdf qextra <<<"$pair"
+	if [ -z "$qdf" ]; then qdf=$df qextra=$extra; fi
 	# ONLY=regex runs the matching pairs only (e.g. ONLY=vmdk).
 	if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then continue; fi
 	: >"$work/v" ; : >"$work/q"
 	for ((r = 0; r < RUNS; r++)); do
 		run "$work/out.v" "$VDISK" convert -f "$sf" -O "$df" $extra "$s" "$work/out.v" >>"$work/v"
-		run "$work/out.q" qemu-img convert -f "$sf" -O "$df" $extra "$s" "$work/out.q" >>"$work/q"
+		run "$work/out.q" qemu-img convert -f "$sf" -O "$qdf" $qextra "$s" "$work/out.q" >>"$work/q"
 	done
-	qemu-img compare -q -f "$df" -F "$df" "$work/out.v" "$work/out.q" || { echo "$name: outputs differ" >&2; exit 1; }
+	if [ "$qdf" = "$df" ]; then
+		qemu-img compare -q -f "$df" -F "$df" "$work/out.v" "$work/out.q" || { echo "$name: outputs differ" >&2; exit 1; }
+	else
+		qemu-img compare -q -f "$df" -F "$sf" "$work/out.v" "$s" || { echo "$name: output differs from the source" >&2; exit 1; }
+	fi
 	vt=$(cut -d' ' -f1 "$work/v" | median); qt=$(cut -d' ' -f1 "$work/q" | median)
 	vm=$(cut -d' ' -f2 "$work/v" | median); qm=$(cut -d' ' -f2 "$work/q" | median)
 	awk -v n="$name" -v vt="$vt" -v qt="$qt" -v vm="$vm" -v qm="$qm" 'BEGIN {

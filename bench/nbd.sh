@@ -10,7 +10,7 @@
 #   SIZE=512M   image size (filled with random data, so reads hit data)
 #   RUNS=1      repetitions of every job (the median is reported); the two
 #               servers alternate within every run
-#   FORMATS="raw qcow2"  formats to serve (qemu-img converts the random data
+#   FORMATS="raw qcow2 vhdx"  formats to serve (qemu-img converts the random data
 #               into each; later formats add themselves here)
 #
 # Goals (issue 10): >= 1.2x qemu-nbd's IOPS on random 4 KiB, >= 1.0x on
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 RUNTIME=${1:-10}
 SIZE=${SIZE:-512M}
 RUNS=${RUNS:-1}
-FORMATS=${FORMATS:-raw qcow2}
+FORMATS=${FORMATS:-raw qcow2 vhdx}
 
 command -v jq >/dev/null || apt-get install -y -qq jq >/dev/null
 for t in qemu-nbd qemu-img fio nbdinfo jq; do

@@ -86,6 +86,9 @@ type CommitArgs struct {
 	Base *int `json:"base,omitempty"`
 	// Keep leaves the top's data and the chain as they are.
 	Keep bool `json:"keep,omitempty"`
+	// Speed limits the copy to this many bytes per second (QMP's
+	// block-commit speed); 0: no limit.
+	Speed int64 `json:"speed,omitempty"`
 }
 
 // StreamArgs are the arguments of stream.
@@ -94,6 +97,9 @@ type StreamArgs struct {
 	// Base is the index of the layer that stays below the top; 0 pulls
 	// the whole chain into the top.
 	Base int `json:"base,omitempty"`
+	// Speed limits the copy to this many bytes per second (QMP's
+	// block-stream speed); 0: no limit.
+	Speed int64 `json:"speed,omitempty"`
 }
 
 // SnapshotArgs are the arguments of snapshot.

@@ -498,13 +498,16 @@ func (s *Server) commit(raw json.RawMessage) (any, error) {
 	if e.BackingReadOnly {
 		return nil, genericf("export '%s' serves a temporary overlay: its backing images must not be written", e.Name)
 	}
-	keep := a.Keep
+	keep, speed := a.Keep, a.Speed
+	if speed < 0 {
+		return nil, invalidf("'speed' must not be negative")
+	}
 	j, ctx, err := s.reserve(e, JobCommit)
 	if err != nil {
 		return nil, err
 	}
 	go s.run(j, ctx, func(ctx context.Context) error {
-		return e.Disk.Commit(ctx, &vdisk.CommitOptions{Base: base, Keep: keep, Progress: s.progress(ctx, j)})
+		return e.Disk.Commit(ctx, &vdisk.CommitOptions{Base: base, Keep: keep, Rate: speed, Progress: s.progress(ctx, j)})
 	})
 	return JobStarted{JobID: j.id}, nil
 }
@@ -528,13 +531,16 @@ func (s *Server) stream(raw json.RawMessage) (any, error) {
 	if err := writableExport(e); err != nil {
 		return nil, err
 	}
+	if a.Speed < 0 {
+		return nil, invalidf("'speed' must not be negative")
+	}
 	j, ctx, err := s.reserve(e, JobStream)
 	if err != nil {
 		return nil, err
 	}
-	base := a.Base
+	base, speed := a.Base, a.Speed
 	go s.run(j, ctx, func(ctx context.Context) error {
-		dropped, err := e.Disk.Stream(ctx, &vdisk.StreamOptions{Base: base, Progress: s.progress(ctx, j)})
+		dropped, err := e.Disk.Stream(ctx, &vdisk.StreamOptions{Base: base, Rate: speed, Progress: s.progress(ctx, j)})
 		for _, name := range dropped {
 			s.log.Info("control: an image left the chain (not deleted)", "export", e.Name, "image", name)
 		}

@@ -331,10 +331,13 @@ type OpenParams struct {
 	// Options are the format's declared options, validated.
 	Options Values
 	Logger  *slog.Logger
-	// UnsafePaths lets the driver follow file names recorded in the image
-	// (VMDK extent files) that are absolute or leave its directory; the
-	// container sets it with OpenOptions.AllowUnsafeBacking.
-	UnsafePaths bool
+	// Paths is the policy for file names recorded in the image (extent
+	// files, an external data file): drivers open them only through
+	// OpenReferenced, which applies it. The zero value is PathStrict.
+	Paths PathPolicy
+	// References, when not nil, collects the names OpenReferenced met
+	// (followed or refused).
+	References *ReferenceLog
 }
 
 // CreateParams is what a driver's Create receives. The driver creates the

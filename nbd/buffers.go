@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Buffer pool: power-of-two size classes from 4 KiB to MaxPayload.
@@ -49,52 +50,6 @@ func putBuf(b []byte) {
 	pools[c].Put(&b)
 }
 
-// budget is a counting semaphore of bytes: a connection's request buffers.
-type budget struct {
-	mu    sync.Mutex
-	cond  sync.Cond
-	avail int64
-}
-
-func newBudget(n int64) *budget {
-	b := &budget{avail: n}
-	b.cond.L = &b.mu
-	return b
-}
-
-func (b *budget) acquire(n int64) {
-	if n == 0 {
-		return
-	}
-	b.mu.Lock()
-	for b.avail < n {
-		b.cond.Wait()
-	}
-	b.avail -= n
-	b.mu.Unlock()
-}
-
-// tryAcquire takes n bytes if they are available now.
-func (b *budget) tryAcquire(n int64) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.avail < n {
-		return false
-	}
-	b.avail -= n
-	return true
-}
-
-func (b *budget) release(n int64) {
-	if n == 0 {
-		return
-	}
-	b.mu.Lock()
-	b.avail += n
-	b.mu.Unlock()
-	b.cond.Broadcast()
-}
-
 // replyWriter serialises what the server sends on a connection. Small
 // messages gather in buf; the writer flushes when nobody else is waiting to
 // write (so replies completing together leave in one system call), and
@@ -108,6 +63,10 @@ type replyWriter struct {
 	// flush small replies before.
 	hold atomic.Bool
 	err  error // first write error; every later write fails with it
+	// timeout (IdleTimeout in the transmission phase) bounds each write:
+	// a client that does not read its replies is cut off.
+	timeout time.Duration
+	armed   time.Time
 }
 
 const (
@@ -137,8 +96,23 @@ func (w *replyWriter) flushLocked() {
 		w.buf = w.buf[:0]
 		return
 	}
+	w.arm()
 	_, w.err = w.nc.Write(w.buf)
 	w.buf = w.buf[:0]
+}
+
+// arm moves the write deadline timeout ahead, at most every sixteenth of
+// it (as conn.armRead does for reads).
+func (w *replyWriter) arm() {
+	if w.timeout <= 0 {
+		return
+	}
+	now := time.Now()
+	if !w.armed.IsZero() && now.Sub(w.armed) < w.timeout/16 {
+		return
+	}
+	w.nc.SetWriteDeadline(now.Add(w.timeout))
+	w.armed = now
 }
 
 // payload queues p after what is gathered, writing both now when p is
@@ -152,6 +126,7 @@ func (w *replyWriter) payload(p []byte) {
 		return
 	}
 	bufs := net.Buffers{w.buf, p}
+	w.arm()
 	_, w.err = bufs.WriteTo(w.nc)
 	w.buf = w.buf[:0]
 }

@@ -62,7 +62,9 @@ type ClientOptions struct {
 	// MetaContexts are selected with NBD_OPT_SET_META_CONTEXT (needs
 	// structured replies).
 	MetaContexts []string
-	// TLSConfig upgrades the connection with NBD_OPT_STARTTLS first.
+	// TLSConfig upgrades the connection with NBD_OPT_STARTTLS first. Its
+	// Certificates are offered to servers that authenticate clients (see
+	// ClientTLSConfig and ClientTLSCreds).
 	TLSConfig *tls.Config
 	// ExportNameOnly enters transmission with NBD_OPT_EXPORT_NAME instead of
 	// NBD_OPT_GO.
@@ -595,11 +597,21 @@ func (c *Client) chunk(cl *call, typ uint16, n uint32) error {
 	return fmt.Errorf("nbd: unknown reply chunk type %d", typ)
 }
 
-// ReadAt reads len(p) bytes at off, in requests of at most MaxPayload.
+// maxRequest is the largest READ/WRITE payload to send: MaxPayload, or
+// less when the server advertised less.
+func (c *Client) maxRequest() int {
+	if m := c.blockSize[2]; m > 0 && m < MaxPayload {
+		return int(m)
+	}
+	return MaxPayload
+}
+
+// ReadAt reads len(p) bytes at off, in requests of at most MaxPayload (or
+// the server's advertised maximum when smaller).
 func (c *Client) ReadAt(p []byte, off int64) (int, error) {
 	done := 0
 	for done < len(p) {
-		n := min(len(p)-done, MaxPayload)
+		n := min(len(p)-done, c.maxRequest())
 		if err := c.Do(cmdRead, 0, uint64(off)+uint64(done), uint32(n), p[done:done+n]); err != nil {
 			return done, err
 		}
@@ -608,7 +620,8 @@ func (c *Client) ReadAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-// WriteAt writes p at off, in requests of at most MaxPayload.
+// WriteAt writes p at off, in requests of at most MaxPayload (or the
+// server's advertised maximum when smaller).
 func (c *Client) WriteAt(p []byte, off int64) (int, error) {
 	return c.Write(p, off, 0)
 }
@@ -617,7 +630,7 @@ func (c *Client) WriteAt(p []byte, off int64) (int, error) {
 func (c *Client) Write(p []byte, off int64, flags uint16) (int, error) {
 	done := 0
 	for done < len(p) {
-		n := min(len(p)-done, MaxPayload)
+		n := min(len(p)-done, c.maxRequest())
 		if err := c.Do(cmdWrite, flags, uint64(off)+uint64(done), uint32(n), p[done:done+n]); err != nil {
 			return done, err
 		}

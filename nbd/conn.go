@@ -27,9 +27,17 @@ type conn struct {
 	log *slog.Logger
 
 	// deadline handling: shutdown sets closing and a past read deadline;
-	// the end of the handshake clears the deadline only if not closing.
+	// the end of the handshake and armRead set deadlines only if not
+	// closing.
 	dmu     sync.Mutex
 	closing bool
+	rdArmed time.Time // when armRead last set the read deadline (reader only)
+	idle    bool      // the read deadline ended the connection in transmission
+
+	// quit closes when the connection ends or shuts down: waits for
+	// buffer budget stop.
+	quit     chan struct{}
+	quitOnce sync.Once
 
 	// negotiated state
 	noZeroes   bool
@@ -42,16 +50,17 @@ type conn struct {
 	ctxDepth   bool
 
 	// transmission state
-	exp    *export
-	size   int64
-	slots  chan struct{}
-	budget *budget
-	wg     sync.WaitGroup
-	broken atomic.Bool // a reply failed to go out: stop reading requests
+	exp      *export
+	size     int64
+	slots    chan struct{}
+	budget   *pool // this connection's data buffers (ConnBuffer)
+	wg       sync.WaitGroup
+	inflight atomic.Int64 // requests started and not yet answered
+	broken   atomic.Bool  // replies can no longer be sent: stop reading requests
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
-	c := &conn{s: s, raw: nc, nc: nc, r: bufio.NewReaderSize(nc, 128<<10)}
+	c := &conn{s: s, raw: nc, nc: nc, r: bufio.NewReaderSize(nc, 128<<10), quit: make(chan struct{})}
 	c.w.nc = nc
 	c.log = s.Logger.With("remote", remoteName(nc))
 	return c
@@ -67,6 +76,7 @@ func (c *conn) serve(ctx context.Context) error {
 	}
 	done := make(chan struct{})
 	defer close(done)
+	defer c.stop()
 	go func() {
 		select {
 		case <-done:
@@ -79,9 +89,11 @@ func (c *conn) serve(ctx context.Context) error {
 		c.closing = true
 		c.raw.SetReadDeadline(time.Now())
 		c.dmu.Unlock()
+		c.stop()
 		select {
 		case <-done:
 		case <-time.After(c.s.ShutdownGrace):
+			c.broken.Store(true) // long requests stop between pieces
 			c.raw.Close()
 		}
 	}()
@@ -109,6 +121,9 @@ func (c *conn) serve(ctx context.Context) error {
 	case ctx.Err() != nil && (errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed)):
 		c.log.Debug("connection closed for shutdown")
 		return nil
+	case errors.Is(err, os.ErrDeadlineExceeded) && c.idle:
+		c.log.Warn("client idle too long or not reading its replies; disconnected", "idle-timeout", c.s.IdleTimeout)
+		return nil
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		c.log.Warn("handshake timed out")
 		return nil
@@ -116,13 +131,41 @@ func (c *conn) serve(ctx context.Context) error {
 	return err
 }
 
-// startTransmission clears the handshake deadline.
+// stop ends the waits for buffer budget.
+func (c *conn) stop() { c.quitOnce.Do(func() { close(c.quit) }) }
+
+// armRead moves the read deadline IdleTimeout ahead. To keep the timer
+// work off the per-request path it does so only when the last move is more
+// than a sixteenth of the timeout old, so a client is disconnected after
+// between 15/16 and all of IdleTimeout without a request.
+func (c *conn) armRead() {
+	t := c.s.IdleTimeout
+	if t <= 0 {
+		return
+	}
+	now := time.Now()
+	if !c.rdArmed.IsZero() && now.Sub(c.rdArmed) < t/16 {
+		return
+	}
+	c.dmu.Lock()
+	if !c.closing {
+		c.raw.SetReadDeadline(now.Add(t))
+		c.rdArmed = now
+	}
+	c.dmu.Unlock()
+}
+
+// startTransmission replaces the handshake deadline by the idle ones.
 func (c *conn) startTransmission(e *export) {
 	c.dmu.Lock()
 	if !c.closing {
 		c.raw.SetDeadline(time.Time{})
 	}
 	c.dmu.Unlock()
+	c.w.lock()
+	c.w.timeout = c.s.IdleTimeout
+	c.w.mu.Unlock()
+	c.armRead()
 	c.exp = e
 	c.size = e.Disk.Size()
 	if c.metaExport != e.Name {
@@ -130,7 +173,7 @@ func (c *conn) startTransmission(e *export) {
 		c.metaSet, c.ctxBase, c.ctxDepth = false, false, false
 	}
 	c.slots = make(chan struct{}, c.s.Workers)
-	c.budget = newBudget(c.s.ConnBuffer)
+	c.budget = newPool(c.s.ConnBuffer)
 	c.log = c.log.With("export", e.Name)
 	c.log.Debug("transmission phase", "size", c.size, "structured", c.structured,
 		"base:allocation", c.ctxBase, "qemu:allocation-depth", c.ctxDepth, "tls", c.tls)

@@ -206,7 +206,7 @@ func (c *conn) infoGo(opt uint32, data []byte) (bool, error) {
 	be.PutUint16(b[0:], infoBlockSize)
 	be.PutUint32(b[2:], 1)
 	be.PutUint32(b[6:], PreferredBlockSize)
-	be.PutUint32(b[10:], MaxPayload)
+	be.PutUint32(b[10:], c.s.maxPayload)
 	c.optReplyLocked(opt, repInfo, b[:14])
 	c.optReplyLocked(opt, repAck, nil)
 	if err := c.w.unlock(); err != nil {

@@ -2,7 +2,9 @@ package nbd
 
 import (
 	"errors"
+	"fmt"
 	"io"
+	"os"
 	"time"
 )
 
@@ -15,6 +17,7 @@ type request struct {
 	length uint32
 	buf    []byte // WRITE payload, or READ buffer
 	held   int64  // bytes of the connection budget held
+	shared int64  // bytes of the server's budget held
 }
 
 // sparseReadMin: structured READs at least this long look for holes and
@@ -54,6 +57,9 @@ func (c *conn) transmit() error {
 		// Replies wait while more requests are already here, so that a
 		// burst of them leaves in one write.
 		c.holdIfBuffered(requestHeaderSize)
+		if err := c.awaitRequest(); err != nil {
+			return err
+		}
 		if err := c.readFull(hdr[:]); err != nil {
 			return err
 		}
@@ -67,36 +73,55 @@ func (c *conn) transmit() error {
 			off:    be.Uint64(hdr[16:]),
 			length: be.Uint32(hdr[24:]),
 		}
+		var data int64 // bytes of data buffers, charged to both budgets
 		switch req.typ {
 		case cmdDisc:
 			return errDisconnect
 		case cmdWrite:
-			if req.length > MaxPayload {
-				// The payload cannot be buffered; answer, then end the
-				// connection rather than read megabytes into nothing.
-				c.releaseHold()
-				c.sendError(req, EINVAL, "write payload exceeds the maximum payload size")
-				return protoErrorf("write of %d bytes exceeds the maximum payload", req.length)
+			if req.length > c.s.maxPayload {
+				if err := c.refuseWrite(req); err != nil {
+					return err
+				}
+				continue
 			}
-			req.held = int64(req.length)
+			data = int64(req.length)
 		case cmdRead:
-			if req.length <= MaxPayload {
-				req.held = int64(req.length)
+			if req.length <= c.s.maxPayload {
+				data = int64(req.length)
 			}
 		case cmdCache:
-			req.held = min(int64(req.length), cacheChunk)
+			data = min(int64(req.length), cacheChunk)
+		case cmdBlockStatus:
+			data = statusCharge
 		}
+		req.held = data
 		// Send held replies before waiting for a worker or for buffer
 		// space: the wait may be long.
 		select {
 		case c.slots <- struct{}{}:
 		default:
 			c.releaseHold()
-			c.slots <- struct{}{}
+			select {
+			case c.slots <- struct{}{}:
+			case <-c.quit:
+				return errBroken
+			}
 		}
-		if !c.budget.tryAcquire(req.held) {
+		if !c.budget.tryAcquire(data) {
 			c.releaseHold()
-			c.budget.acquire(req.held)
+			if !c.budget.acquire(data, c.quit) {
+				<-c.slots
+				return errBroken
+			}
+		}
+		req.shared = data + requestCharge
+		if !c.s.mem.tryAcquire(req.shared) {
+			c.releaseHold()
+			if !c.s.mem.acquire(req.shared, c.quit) {
+				req.shared = 0
+				c.release(req)
+				return errBroken
+			}
 		}
 		if c.broken.Load() {
 			c.release(req)
@@ -105,6 +130,7 @@ func (c *conn) transmit() error {
 		if req.typ == cmdWrite {
 			req.buf = getBuf(int(req.length))
 			c.holdIfBuffered(len(req.buf))
+			c.armRead()
 			if err := c.readFull(req.buf); err != nil {
 				c.release(req)
 				if errors.Is(err, io.EOF) {
@@ -114,6 +140,7 @@ func (c *conn) transmit() error {
 			}
 		}
 		c.wg.Add(1)
+		c.inflight.Add(1)
 		if req.length <= inlineMax && req.flags == 0 && (req.typ == cmdRead || req.typ == cmdWrite) &&
 			(inlineOffUntil.IsZero() || time.Now().After(inlineOffUntil)) {
 			t0 := time.Now()
@@ -127,6 +154,61 @@ func (c *conn) transmit() error {
 		}
 		go c.handle(req)
 	}
+}
+
+// awaitRequest returns once a request header has begun to arrive. The
+// idle timeout applies only while none of the client's requests runs: a
+// client waiting for a long request is not idle, so the deadline is moved
+// on then.
+func (c *conn) awaitRequest() error {
+	for {
+		c.armRead()
+		if c.r.Buffered() > 0 {
+			return nil
+		}
+		_, err := c.r.Peek(1)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		c.dmu.Lock()
+		closing := c.closing
+		c.dmu.Unlock()
+		if closing {
+			return err
+		}
+		if c.inflight.Load() == 0 {
+			c.idle = true
+			return err
+		}
+		c.rdArmed = time.Time{} // move the deadline on at once
+	}
+}
+
+// refuseWrite answers a WRITE longer than the payload bound with EINVAL.
+// Payloads up to MaxPayload are read and dropped (in small pieces: no
+// buffer of their size is needed) and the connection goes on; a longer
+// one ends the connection rather than read gigabytes into nothing.
+func (c *conn) refuseWrite(req *request) error {
+	c.releaseHold()
+	if req.length > MaxPayload {
+		c.sendError(req, EINVAL, "write payload exceeds the maximum payload size")
+		return protoErrorf("write of %d bytes exceeds the maximum payload", req.length)
+	}
+	c.armRead()
+	if _, err := io.CopyN(io.Discard, c.r, int64(req.length)); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return err
+	}
+	c.sendError(req, EINVAL, fmt.Sprintf("write payload exceeds the maximum payload size (%d bytes)", c.s.maxPayload))
+	if c.broken.Load() {
+		return errBroken
+	}
+	return nil
 }
 
 // holdIfBuffered holds replies back when at least n request bytes are
@@ -153,12 +235,14 @@ func (c *conn) releaseHold() {
 func (c *conn) release(req *request) {
 	putBuf(req.buf)
 	req.buf = nil
+	c.s.mem.release(req.shared)
 	c.budget.release(req.held)
 	<-c.slots
 }
 
 func (c *conn) handle(req *request) {
 	defer c.wg.Done()
+	defer c.inflight.Add(-1)
 	defer c.release(req)
 	if c.broken.Load() {
 		return // the reply could not be sent anyway
@@ -190,13 +274,14 @@ func (c *conn) handle(req *request) {
 	case cmdFlush:
 		err = d.Flush()
 	case cmdTrim:
-		err = fua(d.Discard(off, n))
+		err = fua(c.pieces(off, n, d.Discard))
 	case cmdWriteZeroes:
 		if req.flags&cmdFlagFastZero != 0 && !c.exp.Disk.FastZero() {
 			c.sendError(req, ENOTSUP, "the image format cannot write zeroes faster than data")
 			return
 		}
-		err = fua(d.WriteZeroes(off, n, req.flags&cmdFlagNoHole == 0))
+		unmap := req.flags&cmdFlagNoHole == 0
+		err = fua(c.pieces(off, n, func(off, n int64) error { return d.WriteZeroes(off, n, unmap) }))
 	case cmdCache:
 		err = c.cache(off, n)
 	}
@@ -242,7 +327,7 @@ func (c *conn) validate(req *request) (uint32, string) {
 	if req.typ == cmdFlush {
 		return 0, "" // offset and length are reserved: ignore them
 	}
-	if req.typ == cmdRead && req.length > MaxPayload {
+	if req.typ == cmdRead && req.length > c.s.maxPayload {
 		if c.structured {
 			return EOVERFLOW, "read longer than the maximum payload"
 		}
@@ -292,22 +377,58 @@ func errnoText(e uint32) string {
 	return ErrnoName(e)
 }
 
-// cacheChunk is the buffer NBD_CMD_CACHE reads through.
-const cacheChunk = 1 << 20
+// errGone ends a long request of a connection that can no longer answer.
+var errGone = errors.New("connection gone")
 
-// cache reads the range to warm the caches below (the data is dropped).
-func (c *conn) cache(off, n int64) error {
-	buf := getBuf(int(min(n, cacheChunk)))
-	defer putBuf(buf)
+// pieces runs f over [off, off+n) in pieces of at most chunkLen split at
+// multiples of chunkLen, so that one request holds the Disk's range lock
+// for one piece at a time; it stops early when the reply can no longer be
+// sent.
+func (c *conn) pieces(off, n int64, f func(off, n int64) error) error {
 	for n > 0 {
-		m := min(n, cacheChunk)
-		if _, err := c.exp.Disk.ReadAt(buf[:m], off); err != nil && !errors.Is(err, io.EOF) {
+		if c.broken.Load() {
+			return errGone
+		}
+		m := min(n, chunkLen-off%chunkLen)
+		if err := f(off, m); err != nil {
 			return err
 		}
 		off += m
 		n -= m
 	}
 	return nil
+}
+
+// cache reads the data of the range to warm the caches below (the data is
+// dropped; holes are skipped, they have nothing to warm).
+func (c *conn) cache(off, n int64) error {
+	d := c.exp.Disk
+	buf := getBuf(int(min(n, cacheChunk)))
+	defer putBuf(buf)
+	return c.pieces(off, n, func(off, n int64) error {
+		for n > 0 {
+			if c.broken.Load() {
+				return errGone
+			}
+			e, err := d.Status(off, n)
+			if err != nil {
+				return err
+			}
+			m := min(n, max(e.Length, 1))
+			if e.IsData() {
+				for p, end := off, off+m; p < end; {
+					k := min(end-p, int64(len(buf)))
+					if _, err := d.ReadAt(buf[:k], p); err != nil && !errors.Is(err, io.EOF) {
+						return err
+					}
+					p += k
+				}
+			}
+			off += m
+			n -= m
+		}
+		return nil
+	})
 }
 
 // --- replies ---
@@ -334,7 +455,10 @@ func (c *conn) chunkHeader(cookie uint64, flags, typ uint16, length uint32) {
 // stops too.
 func (c *conn) done() {
 	if err := c.w.unlock(); err != nil {
-		c.broken.Store(true)
+		if !c.broken.Swap(true) && errors.Is(err, os.ErrDeadlineExceeded) {
+			c.log.Warn("client does not read its replies; disconnected", "idle-timeout", c.s.IdleTimeout)
+		}
+		c.stop()
 		c.raw.Close()
 	}
 }
@@ -452,6 +576,12 @@ func (c *conn) segments(off, n int64) ([]segment, error) {
 		segs = append(segs, s)
 	}
 	for pos := int64(0); pos < n; {
+		if len(segs) >= maxSegments {
+			// A finely fragmented range: send the rest as data rather
+			// than build an unbounded list.
+			add(segment{pos, n - pos, false})
+			break
+		}
 		e, err := d.Status(off+pos, n-pos)
 		if err != nil {
 			return nil, err

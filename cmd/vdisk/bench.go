@@ -127,10 +127,10 @@ func (a *app) bench(name string, fl *benchFlags) error {
 		return err
 	}
 	d, err := a.open(name, vdisk.OpenOptions{
-		Format:             fl.format,
-		ReadOnly:           !fl.write,
-		Direct:             direct,
-		AllowUnsafeBacking: true,
+		Format:   fl.format,
+		ReadOnly: !fl.write,
+		Direct:   direct,
+		Paths:    a.policy(),
 	})
 	if err != nil {
 		return err

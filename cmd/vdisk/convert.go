@@ -266,18 +266,18 @@ func (a *app) openConvertTarget(dst string, size int64, t convertTarget, noCreat
 		if t.format != nil {
 			format = t.format.Name
 		}
-		d, err = vdisk.Open(a.ctx, dst, &vdisk.OpenOptions{Format: format, Logger: a.log})
+		d, err = vdisk.Open(a.ctx, dst, &vdisk.OpenOptions{Format: format, Paths: a.policy(), Storage: a.hooks.storage, Logger: a.log})
 		return d, false, err
 	}
 	d, err = vdisk.Create(a.ctx, dst, &vdisk.CreateOptions{
-		Format:             t.format.Name,
-		Size:               size,
-		Options:            t.opts,
-		Backing:            t.backing,
-		BackingFormat:      t.backFmt,
-		Overwrite:          true,
-		AllowUnsafeBacking: true,
-		Logger:             a.log,
+		Format:        t.format.Name,
+		Size:          size,
+		Options:       t.opts,
+		Backing:       t.backing,
+		BackingFormat: t.backFmt,
+		Overwrite:     true,
+		Paths:         a.policy(),
+		Logger:        a.log,
 	})
 	return d, err == nil, err
 }
@@ -348,10 +348,10 @@ func (a *app) openSnapshot(s *vdisk.Disk, format, param string) (*vdisk.Disk, er
 		return nil, driver.Errorf(vdisk.ErrNotFound, top.Name, -1, "no snapshot %q", param)
 	}
 	v, err := vdisk.Open(a.ctx, top.Name, &vdisk.OpenOptions{
-		Format:             format,
-		Snapshot:           list[found].ID,
-		AllowUnsafeBacking: true,
-		Logger:             a.log,
+		Format:   format,
+		Snapshot: list[found].ID,
+		Paths:    a.policy(),
+		Logger:   a.log,
 	})
 	if err != nil {
 		return nil, err

@@ -104,13 +104,13 @@ func (a *app) create(name, sizeArg, format, backing, backingFmt string, optArgs 
 		Format: f.Name,
 		// qemu rounds every new image up to whole 512-byte sectors (and
 		// still prints the size as given).
-		Size:               roundSector(size),
-		Options:            iopt.rest,
-		Backing:            backing,
-		BackingFormat:      backingFmt,
-		Overwrite:          true, // qemu-img create replaces an existing file
-		AllowUnsafeBacking: true,
-		Logger:             a.log,
+		Size:          roundSector(size),
+		Options:       iopt.rest,
+		Backing:       backing,
+		BackingFormat: backingFmt,
+		Overwrite:     true, // qemu-img create replaces an existing file
+		Paths:         a.policy(),
+		Logger:        a.log,
 	})
 	if err != nil {
 		return err

@@ -1,10 +1,17 @@
 package main
 
 import (
+	"context"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
+
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/storage/osfs"
 )
 
 // TestBadInput: every runtime error is exactly one stderr line prefixed with
@@ -90,12 +97,11 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
-// TestReadOnlyTarget: convert -n into a file without write permission. Root
-// ignores permissions, so there the case cannot be produced with chmod.
+// TestReadOnlyTarget: convert -n into a file without write permission.
+// Root ignores permission bits, so the images are held by a storage that
+// enforces them (a ReadWrite open of a file without write bits fails with
+// EACCES, as the kernel would for a user): the test runs as root in CI.
 func TestReadOnlyTarget(t *testing.T) {
-	if os.Getuid() == 0 {
-		t.Skip("running as root: chmod does not stop writes (covered by the directory cases of TestBadInput)")
-	}
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.raw")
 	sparseRaw(t, src, 1<<20, nil)
@@ -104,11 +110,38 @@ func TestReadOnlyTarget(t *testing.T) {
 	if err := os.Chmod(dst, 0o444); err != nil {
 		t.Fatal(err)
 	}
-	r := vdiskRun(t, "convert", "-n", "-f", "raw", "-O", "raw", src, dst)
+	st := &permFS{Storage: osfs.New()}
+	r := vdiskRunCtx(t, context.Background(), &hooks{storage: st}, "convert", "-n", "-f", "raw", "-O", "raw", src, dst)
+	if r.code == 0 {
+		t.Fatal("convert -n into a read-only file succeeded")
+	}
 	oneErrorLine(t, r, "vdisk convert")
+	if !strings.Contains(r.stderr, dst) || !strings.Contains(r.stderr, "permission denied") {
+		t.Errorf("stderr %q does not name the target and the permission error", r.stderr)
+	}
+	if st.denied.Load() == 0 {
+		t.Error("the target was never opened for writing")
+	}
 	if !exists(dst) {
 		t.Error("convert -n removed the existing target")
 	}
+}
+
+// permFS enforces permission bits as for an unprivileged user: a
+// ReadWrite open of a file without any write bit fails with EACCES.
+type permFS struct {
+	driver.Storage
+	denied atomic.Int32
+}
+
+func (p *permFS) Open(name string, flag driver.OpenFlag) (driver.File, error) {
+	if flag&driver.ReadWrite != 0 {
+		if fi, err := os.Stat(name); err == nil && fi.Mode().Perm()&0o222 == 0 {
+			p.denied.Add(1)
+			return nil, &driver.Error{Op: "open", File: name, Offset: -1, Err: &fs.PathError{Op: "open", Path: name, Err: syscall.EACCES}}
+		}
+	}
+	return p.Storage.Open(name, flag)
 }
 
 func TestUsageErrors(t *testing.T) {

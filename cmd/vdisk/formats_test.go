@@ -1,8 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
+	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -31,16 +33,35 @@ func TestFormats(t *testing.T) {
 	if len(list) != len(driver.Formats()) {
 		t.Errorf("%d formats listed, %d registered", len(list), len(driver.Formats()))
 	}
-	// The golden file pins the entry of raw only, so that registering more
-	// formats does not break it.
-	var compact, b bytes.Buffer
-	if err := json.Compact(&compact, byName["raw"]); err != nil {
+	// The raw entry, with the create options qemu-img offers for raw
+	// (`qemu-img create -f raw -o help FILE`: the file protocol's).
+	var raw struct {
+		Name          string
+		Extensions    []string
+		Capabilities  []string
+		Creatable     bool
+		CreateOptions []struct {
+			Name, Type, Default string
+			Values              []string
+		} `json:"create-options"`
+	}
+	if err := json.Unmarshal(byName["raw"], &raw); err != nil {
 		t.Fatal(err)
 	}
-	if err := json.Indent(&b, compact.Bytes(), "", "    "); err != nil {
-		t.Fatal(err)
+	if raw.Name != "raw" || !raw.Creatable || !slices.Contains(raw.Extensions, "img") || !slices.Contains(raw.Capabilities, "resize") {
+		t.Errorf("raw entry: %+v", raw)
 	}
-	golden(t, "formats_raw.golden", b.String()+"\n")
+	help := mustQemu(t, "qemu-img", "create", "-f", "raw", "-o", "help", filepath.Join(t.TempDir(), "x.raw"))
+	for _, o := range raw.CreateOptions {
+		if !strings.Contains(help, "  "+o.Name+"=") {
+			t.Errorf("raw create option %s is not one of qemu-img's:\n%s", o.Name, help)
+		}
+	}
+	if len(raw.CreateOptions) != 1 || raw.CreateOptions[0].Name != "preallocation" || raw.CreateOptions[0].Default != "off" ||
+		!reflect.DeepEqual(raw.CreateOptions[0].Values, []string{"off", "falloc", "full"}) ||
+		!strings.Contains(help, "preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)") {
+		t.Errorf("raw create options: %+v", raw.CreateOptions)
+	}
 
 	h := mustRun(t, "formats")
 	for _, f := range driver.Formats() {

@@ -19,19 +19,19 @@ import (
 // references wherever they point, as qemu-img does.
 func (a *app) openRW(name, format string, noBacking bool) (*vdisk.Disk, error) {
 	return a.open(name, vdisk.OpenOptions{
-		Format:             format,
-		NoBacking:          noBacking,
-		AllowUnsafeBacking: true,
+		Format:    format,
+		NoBacking: noBacking,
+		Paths:     a.policy(),
 	})
 }
 
 // openTopInfo opens only the top image, read-only, for reading metadata.
 func (a *app) openTopInfo(name, format string) (*vdisk.Disk, error) {
 	return a.open(name, vdisk.OpenOptions{
-		Format:             format,
-		InfoOnly:           true,
-		NoBacking:          true,
-		AllowUnsafeBacking: true,
+		Format:    format,
+		InfoOnly:  true,
+		NoBacking: true,
+		Paths:     a.policy(),
 	})
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"path/filepath"
@@ -22,7 +23,14 @@ func (a *app) newInfoCmd() *cobra.Command {
 		Short: "Show information about an image",
 		Long: `Show information about the image FILE: its format, virtual size, the space
 it takes on disk, its backing file and format-specific details. With
---backing-chain, the whole chain of backing files is shown, top first.`,
+--backing-chain, the whole chain of backing files is shown, top first.
+
+With the global --untrusted (for a file someone uploaded) the format is
+the one -f gives, else a probe must recognise it (no raw guess); no file
+the image names is opened unless it is a regular file in the image's
+directory or below; and "external-references" lists every file name the
+image records (backing file, extent files, data file) with the reason a
+name was refused, so a service can reject images that name any.`,
 		Args: exactArgs(1, "expecting one image file name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			asJSON, err := outputFormat(output)
@@ -41,10 +49,11 @@ it takes on disk, its backing file and format-specific details. With
 
 func (a *app) info(name, format string, chain, asJSON bool) error {
 	d, err := a.open(name, vdisk.OpenOptions{
-		Format:             format,
-		InfoOnly:           true,
-		NoBacking:          !chain, // like qemu-img info: a missing backing file is no error
-		AllowUnsafeBacking: true,
+		Format:     format,
+		InfoOnly:   true,
+		NoBacking:  !chain, // like qemu-img info: a missing backing file is no error
+		Paths:      a.policy(),
+		NoRawGuess: a.untrusted,
 	})
 	if err != nil {
 		return err
@@ -66,6 +75,9 @@ func (a *app) info(name, format string, chain, asJSON bool) error {
 		n, err := imageInfo(d.Storage(), l, display)
 		if err != nil {
 			return err
+		}
+		if a.untrusted {
+			n.set("external-references", externalRefs(l))
 		}
 		infos = append(infos, n)
 		// qemu names a backing image by the path it combined from its
@@ -162,6 +174,39 @@ func imageInfo(st driver.Storage, l *vdisk.Layer, display string) (*jnode, error
 	return n, nil
 }
 
+// externalRefs lists the file names l's image records: its backing file
+// (refused by the strict policy's name check, or not, as the chain was
+// not opened) and every name its driver met, followed or refused.
+func externalRefs(l *vdisk.Layer) *jnode {
+	arr := jarr()
+	add := func(r driver.Reference) {
+		o := jobj()
+		o.set("field", jstr(r.Field))
+		o.set("name", jstr(r.Name))
+		if r.Path != "" {
+			o.set("path", jstr(r.Path))
+		}
+		if r.Refused != "" {
+			o.set("refused", jstr(r.Refused))
+		}
+		arr.add(o)
+	}
+	if ref := l.ParentRef(); ref != nil && ref.Name != "" {
+		r := driver.Reference{Field: "backing file", Name: ref.Name}
+		var pe *driver.PathError
+		full, err := driver.ResolveReferenced(l.Name, r.Field, ref.Name, false)
+		r.Path = full
+		if errors.As(err, &pe) {
+			r.Refused = pe.Reason
+		}
+		add(r)
+	}
+	for _, r := range l.References() {
+		add(r)
+	}
+	return arr
+}
+
 // combinePath resolves a backing reference against its child's name as
 // QEMU's path_combine does: absolute references stay, relative ones get the
 // child's directory prefix (verbatim, not cleaned).
@@ -214,6 +259,15 @@ func dumpHumanInfo(w io.Writer, n *jnode) {
 		fmt.Fprintln(w)
 		if f := n.get("backing-filename-format"); f != nil {
 			fmt.Fprintf(w, "backing file format: %s\n", f.str)
+		}
+	}
+	if refs := n.get("external-references"); refs != nil {
+		for _, r := range refs.vals {
+			fmt.Fprintf(w, "external reference: %s %q", r.get("field").str, r.get("name").str)
+			if why := r.get("refused"); why != nil {
+				fmt.Fprintf(w, " (refused: %s)", why.str)
+			}
+			fmt.Fprintln(w)
 		}
 	}
 	if sn := n.get("snapshots"); sn != nil {

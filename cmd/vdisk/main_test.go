@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"flag"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,8 +12,6 @@ import (
 	"syscall"
 	"testing"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files in testdata")
 
 // result is what one in-process run of the command line produced.
 type result struct {
@@ -128,32 +125,6 @@ func exists(path string) bool {
 }
 
 var actualSizeRE = regexp.MustCompile(`"actual-size": \d+`)
-
-// normalize makes output independent of the temporary directory and of the
-// file system's allocation.
-func normalize(s, dir string) string {
-	s = strings.ReplaceAll(s, dir, "$TMP")
-	return actualSizeRE.ReplaceAllString(s, `"actual-size": "<ALLOCATED>"`)
-}
-
-// golden compares got with testdata/name, rewriting it with -update.
-func golden(t *testing.T, name, got string) {
-	t.Helper()
-	path := filepath.Join("testdata", name)
-	if *update {
-		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (run go test -update to create it)", err)
-	}
-	if got != string(want) {
-		t.Errorf("output differs from %s (run go test -update if the change is intended)\ngot:\n%s\nwant:\n%s", path, got, want)
-	}
-}
 
 // parseJSON decodes s or fails the test.
 func parseJSON(t *testing.T, s string) any {

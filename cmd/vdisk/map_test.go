@@ -3,29 +3,32 @@ package main
 import (
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 )
 
-func TestMapGolden(t *testing.T) {
+// TestMapLikeQemu: on a sparse raw file (holes made by the test, so the
+// file system decides nothing), vdisk map prints byte for byte what
+// qemu-img map prints, for whole files, ranges and a start past the end.
+func TestMapLikeQemu(t *testing.T) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.raw")
 	sparseRaw(t, img, 64<<20, map[int64][]byte{
 		1 << 20: pattern(0xaa, 64<<10),
 		8 << 20: pattern(0x55, 4<<10),
 	})
-	tests := []struct {
-		golden string
-		args   []string
-	}{
-		{"map_raw.golden", []string{"map", "-f", "raw", "--output", "json", img}},
-		{"map_raw_range.golden", []string{"map", "-f", "raw", "--output", "json", "--start-offset", "1M", "--max-length", "100k", img}},
-		{"map_raw_past_end.golden", []string{"map", "-f", "raw", "--output", "json", "--start-offset", "1G", img}},
-		{"map_raw_human.golden", []string{"map", "-f", "raw", img}},
-	}
-	for _, tc := range tests {
-		t.Run(tc.golden, func(t *testing.T) {
-			r := mustRun(t, tc.args...)
-			golden(t, tc.golden, normalize(r.stdout, dir))
+	for _, args := range [][]string{
+		{"map", "-f", "raw", "--output", "json", img},
+		{"map", "-f", "raw", "--output", "json", "--start-offset", "1M", "--max-length", "100k", img},
+		{"map", "-f", "raw", "--output", "json", "--start-offset", "1G", img},
+		{"map", "-f", "raw", img},
+	} {
+		t.Run(strings.Join(args[3:len(args)-1], " "), func(t *testing.T) {
+			ours := mustRun(t, args...).stdout
+			theirs := mustQemu(t, "qemu-img", args...)
+			if ours != theirs {
+				t.Errorf("vdisk %v:\n%s\nqemu-img:\n%s", args, ours, theirs)
+			}
 		})
 	}
 }

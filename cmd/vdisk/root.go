@@ -31,6 +31,9 @@ func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 type hooks struct {
 	// afterCreate runs right after convert created its target.
 	afterCreate func()
+	// storage, when set, holds the images instead of the local file
+	// system (tests inject failures with it).
+	storage driver.Storage
 }
 
 // app is the state of one run of the command line.
@@ -44,6 +47,9 @@ type app struct {
 	debug bool
 	// imageOpts: image arguments are option strings (--image-opts).
 	imageOpts bool
+	// untrusted (--untrusted): images come from someone else; every
+	// file name they record is followed under the strict path policy.
+	untrusted bool
 	// name is "vdisk <command>", the prefix of every diagnostic line.
 	name string
 	log  *slog.Logger
@@ -97,6 +103,7 @@ Its commands take the same names and flags as qemu-img's.`,
 	root.SetErr(a.stderr)
 	root.PersistentFlags().BoolVar(&a.debug, "debug", false, "print debug messages of the library on stderr")
 	root.PersistentFlags().BoolVar(&a.imageOpts, "image-opts", false, "image arguments are option strings, as in qemu-img: driver=FMT,file.filename=PATH,KEY=VALUE,... (KEY a format open option such as l2-cache-size)")
+	root.PersistentFlags().BoolVar(&a.untrusted, "untrusted", false, "treat the images as untrusted: follow a file name an image records (backing file, extent, data file) only to a regular file in the image's directory or below, never through a link leading out, to an absolute path or a URL")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(
 		a.newInfoCmd(),
@@ -222,14 +229,24 @@ func outputFormat(s string) (json bool, err error) {
 	return false, usageErrorf("--output must be used with human or json as argument")
 }
 
+// policy is the path policy for the images of a local command: trusted
+// (qemu-img's behaviour) unless --untrusted.
+func (a *app) policy() driver.PathPolicy {
+	if a.untrusted {
+		return driver.PathStrict
+	}
+	return driver.PathTrusted
+}
+
 // openRO opens an image chain read-only, as every read-only command does.
-// Parent references are followed wherever they point, as qemu-img does.
+// Parent references are followed wherever they point, as qemu-img does,
+// unless --untrusted.
 func (a *app) openRO(name, format string, infoOnly bool) (*vdisk.Disk, error) {
 	return a.open(name, vdisk.OpenOptions{
-		Format:             format,
-		ReadOnly:           true,
-		InfoOnly:           infoOnly,
-		AllowUnsafeBacking: true,
+		Format:   format,
+		ReadOnly: true,
+		InfoOnly: infoOnly,
+		Paths:    a.policy(),
 	})
 }
 
@@ -239,6 +256,9 @@ func (a *app) openRO(name, format string, infoOnly bool) (*vdisk.Disk, error) {
 // format's open options (qemu's hyphens stand for underscores).
 func (a *app) open(arg string, o vdisk.OpenOptions) (*vdisk.Disk, error) {
 	o.Logger = a.log
+	if o.Storage == nil {
+		o.Storage = a.hooks.storage
+	}
 	name := arg
 	if a.imageOpts {
 		var err error

@@ -1,13 +1,13 @@
 package main
 
 import (
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,6 +20,11 @@ import (
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/nbd"
 )
+
+// serveHeapSlack is what the soft memory limit of `vdisk serve` allows
+// beyond --memory-budget: the images' caches, the runtime, the control
+// server.
+const serveHeapSlack = 64 << 20
 
 // snapshotFormats are the differencing formats --snapshot tries, in order;
 // the first one registered is used for the throw-away overlay.
@@ -36,9 +41,14 @@ type serveOptions struct {
 	pidFile                         string
 	tlsCert, tlsKey                 string
 	tlsRequired                     bool
+	tlsCA, tlsCreds                 string
 	allowFrom                       []string
 	handshakeLimit                  int
+	idleTimeout                     time.Duration
+	maxConnections                  int
+	memoryBudget                    string
 	control                         string
+	allowUnsafePaths                bool
 }
 
 func (a *app) newServeCmd() *cobra.Command {
@@ -63,7 +73,22 @@ Every connection to an export shares one open image, so with -e other than
 1 the server advertises multi-connection support. -s serves a throw-away
 overlay (the image itself is never written); it needs a differencing format
 (qcow2 or vdi) in this build. TLS is offered with --tls-cert and --tls-key
-(PEM files) and enforced with --tls-required.
+(PEM files) and enforced with --tls-required. Clients are authenticated
+by certificate with --tls-ca (clients must present a certificate signed by
+one of its CAs), or with --tls-creds DIR, qemu's directory layout
+(ca-cert.pem, server-cert.pem, server-key.pem; like qemu's default
+verify-peer=on it requires client certificates); both imply --tls-required.
+
+Limits against clients that misbehave: a client that sends nothing for
+--idle-timeout while none of its requests runs, or does not read its
+replies for that long, is disconnected (so with -e 1 an idle client
+blocks the others for at most that long); at most --max-connections
+clients are connected at once whatever -e says (further ones wait in the
+listen backlog); the buffers of all connections and requests stay within
+--memory-budget (requests wait for room; the largest READ/WRITE payload
+advertised shrinks with a budget below 64 MiB). --allow-from filters TCP
+clients by address; a unix socket (-k) is guarded by its file's
+permissions instead, and the two cannot be combined.
 
 --control SOCKET also listens on a unix socket (mode 0600) for the
 control protocol: live commit, stream and external snapshots of the
@@ -88,7 +113,7 @@ jobs are cancelled (the images read the same) before the images close.`,
 	fl.BoolVarP(&o.readOnly, "read-only", "r", false, "export read-only")
 	fl.BoolVarP(&o.snapshot, "snapshot", "s", false, "serve a temporary overlay: writes never reach the images")
 	fl.BoolVarP(&o.persistent, "persistent", "t", false, "keep serving after the last client disconnects")
-	fl.IntVarP(&o.shared, "shared", "e", 1, "serve at most N clients at once (0: no limit)")
+	fl.IntVarP(&o.shared, "shared", "e", 1, "serve at most N clients at once (0: up to --max-connections)")
 	fl.StringVarP(&o.bind, "bind", "b", "127.0.0.1", "listen on this address")
 	fl.IntVarP(&o.port, "port", "p", 10809, "listen on this TCP port")
 	fl.StringVarP(&o.socket, "socket", "k", "", "listen on this unix socket instead of TCP")
@@ -96,9 +121,15 @@ jobs are cancelled (the images read the same) before the images close.`,
 	fl.StringVar(&o.tlsCert, "tls-cert", "", "TLS certificate (PEM) offered with NBD_OPT_STARTTLS")
 	fl.StringVar(&o.tlsKey, "tls-key", "", "private key (PEM) of --tls-cert")
 	fl.BoolVar(&o.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
-	fl.StringArrayVar(&o.allowFrom, "allow-from", nil, "accept TCP clients only from this address or CIDR network (repeatable)")
+	fl.StringVar(&o.tlsCA, "tls-ca", "", "require client certificates signed by a CA of this PEM file (implies --tls-required)")
+	fl.StringVar(&o.tlsCreds, "tls-creds", "", "TLS credentials directory as qemu's (ca-cert.pem, server-cert.pem, server-key.pem); client certificates are required")
+	fl.StringArrayVar(&o.allowFrom, "allow-from", nil, "accept TCP clients only from this address or CIDR network (repeatable; not with -k)")
 	fl.IntVar(&o.handshakeLimit, "handshake-limit", 10, "seconds a client has to complete the handshake (0: no limit)")
+	fl.DurationVar(&o.idleTimeout, "idle-timeout", nbd.DefaultIdleTimeout, "disconnect a client idle, or not reading its replies, for this long (0: never)")
+	fl.IntVar(&o.maxConnections, "max-connections", nbd.DefaultMaxConnections, "connections served at once at most, whatever -e says")
+	fl.StringVar(&o.memoryBudget, "memory-budget", "256M", "bound on the buffer memory of all connections and requests")
 	fl.StringVar(&o.control, "control", "", "also serve the control protocol (live jobs) on this unix socket")
+	fl.BoolVar(&o.allowUnsafePaths, "allow-unsafe-paths", false, "follow file names the images record (backing files, extents, data files) wherever they point, as qemu-nbd does; by default only regular files in the image's directory or below are followed")
 	var ignored bool
 	fl.BoolVarP(&ignored, "allocation-depth", "A", false, "accepted for qemu-nbd compatibility: qemu:allocation-depth is always offered")
 	return cmd
@@ -148,33 +179,16 @@ func (a *app) serve(image string, o *serveOptions) (err error) {
 	if o.handshakeLimit < 0 {
 		return usageErrorf("--handshake-limit must be 0 (no limit) or more")
 	}
-	if (o.tlsCert == "") != (o.tlsKey == "") {
-		return usageErrorf("--tls-cert and --tls-key go together")
-	}
-	if o.tlsRequired && o.tlsCert == "" {
-		return usageErrorf("--tls-required needs --tls-cert and --tls-key")
-	}
-	allow, err := parseAllowFrom(o.allowFrom)
+	srv, err := a.newNBDServer(o)
 	if err != nil {
 		return err
 	}
-	srv := &nbd.Server{
-		MaxConns:         o.shared,
-		Persistent:       o.persistent,
-		TLSRequired:      o.tlsRequired,
-		HandshakeTimeout: time.Duration(o.handshakeLimit) * time.Second,
-		Allow:            allow,
-		Logger:           a.log,
-	}
-	if o.handshakeLimit == 0 {
-		srv.HandshakeTimeout = -1
-	}
-	if o.tlsCert != "" {
-		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
-		if err != nil {
-			return fmt.Errorf("loading the TLS certificate: %w", err)
-		}
-		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// The budget bounds the buffers in use; a soft limit on the
+		// heap keeps the garbage collector from letting freed ones
+		// double the footprint before it runs.
+		old := debug.SetMemoryLimit(srv.MemoryBudget + serveHeapSlack)
+		defer debug.SetMemoryLimit(old)
 	}
 
 	// Open every image once (an image exported under two names shares its
@@ -240,6 +254,69 @@ func (a *app) serve(image string, o *serveOptions) (err error) {
 	return srv.Serve(a.ctx, l)
 }
 
+// newNBDServer checks the server flags and builds the server (without
+// exports).
+func (a *app) newNBDServer(o *serveOptions) (*nbd.Server, error) {
+	if (o.tlsCert == "") != (o.tlsKey == "") {
+		return nil, usageErrorf("--tls-cert and --tls-key go together")
+	}
+	if o.tlsCreds != "" && (o.tlsCert != "" || o.tlsCA != "") {
+		return nil, usageErrorf("--tls-creds holds the certificates: it does not go with --tls-cert, --tls-key or --tls-ca")
+	}
+	if o.tlsCA != "" && o.tlsCert == "" {
+		return nil, usageErrorf("--tls-ca needs --tls-cert and --tls-key")
+	}
+	if o.tlsRequired && o.tlsCert == "" && o.tlsCreds == "" {
+		return nil, usageErrorf("--tls-required needs --tls-cert and --tls-key, or --tls-creds")
+	}
+	if o.idleTimeout < 0 {
+		return nil, usageErrorf("--idle-timeout must be 0 (no limit) or more")
+	}
+	if o.maxConnections < 1 {
+		return nil, usageErrorf("--max-connections must be 1 or more")
+	}
+	budget, err := driver.ParseSize(o.memoryBudget)
+	if err != nil || budget < nbd.MinMemoryBudget {
+		return nil, usageErrorf("--memory-budget %q: expecting a size of at least %dM", o.memoryBudget, nbd.MinMemoryBudget>>20)
+	}
+	if len(o.allowFrom) > 0 && o.socket != "" {
+		// Unix socket peers have no address to match; their access is
+		// the socket file's permissions.
+		return nil, usageErrorf("--allow-from filters TCP clients and does not go with -k (a unix socket is guarded by its file permissions)")
+	}
+	allow, err := parseAllowFrom(o.allowFrom)
+	if err != nil {
+		return nil, err
+	}
+	srv := &nbd.Server{
+		MaxConns:         o.shared,
+		MaxConnections:   o.maxConnections,
+		MemoryBudget:     budget,
+		IdleTimeout:      o.idleTimeout,
+		Persistent:       o.persistent,
+		TLSRequired:      o.tlsRequired,
+		HandshakeTimeout: time.Duration(o.handshakeLimit) * time.Second,
+		Allow:            allow,
+		Logger:           a.log,
+	}
+	if o.handshakeLimit == 0 {
+		srv.HandshakeTimeout = -1
+	}
+	if o.idleTimeout == 0 {
+		srv.IdleTimeout = -1
+	}
+	switch {
+	case o.tlsCreds != "":
+		srv.TLSConfig, err = nbd.ServerTLSCreds(o.tlsCreds, true)
+	case o.tlsCert != "":
+		srv.TLSConfig, err = nbd.ServerTLSConfig(o.tlsCert, o.tlsKey, o.tlsCA)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return srv, nil
+}
+
 // serveControl serves the control protocol on a new unix socket until
 // stop, which cancels the running jobs, waits for them and removes the
 // socket.
@@ -269,7 +346,16 @@ func (a *app) serveControl(sock string, exports []control.Export) (stop func(), 
 // openServed opens one image for serving: read-write unless -r, or as the
 // base of a temporary overlay with -s (tmp is the directory to remove).
 func (a *app) openServed(image string, o *serveOptions) (d *vdisk.Disk, tmp string, err error) {
-	opts := &vdisk.OpenOptions{Format: o.format, ReadOnly: o.readOnly || o.snapshot, AllowUnsafeBacking: true, Logger: a.log}
+	// Clients reach whatever the images name: strict paths unless the
+	// images are vouched for (--allow-unsafe-paths).
+	paths := driver.PathStrict
+	if o.allowUnsafePaths {
+		if a.untrusted {
+			return nil, "", usageErrorf("--untrusted and --allow-unsafe-paths contradict each other")
+		}
+		paths = driver.PathTrusted
+	}
+	opts := &vdisk.OpenOptions{Format: o.format, ReadOnly: o.readOnly || o.snapshot, Paths: paths, Logger: a.log}
 	d, err = vdisk.Open(a.ctx, image, opts)
 	if err != nil || !o.snapshot {
 		return d, "", err
@@ -299,7 +385,7 @@ func (a *app) openServed(image string, o *serveOptions) (d *vdisk.Disk, tmp stri
 	}
 	overlay := filepath.Join(tmp, "snapshot."+f.Name)
 	d, err = vdisk.Create(a.ctx, overlay, &vdisk.CreateOptions{
-		Format: f.Name, Size: size, Backing: abs, BackingFormat: baseFormat, AllowUnsafeBacking: true, Logger: a.log,
+		Format: f.Name, Size: size, Backing: abs, BackingFormat: baseFormat, Paths: paths, Logger: a.log,
 	})
 	if err != nil {
 		return nil, tmp, err
@@ -330,8 +416,9 @@ func listen(o *serveOptions) (net.Listener, error) {
 	return net.Listen("tcp", net.JoinHostPort(o.bind, strconv.Itoa(o.port)))
 }
 
-// parseAllowFrom turns --allow-from values into a filter of TCP clients
-// (unix socket clients are always accepted).
+// parseAllowFrom turns --allow-from values into a filter of TCP clients;
+// any other client (the library applies the filter on every connection)
+// is refused.
 func parseAllowFrom(list []string) (func(net.Addr) bool, error) {
 	if len(list) == 0 {
 		return nil, nil
@@ -358,7 +445,7 @@ func parseAllowFrom(list []string) (func(net.Addr) bool, error) {
 	return func(addr net.Addr) bool {
 		ta, ok := addr.(*net.TCPAddr)
 		if !ok {
-			return true
+			return false
 		}
 		for _, n := range nets {
 			if n.Contains(ta.IP) {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -9,8 +10,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
 	"math/big"
 	"net"
@@ -20,6 +24,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -417,5 +423,466 @@ func TestServeSignal(t *testing.T) {
 	}
 	if exists(sock) {
 		t.Error("socket left behind")
+	}
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+}
+
+func tcpReady(port string) func() bool {
+	return func() bool {
+		c, err := net.Dial("tcp", "127.0.0.1:"+port)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}
+}
+
+// boundedTool runs a tool with a 60 s bound (against hangs; no timing is
+// asserted).
+func boundedTool(t *testing.T, name string, args ...string) (string, error) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		t.Fatalf("%s is required by these tests (./test.sh installs it)", name)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	return string(out), err
+}
+
+// nbdHandshake runs a minimal fixed-newstyle negotiation on nc (NBD_OPT_GO
+// of the default export, simple replies) and returns the export size.
+func nbdHandshake(nc net.Conn) (int64, error) {
+	r := bufio.NewReader(nc)
+	greet := make([]byte, 18)
+	if _, err := io.ReadFull(r, greet); err != nil {
+		return 0, err
+	}
+	if string(greet[:8]) != "NBDMAGIC" {
+		return 0, fmt.Errorf("bad greeting % x", greet)
+	}
+	var msg []byte
+	msg = binary.BigEndian.AppendUint32(msg, 3) // fixed newstyle, no zeroes
+	msg = binary.BigEndian.AppendUint64(msg, 0x49484156454f5054)
+	msg = binary.BigEndian.AppendUint32(msg, 7) // NBD_OPT_GO
+	msg = binary.BigEndian.AppendUint32(msg, 6)
+	msg = append(msg, 0, 0, 0, 0, 0, 0) // name "", no info requests
+	if _, err := nc.Write(msg); err != nil {
+		return 0, err
+	}
+	var size int64
+	for {
+		h := make([]byte, 20)
+		if _, err := io.ReadFull(r, h); err != nil {
+			return 0, err
+		}
+		typ := binary.BigEndian.Uint32(h[12:])
+		data := make([]byte, binary.BigEndian.Uint32(h[16:]))
+		if _, err := io.ReadFull(r, data); err != nil {
+			return 0, err
+		}
+		switch {
+		case typ == 1: // ACK
+			if r.Buffered() != 0 {
+				return 0, errors.New("data after the NBD_OPT_GO reply")
+			}
+			return size, nil
+		case typ == 3 && len(data) == 12 && binary.BigEndian.Uint16(data) == 0:
+			size = int64(binary.BigEndian.Uint64(data[2:]))
+		case typ&(1<<31) != 0:
+			return 0, fmt.Errorf("NBD_OPT_GO refused: %#x %s", typ, data)
+		}
+	}
+}
+
+func nbdRequest(typ uint16, cookie, off uint64, length uint32) []byte {
+	b := binary.BigEndian.AppendUint32(nil, 0x25609513)
+	b = binary.BigEndian.AppendUint16(b, 0)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	b = binary.BigEndian.AppendUint64(b, off)
+	return binary.BigEndian.AppendUint32(b, length)
+}
+
+// expectEOF checks that the server closes nc (what it sent before is
+// skipped).
+func expectEOF(t *testing.T, nc net.Conn, what string) {
+	t.Helper()
+	nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.Copy(io.Discard, nc); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("%s: not disconnected by the server: %v", what, err)
+	}
+}
+
+// TestServeIdleTimeout: with -e 1, a client that completes the handshake
+// and then sleeps, and one that queues reads and does not read the
+// replies, are each disconnected after --idle-timeout, and nbdinfo and
+// qemu-img waiting behind them are served.
+func TestServeIdleTimeout(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.raw")
+	if err := os.WriteFile(img, pattern(0x61, 32<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	port := freePort(t)
+	startServe(t, tcpReady(port), "-p", port, "-t", "-e", "1", "--idle-timeout", "1s", "-f", "raw", img)
+	uri := "nbd://127.0.0.1:" + port
+
+	t.Run("idle", func(t *testing.T) {
+		nc, err := net.Dial("tcp", "127.0.0.1:"+port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		nc.SetDeadline(time.Now().Add(30 * time.Second))
+		if size, err := nbdHandshake(nc); err != nil || size != 32<<20 {
+			t.Fatalf("handshake: size %d, %v", size, err)
+		}
+		out, err := boundedTool(t, "nbdinfo", "--size", uri)
+		if err != nil || strings.TrimSpace(out) != strconv.Itoa(32<<20) {
+			t.Fatalf("nbdinfo behind an idle client: %v\n%s", err, out)
+		}
+		expectEOF(t, nc, "idle client")
+	})
+	t.Run("not-reading", func(t *testing.T) {
+		nc, err := net.Dial("tcp", "127.0.0.1:"+port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		nc.SetDeadline(time.Now().Add(30 * time.Second))
+		if _, err := nbdHandshake(nc); err != nil {
+			t.Fatal(err)
+		}
+		// Far more than the socket buffers hold: the server's writes
+		// block until the write deadline.
+		for i := 0; i < 8; i++ {
+			if _, err := nc.Write(nbdRequest(0, uint64(i), 0, 32<<20)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		out, err := boundedTool(t, "qemu-img", "info", "--output=json", "-f", "raw", uri)
+		if err != nil || !strings.Contains(out, `"virtual-size": 33554432`) {
+			t.Fatalf("qemu-img behind a client not reading its replies: %v\n%s", err, out)
+		}
+		expectEOF(t, nc, "client not reading")
+	})
+}
+
+// TestServeTLSClientCertificates: with qemu's credentials directory
+// (--tls-creds) or --tls-ca, clients need a certificate signed by the CA:
+// nbdinfo and qemu-img with one are admitted, without one (or without TLS)
+// refused.
+func TestServeTLSClientCertificates(t *testing.T) {
+	creds := t.TempDir()
+	writeCreds(t, creds)
+	noCert := t.TempDir() // the CA only: the server is trusted, the client has nothing to show
+	copyFile(t, filepath.Join(creds, nbd.CredsCACert), filepath.Join(noCert, nbd.CredsCACert))
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.raw")
+	sparseRaw(t, img, 1<<20, map[int64][]byte{0: []byte("secret")})
+
+	for _, mode := range []string{"creds", "ca"} {
+		t.Run(mode, func(t *testing.T) {
+			port := freePort(t)
+			args := []string{"-p", port, "-t", "-e", "0", "-f", "raw"}
+			if mode == "creds" {
+				args = append(args, "--tls-creds", creds)
+			} else {
+				args = append(args, "--tls-cert", filepath.Join(creds, nbd.CredsServerCert),
+					"--tls-key", filepath.Join(creds, nbd.CredsServerKey), "--tls-ca", filepath.Join(creds, nbd.CredsCACert))
+			}
+			s := startServe(t, tcpReady(port), append(args, img)...)
+			tlsURI := func(d string) string { return "nbds://127.0.0.1:" + port + "/?tls-certificates=" + d }
+			if out, err := boundedTool(t, "nbdinfo", "--size", tlsURI(creds)); err != nil || strings.TrimSpace(out) != "1048576" {
+				t.Errorf("nbdinfo with a client certificate: %v\n%s", err, out)
+			}
+			qemu := func(d string) (string, error) {
+				return boundedTool(t, "qemu-img", "info", "--output=json",
+					"--object", "tls-creds-x509,id=tls0,endpoint=client,dir="+d,
+					"--image-opts", "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port="+port+",tls-creds=tls0")
+			}
+			if out, err := qemu(creds); err != nil || !strings.Contains(out, `"virtual-size": 1048576`) {
+				t.Errorf("qemu-img with a client certificate: %v\n%s", err, out)
+			}
+			if out, err := boundedTool(t, "nbdinfo", "--size", tlsURI(noCert)); err == nil {
+				t.Errorf("nbdinfo without a client certificate was admitted:\n%s", out)
+			}
+			if out, err := qemu(noCert); err == nil {
+				t.Errorf("qemu-img without a client certificate was admitted:\n%s", out)
+			}
+			if out, err := boundedTool(t, "nbdinfo", "--size", "nbd://127.0.0.1:"+port); err == nil {
+				t.Errorf("a client without TLS was admitted (client authentication implies --tls-required):\n%s", out)
+			}
+			// The package's client with the same credentials.
+			cfg, err := nbd.ClientTLSCreds(creds, "127.0.0.1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			c, err := nbd.Dial(ctx, "tcp", "127.0.0.1:"+port, &nbd.ClientOptions{TLSConfig: cfg})
+			if err != nil {
+				t.Fatalf("nbd client with a certificate: %v", err)
+			}
+			b := make([]byte, 6)
+			if _, err := c.ReadAt(b, 0); err != nil || string(b) != "secret" {
+				t.Errorf("read over TLS: %q %v", b, err)
+			}
+			c.Close()
+			if r := s.stop(t); r.code != 0 {
+				t.Errorf("exit %d: %s", r.code, r.stderr)
+			}
+		})
+	}
+}
+
+// writeCreds writes a CA and a server and a client certificate signed by
+// it in qemu's credentials directory layout.
+func writeCreds(t *testing.T, dir string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "vdisk test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		BasicConstraintsValid: true, IsCA: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	writePEMFile(t, filepath.Join(dir, nbd.CredsCACert), "CERTIFICATE", caDER)
+	leaf := func(serial int64, cn string, usage x509.ExtKeyUsage, certFile, keyFile string) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+			BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature,
+			ExtKeyUsage: []x509.ExtKeyUsage{usage},
+		}
+		if usage == x509.ExtKeyUsageServerAuth {
+			tmpl.DNSNames = []string{"localhost"}
+			tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kder, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		writePEMFile(t, filepath.Join(dir, certFile), "CERTIFICATE", der)
+		writePEMFile(t, filepath.Join(dir, keyFile), "PRIVATE KEY", kder)
+	}
+	leaf(2, "localhost", x509.ExtKeyUsageServerAuth, nbd.CredsServerCert, nbd.CredsServerKey)
+	leaf(3, "client", x509.ExtKeyUsageClientAuth, nbd.CredsClientCert, nbd.CredsClientKey)
+}
+
+func writePEMFile(t *testing.T, path, typ string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func copyFile(t *testing.T, from, to string) {
+	t.Helper()
+	b, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestServeLimitUsageErrors(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.raw")
+	sparseRaw(t, img, 1<<20, nil)
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-k", filepath.Join(dir, "s"), "--allow-from", "127.0.0.1", img}, "does not go with -k"},
+		{[]string{"--max-connections", "0", img}, "--max-connections"},
+		{[]string{"--memory-budget", "1M", img}, "--memory-budget"},
+		{[]string{"--memory-budget", "lots", img}, "--memory-budget"},
+		{[]string{"--idle-timeout", "-1s", img}, "--idle-timeout"},
+		{[]string{"--tls-ca", "ca.pem", img}, "--tls-ca needs"},
+		{[]string{"--tls-creds", dir, "--tls-cert", "c", "--tls-key", "k", img}, "--tls-creds"},
+		{[]string{"--tls-creds", filepath.Join(dir, "none"), "-k", filepath.Join(dir, "s"), img}, "server-cert.pem"},
+	} {
+		r := runServe(context.Background(), c.args...)
+		if r.code != 1 || !strings.HasPrefix(r.stderr, "vdisk serve: ") || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("serve %v: exit %d, stderr %q (want %q)", c.args, r.code, r.stderr, c.want)
+		}
+	}
+}
+
+// procStatus returns a field of /proc/PID/status in bytes.
+func procStatus(t *testing.T, pid int, field string) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				t.Fatalf("%s: %q", field, line)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatalf("no %s in /proc/%d/status", field, pid)
+	return 0
+}
+
+// TestServeManyConnections builds vdisk (without the race detector,
+// whatever this test runs with: its RSS is measured) and runs `vdisk serve
+// -e 0` with its default limits as a child, then opens 1,000 connections
+// at once, each queueing four 1 MiB reads and reading the replies only
+// later (which pins the reply buffers): 1 GiB of buffers if the 256
+// connections served at once could all have theirs. Every client is served
+// or refused cleanly (a full listen backlog), every reply carries the
+// image's data, and the child's peak RSS (VmHWM) rises by no more than the
+// default memory budget.
+func TestServeManyConnections(t *testing.T) {
+	const (
+		clients = 1000
+		reads   = 4
+		readLen = 1 << 20
+		budget  = 256 << 20 // the default
+	)
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "vdisk")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Env = append(os.Environ(), "GOFLAGS=")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	img := filepath.Join(dir, "a.raw")
+	if err := os.WriteFile(img, pattern(0x77, 8<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := sockPath(t)
+	cmd := exec.Command(bin, "serve", "-t", "-e", "0", "-k", sock, "-f", "raw", img)
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	deadline := time.Now().Add(20 * time.Second)
+	for !exists(sock) {
+		if time.Now().After(deadline) {
+			t.Fatalf("vdisk serve did not start: %s", errb.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	pid := cmd.Process.Pid
+	base := procStatus(t, pid, "VmRSS")
+
+	var served, refused atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	start := make(chan struct{})
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			<-start
+			nc, err := net.DialTimeout("unix", sock, 60*time.Second)
+			if err != nil {
+				refused.Add(1) // backlog full: refused by the kernel
+				return
+			}
+			defer nc.Close()
+			nc.SetDeadline(time.Now().Add(120 * time.Second))
+			if _, err := nbdHandshake(nc); err != nil {
+				if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+					refused.Add(1)
+					return
+				}
+				errs <- fmt.Errorf("client %d: handshake: %w", i, err)
+				return
+			}
+			for k := 0; k < reads; k++ {
+				if _, err := nc.Write(nbdRequest(0, uint64(k), uint64(k)*readLen, readLen)); err != nil {
+					errs <- fmt.Errorf("client %d: %w", i, err)
+					return
+				}
+			}
+			time.Sleep(100 * time.Millisecond)
+			h := make([]byte, 16)
+			for k := 0; k < reads; k++ {
+				if _, err := io.ReadFull(nc, h); err != nil {
+					errs <- fmt.Errorf("client %d: reply: %w", i, err)
+					return
+				}
+				if binary.BigEndian.Uint32(h) != 0x67446698 || binary.BigEndian.Uint32(h[4:]) != 0 {
+					errs <- fmt.Errorf("client %d: reply % x", i, h)
+					return
+				}
+				if _, err := io.ReadFull(nc, h[:1]); err != nil || h[0] != 0x77 {
+					errs <- fmt.Errorf("client %d: data %x %v", i, h[0], err)
+					return
+				}
+				if _, err := io.CopyN(io.Discard, nc, readLen-1); err != nil {
+					errs <- fmt.Errorf("client %d: data: %w", i, err)
+					return
+				}
+			}
+			nc.Write(nbdRequest(2, 99, 0, 0)) // NBD_CMD_DISC
+			served.Add(1)
+		}(i)
+	}
+	close(start)
+	wg.Wait()
+	close(errs)
+	n := 0
+	for err := range errs {
+		if n++; n <= 10 {
+			t.Error(err)
+		}
+	}
+	hwm := procStatus(t, pid, "VmHWM")
+	t.Logf("%d served, %d refused; child RSS %d MiB before, peak %d MiB (rise %d MiB, budget %d MiB)",
+		served.Load(), refused.Load(), base>>20, hwm>>20, (hwm-base)>>20, budget>>20)
+	if served.Load()+refused.Load() != clients {
+		t.Errorf("%d clients neither served nor refused cleanly", clients-served.Load()-refused.Load())
+	}
+	if served.Load() < clients/2 {
+		t.Errorf("only %d of %d clients served", served.Load(), clients)
+	}
+	if hwm-base > budget {
+		t.Errorf("the server's RSS rose by %d MiB, past its %d MiB budget", (hwm-base)>>20, budget>>20)
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve after SIGTERM: %v\n%s", err, errb.String())
 	}
 }

@@ -10,6 +10,8 @@ import (
 func (a *app) newStreamCmd() *cobra.Command {
 	var format, server string
 	var base int
+	var rate int64
+	var rateStr string
 	var prog, quiet, detach bool
 	cmd := &cobra.Command{
 		Use:   "stream [-f FMT] [--base N] [-p] [-q] FILE | --server SOCKET [--base N] [-p] [-q] [--detach] [EXPORT]",
@@ -32,20 +34,25 @@ prints the job's ID and returns at once ('vdisk jobs' follows it).`,
 			if base < 0 {
 				return usageErrorf("--base must not be negative")
 			}
+			var err error
+			if rate, err = rateArg(rateStr); err != nil {
+				return err
+			}
 			if server != "" {
 				if format != "" {
 					return usageErrorf("-f cannot be used with --server")
 				}
-				return a.startJob(server, "stream", control.StreamArgs{Export: exportArg(args), Base: base}, detach, prog, quiet, "Image streamed.\n")
+				return a.startJob(server, "stream", control.StreamArgs{Export: exportArg(args), Base: base, Speed: rate}, detach, prog, quiet, "Image streamed.\n")
 			}
 			if detach {
 				return usageErrorf("--detach needs --server")
 			}
-			return a.stream(args[0], format, base, prog, quiet)
+			return a.stream(args[0], format, base, rate, prog, quiet)
 		},
 	}
 	addFormatFlag(cmd, &format, "image format of FILE (probed when not given)")
 	cmd.Flags().IntVar(&base, "base", 0, "index of the image that stays below the top (0: pull in the whole chain)")
+	cmd.Flags().StringVarP(&rateStr, "rate-limit", "r", "", "copy at most this many bytes per second (K, M, G suffixes; the speed of qemu's block-stream)")
 	addProgressFlag(cmd, &prog)
 	addQuietFlag(cmd, &quiet)
 	addServerFlag(cmd, &server)
@@ -53,15 +60,16 @@ prints the job's ID and returns at once ('vdisk jobs' follows it).`,
 	return cmd
 }
 
-func (a *app) stream(name, format string, base int, showProgress, quiet bool) error {
+func (a *app) stream(name, format string, base int, rate int64, showProgress, quiet bool) error {
 	if err := checkFormat(format); err != nil {
 		return err
 	}
 	prog := a.newProgress(showProgress && !quiet)
 	dropped, err := vdisk.Stream(a.ctx, name, &vdisk.StreamOptions{
 		Base:     base,
+		Rate:     rate,
 		Progress: prog.update,
-		Open:     &vdisk.OpenOptions{Format: format, AllowUnsafeBacking: true, Logger: a.log},
+		Open:     &vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log},
 	})
 	prog.finish(err == nil)
 	if err != nil {

@@ -5,9 +5,14 @@
 package all
 
 import (
+	_ "github.com/vdisk/vdisk/format/dmg"
+	_ "github.com/vdisk/vdisk/format/parallels"
+	_ "github.com/vdisk/vdisk/format/qcow"
 	_ "github.com/vdisk/vdisk/format/qcow2"
+	_ "github.com/vdisk/vdisk/format/qed"
 	_ "github.com/vdisk/vdisk/format/raw"
 	_ "github.com/vdisk/vdisk/format/vdi"
 	_ "github.com/vdisk/vdisk/format/vhd"
+	_ "github.com/vdisk/vdisk/format/vhdx"
 	_ "github.com/vdisk/vdisk/format/vmdk"
 )

@@ -154,7 +154,9 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		return nil, err
 	}
 	// Keep the file open (and locked) from creation on.
-	img, err := openFile(ctx, f, &driver.OpenParams{Storage: p.Storage, Name: p.Name, Logger: p.Logger, Options: driver.Values{}})
+	// The data file name is the caller's (create option), not an
+	// untrusted image's: it is followed as given.
+	img, err := openFile(ctx, f, &driver.OpenParams{Storage: p.Storage, Name: p.Name, Logger: p.Logger, Options: driver.Values{}, Paths: driver.PathTrusted})
 	if err != nil {
 		return nil, err
 	}

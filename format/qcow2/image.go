@@ -113,7 +113,7 @@ func openFile(ctx context.Context, f driver.File, p *driver.OpenParams) (driver.
 		log = slog.New(slog.DiscardHandler)
 	}
 	im := &image{name: p.Name, st: p.Storage, f: f, df: f, ro: p.ReadOnly, log: log}
-	if err := im.load(p.Options); err != nil {
+	if err := im.load(p); err != nil {
 		im.closeFiles()
 		return nil, err
 	}
@@ -134,7 +134,8 @@ func (im *image) closeFiles() {
 }
 
 // load reads and validates the header and the tables every access needs.
-func (im *image) load(opts driver.Values) error {
+func (im *image) load(p *driver.OpenParams) error {
+	opts := p.Options
 	fsize, err := im.f.Size()
 	if err != nil {
 		return err
@@ -214,30 +215,39 @@ func (im *image) load(opts driver.Values) error {
 		im.extData = true
 		im.rawData = h.autoclear&autoclearDataFileRaw != 0
 		name := opts.String("data_file")
-		if name == "" {
+		// A name the user gives (-o data_file=) is not the image's word:
+		// it is followed as given. The header's name goes through the
+		// path policy like every name an image records.
+		q := *p
+		if name != "" {
+			q.Paths = driver.PathTrusted
+		} else {
 			name = h.dataFile
 		}
 		if name == "" {
 			return driver.Errorf(driver.ErrInvalidOption, im.name, -1, "the image uses an external data file but does not name it; give it with -o data_file=NAME")
 		}
 		im.dfName = name
-		path := name
-		if !filepath.IsAbs(path) {
-			path = filepath.Join(filepath.Dir(im.name), path)
-		}
 		flag := driver.ReadOnly
 		if !im.ro {
 			flag = driver.ReadWrite
 		}
-		df, err := im.st.Open(path, flag)
-		if err != nil && errors.Is(err, driver.ErrNotFound) && path != name {
+		df, path, err := q.OpenReferenced("data file", name, flag)
+		if err != nil && errors.Is(err, driver.ErrNotFound) && q.Policy() == driver.PathTrusted && !filepath.IsAbs(name) {
 			// qemu resolves a relative data file name against its working
-			// directory; accept that too.
+			// directory; accept that too when the name is trusted.
 			if df2, err2 := im.st.Open(name, flag); err2 == nil {
 				df, err = df2, nil
 			}
 		}
 		if err != nil {
+			var pe *driver.PathError
+			if errors.As(err, &pe) {
+				return err
+			}
+			if path == "" {
+				path = name
+			}
 			return driver.Errorf(err, im.name, -1, "cannot open the external data file %s", path)
 		}
 		im.df = df

@@ -37,7 +37,7 @@ func TestInfoMatchesQemu(t *testing.T) {
 				c.prep(f)
 			}
 			want := qemutest.Info(t, "qcow2", f)["format-specific"].(map[string]any)["data"]
-			d, err := openRetry(f, &vdisk.OpenOptions{ReadOnly: true})
+			d, err := openRetry(f, &vdisk.OpenOptions{ReadOnly: true, Paths: driver.PathTrusted})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -165,7 +165,7 @@ func TestReadQemuImages(t *testing.T) {
 				}
 			}
 			want := rawOf(t, "qcow2", file, "-U")
-			d, err := openRetry(file, &vdisk.OpenOptions{ReadOnly: true})
+			d, err := openRetry(file, &vdisk.OpenOptions{ReadOnly: true, Paths: driver.PathTrusted})
 			if err != nil {
 				t.Fatal(err)
 			}

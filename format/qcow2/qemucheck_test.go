@@ -70,7 +70,8 @@ func TestWritesPassQemuCheck(t *testing.T) {
 					if reopens++; reopens <= 3 {
 						qemutest.Check(t, "qcow2", img)
 					}
-					return openRetry(img, nil)
+					// The data file is named absolutely: trusted.
+					return openRetry(img, &vdisk.OpenOptions{Paths: driver.PathTrusted})
 				}}
 			d = h.Run(t, d, m)
 			if err := d.Close(); err != nil {

@@ -25,9 +25,10 @@
 //
 // # Our choices
 //
-//   - Create makes version 1.1 headers of 400 bytes with the block map and
-//     the data area aligned to 1 MiB as VirtualBox does (the map then has
-//     room to grow), 1 MiB blocks by default (block_size takes any power of
+//   - Create makes version 1.1 headers of 400 bytes with the block map
+//     right after the header (at 512, as qemu puts it) and the data area
+//     aligned to 1 MiB as VirtualBox does (the map has room to grow), 1 MiB
+//     blocks by default (block_size takes any power of
 //     two from 512 bytes to 64 MiB, as VirtualBox's AllocationBlockSize;
 //     qemu reads only 1 MiB), static=on for fixed images, and a comment.
 //     Sizes are rounded up to whole sectors; odd sizes found in headers are
@@ -43,10 +44,22 @@
 //     below).
 //   - The block map stays in memory. A write into a free or zero block
 //     writes a new data block (the rest of the block zeros) and then its
-//     4-byte map entry; the header (allocated count, modification UUID) is
-//     written on Flush. Full-block writes of zeros allocate nothing. The
+//     map entry. The header's allocated count is what qemu-img check
+//     compares with the map, so every change of map entries is written
+//     with the header in one write (header, the bytes up to the map, and
+//     the map up to the last changed entry): a process killed between any
+//     two writes leaves a count that matches (mapio.go). With the map
+//     right after the header that write is small; VirtualBox's layout
+//     (map at 1 MiB) costs a 1 MiB write per allocation, and a gap over 2
+//     MiB falls back to the entry, then the header. Allocations run one
+//     at a time, so the data block indices in use stay 0..count-1, where
+//     VirtualBox and qemu allocate next. The count is the number of
+//     allocated entries (qemu's rule); a kill while a discard's holes wait
+//     for pack leaves them below the last block in use, which Check
+//     reports as leaks and the next allocations or a pack fill. The
 //     modification UUID changes on the first change of every
-//     open-for-write session.
+//     open-for-write session; it reaches the file with the next header
+//     write. Full-block writes of zeros allocate nothing.
 //   - Copy-on-write: a write (or WriteZeroes) covering only part of a free
 //     block of a differencing image writes nothing and returns a
 //     *driver.FillError for the whole partially covered free blocks at its
@@ -73,7 +86,7 @@
 //     resized (as in VirtualBox).
 //   - Check reports entries past the end of the file, indices not below
 //     the block count, cross-linked data blocks and a wrong allocated count
-//     as corruptions, unreferenced data blocks as leaks. An image opened
+//     as corruptions, unreferenced data blocks (holes included) as leaks. An image opened
 //     for writing with entries past the end or cross-links refuses writes
 //     until it is repaired.
 //   - O_DIRECT is not used: map entries and the header are updated with

@@ -14,6 +14,7 @@ import (
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/disktest"
+	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
@@ -125,8 +126,15 @@ func FuzzOpen(f *testing.F) {
 	for _, b := range tinyImages(f) {
 		f.Add(b)
 	}
+	for _, b := range qemutest.Seeds(f, "vdi",
+		qemutest.Seed{Name: "dynamic", Size: "3M", IO: []string{"write -P 0x11 4k 4k", "write -z 1M 1M"}},
+		qemutest.Seed{Name: "empty", Size: "64M"},
+		qemutest.Seed{Name: "static", Size: "256k", Opts: []string{"static=on"}, IO: []string{"write -P 0x22 0 1k"}},
+	) {
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		if len(data) > 1<<20 {
+		if len(data) > 4<<20 {
 			return
 		}
 		if os.Getenv("VDI_FUZZ_SLOW") != "" { // report inputs that take long
@@ -147,6 +155,7 @@ func FuzzOpen(f *testing.F) {
 			return
 		}
 		walk(t, img)
+		disktest.Walk(t, "vdi", img, 4<<20)
 		img.Info()
 		img.Parent()
 		if _, err := img.(driver.Checker).Check(ctx, driver.RepairNone); err != nil {

@@ -54,7 +54,7 @@ func (im *image) updateHeader(fn func(h *header) error) error {
 	}
 	im.hdr = h
 	im.hdrDirty = true
-	return im.writeHeaderLocked()
+	return im.writeHeaderLocked(false)
 }
 
 func (im *image) setUUID(s string, f func(h *header) *UUID) error {

@@ -166,10 +166,13 @@ func TestCheckRepair(t *testing.T) {
 			st.WriteFile("/c.vdi", append(data, disktest.Fill(1<<20, 0x99)...))
 		}, 0, 1, false},
 		{"hole", func(st *memfs.FS) { setMapEntry(t, st, "/c.vdi", 2, entZero) }, 1, 1, false},
+		// A hole below a data block in use with a count that matches the
+		// map (what a kill between a discard and its pack leaves): qemu-img
+		// check calls it clean; we report the hole as a leak.
 		{"reuse", func(st *memfs.FS) {
 			setMapEntry(t, st, "/c.vdi", 2, entZero)
 			setHeaderU32(t, st, "/c.vdi", allocOff, 3)
-		}, 1, 1, false},
+		}, 0, 1, false},
 		{"too-large", func(st *memfs.FS) {
 			// Move block 3's data (index 3) to index 20 past the block count.
 			data, _ := st.ReadFile("/c.vdi")
@@ -180,7 +183,7 @@ func TestCheckRepair(t *testing.T) {
 			st.WriteFile("/c.vdi", data)
 			setMapEntry(t, st, "/c.vdi", 3, 20)
 			setHeaderU32(t, st, "/c.vdi", allocOff, 4)
-		}, 2, 17, false},
+		}, 1, 17, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			st := memfs.New()

@@ -36,9 +36,15 @@ var Format = &driver.Format{
 	Open:   open,
 }
 
-// dataAlign aligns the block map and the data area of created images, as
-// VirtualBox does (1 MiB). Tests lower it to make tiny images.
+// dataAlign aligns the data area of created images, as VirtualBox does
+// (1 MiB). Tests lower it to make tiny images.
 var dataAlign int64 = 1 << 20
+
+// mapAlign aligns the block map of created images: a sector, so that the
+// map follows the header as in qemu's images and an allocation writes the
+// header's count and the map entry in one small write (see mapio.go).
+// Tests raise it to make VirtualBox's layout (the map at 1 MiB).
+var mapAlign int64 = sectorSize
 
 func probe(r io.ReaderAt, size int64) int {
 	if size < preHeaderSize {
@@ -65,15 +71,19 @@ func probe(r io.ReaderAt, size int64) int {
 // write-zeroes, compact, resize, repair), so no access ever uses a block
 // while it moves. meta guards the header, the allocation cursor and the
 // writes of block map entries. Map entries are read and written atomically:
-// allocations change entries of other blocks while reads go on.
+// allocations change entries of other blocks while reads go on. alloc
+// serializes allocations (data block, then entry), so the data block
+// indices in use stay 0..count-1 at every moment, as readers trusting the
+// header's count (VirtualBox, qemu) need; mu, then alloc, then meta.
 type image struct {
 	f    driver.File
 	name string
 	ro   bool
 	log  *slog.Logger
 
-	mu   sync.RWMutex
-	meta sync.Mutex
+	mu    sync.RWMutex
+	alloc sync.Mutex
+	meta  sync.Mutex
 
 	size atomic.Int64 // virtual size
 
@@ -91,6 +101,8 @@ type image struct {
 	count    uint32   // referenced (allocated) blocks
 	spare    []uint32 // indices reserved but never referenced, to reuse
 	broken   string   // why the image must be repaired before it is written
+	span     []byte   // the file from the pre-header's end to the map's end (mapio.go); nil: to build
+	noSpan   bool     // the gap before the map is too large to keep: two writes
 
 	modDone atomic.Bool // the modification UUID was refreshed this session
 
@@ -150,6 +162,9 @@ func load(f driver.File, name string, ro bool, log *slog.Logger) (*image, error)
 	im.hiRef = uint32(sc.maxIdx + 1)
 	im.cursor = max(im.hiRef, h.allocated)
 	if !ro {
+		// Holes left by an interrupted pack are filled first: each fill
+		// brings the indices in use closer to 0..count-1.
+		im.spare = im.holes(sc)
 		switch {
 		case len(sc.pastEOF) > 0:
 			im.broken = "its block map points past the end of the file"
@@ -220,9 +235,9 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		h.typ = typeDiff
 		h.parentUUID, h.parentModUUID = pu, pm
 	}
-	align := func(n int64) int64 { return (n + dataAlign - 1) / dataAlign * dataAlign }
-	offBlocks := align(preHeaderSize + hdrV1PlusSize)
-	offData := align(offBlocks + nb*4)
+	align := func(n, a int64) int64 { return (n + a - 1) / a * a }
+	offBlocks := align(preHeaderSize+hdrV1PlusSize, mapAlign)
+	offData := align(offBlocks+nb*4, dataAlign)
 	if offData > 0xFFFFFFFF {
 		return nil, driver.OptionErrorf("size %d is too large for VDI: the block map does not fit below 4 GiB", p.Size)
 	}
@@ -443,7 +458,7 @@ func (im *image) Flush() error {
 		return nil
 	}
 	im.meta.Lock()
-	err := im.writeHeaderLocked()
+	err := im.writeHeaderLocked(false)
 	im.meta.Unlock()
 	if err != nil {
 		return err
@@ -451,16 +466,17 @@ func (im *image) Flush() error {
 	return im.f.Sync()
 }
 
-// writeHeaderLocked writes the header if it is dirty. The allocated count
-// recorded is 1 + the highest data block index referenced, so that a
-// writer trusting it (VirtualBox allocates at that index) never cross-links
-// blocks; it equals the number of allocated blocks except while holes are
-// waiting to be packed.
-func (im *image) writeHeaderLocked() error {
-	if !im.hdrDirty {
+// writeHeaderLocked writes the header if it is dirty (or force). The
+// allocated count recorded is the number of allocated entries, which
+// qemu-img check compares with the map; allocations keep the indices in
+// use at 0..count-1, so a writer trusting it (VirtualBox and qemu allocate
+// at that index) never cross-links blocks, except while the holes a
+// discard leaves wait to be packed (pack runs at once).
+func (im *image) writeHeaderLocked(force bool) error {
+	if !im.hdrDirty && !force {
 		return nil
 	}
-	im.hdr.allocated = im.hiRef
+	im.hdr.allocated = im.count
 	if _, err := im.f.WriteAt(im.hdr.encodeBody(), preHeaderSize); err != nil {
 		return driver.WithFile(err, "write header", im.name)
 	}
@@ -474,7 +490,7 @@ func (im *image) Close() error {
 	var first error
 	if !im.ro {
 		im.meta.Lock()
-		first = im.writeHeaderLocked()
+		first = im.writeHeaderLocked(false)
 		im.meta.Unlock()
 	}
 	if err := im.f.Close(); err != nil && first == nil {

@@ -1,9 +1,6 @@
 package vdi
 
 import (
-	"encoding/binary"
-	"sync/atomic"
-
 	"github.com/vdisk/vdisk/driver"
 )
 
@@ -172,8 +169,12 @@ func (im *image) writeNew(p []byte, off int64, freeZero bool) (int64, error) {
 
 // allocRun allocates k consecutive data blocks for blocks b..b+k-1 and
 // writes data (starting at byte in of block b) into them: the data first,
-// then the map entries (one write for the k entries).
+// then the map entries with the header's count (one write, see mapio.go).
+// Allocations run one at a time (alloc), so no entry ever points past a
+// data block index not yet in use.
 func (im *image) allocRun(b, k, in int64, data []byte, freeZero bool) error {
+	im.alloc.Lock()
+	defer im.alloc.Unlock()
 	first, err := im.reserve(k)
 	if err != nil {
 		return err
@@ -282,47 +283,51 @@ func (im *image) release(first uint32, k int64) {
 	}
 }
 
-// commit points blocks b..b+k-1 at data block indices first..first+k-1.
+// commit points blocks b..b+k-1 at data block indices first..first+k-1,
+// with the header's count in the same write.
 func (im *image) commit(b int64, first uint32, k int64) error {
-	raw := make([]byte, 4*k)
-	for j := range k {
-		binary.LittleEndian.PutUint32(raw[4*j:], first+uint32(j))
+	vals := make([]uint32, k)
+	for j := range vals {
+		vals[j] = first + uint32(j)
 	}
 	im.meta.Lock()
 	defer im.meta.Unlock()
-	if _, err := im.f.WriteAt(raw, im.offBlocks+4*b); err != nil {
+	if err := im.setEntriesLocked(b, vals); err != nil {
 		for j := range uint32(k) {
 			im.spare = append(im.spare, first+j)
 		}
-		return driver.WithFile(err, "write block map", im.name)
+		return err
 	}
-	for j := range k {
-		atomic.StoreUint32(&im.bmap[b+j], first+uint32(j))
-	}
-	im.count += uint32(k)
-	im.hiRef = max(im.hiRef, first+uint32(k))
-	im.hdrDirty = true
 	return nil
 }
 
-// setEntry writes block b's map entry (4 bytes) and keeps the counts. A
-// data block index it stops referencing becomes a hole for pack to fill.
+// setEntry writes block b's map entry with the header (one write) and
+// keeps the counts. A data block index it stops referencing becomes a
+// hole for pack to fill.
 func (im *image) setEntry(b int64, v uint32) error {
-	var raw [4]byte
-	binary.LittleEndian.PutUint32(raw[:], v)
 	im.meta.Lock()
 	defer im.meta.Unlock()
-	if _, err := im.f.WriteAt(raw[:], im.offBlocks+4*b); err != nil {
-		return driver.WithFile(err, "write block map", im.name)
+	return im.setEntriesLocked(b, []uint32{v})
+}
+
+// holes lists the data block indices below the highest one in use that no
+// entry references (what an interrupted pack leaves), highest first, so
+// that allocations fill the lowest first.
+func (im *image) holes(sc mapScan) []uint32 {
+	if sc.maxIdx < 0 || int64(sc.count) > sc.maxIdx || sc.maxIdx >= int64(len(im.bmap)) {
+		return nil
 	}
-	old := atomic.SwapUint32(&im.bmap[b], v)
-	if allocated(old) {
-		im.count--
+	used := make([]uint64, sc.maxIdx/64+1)
+	for b := range im.bmap {
+		if e := im.entry(int64(b)); allocated(e) && int64(e) <= sc.maxIdx {
+			used[e/64] |= 1 << (e % 64)
+		}
 	}
-	if allocated(v) {
-		im.count++
-		im.hiRef = max(im.hiRef, v+1)
+	var hs []uint32
+	for i := sc.maxIdx - 1; i >= 0; i-- {
+		if used[i/64]&(1<<(i%64)) == 0 {
+			hs = append(hs, uint32(i))
+		}
 	}
-	im.hdrDirty = true
-	return nil
+	return hs
 }

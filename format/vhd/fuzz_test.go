@@ -10,6 +10,8 @@ import (
 
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/format/vhd"
+	"github.com/vdisk/vdisk/internal/disktest"
+	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
@@ -41,7 +43,10 @@ func fuzzSeeds(t testing.TB) map[string][]byte {
 
 func TestWriteFuzzCorpus(t *testing.T) {
 	if os.Getenv("VHD_WRITE_CORPUS") == "" {
-		t.Skip("set VHD_WRITE_CORPUS=1 to rewrite testdata/fuzz/FuzzOpen")
+		// Without the variable: the committed corpus is there and every
+		// seed in it is still a valid image.
+		disktest.CheckCorpus(t, "vpc")
+		return
 	}
 	dir := filepath.Join("testdata", "fuzz", "FuzzOpen")
 	os.MkdirAll(dir, 0o755)
@@ -57,7 +62,18 @@ func TestWriteFuzzCorpus(t *testing.T) {
 // opened image can be walked, read, checked, repaired and written without
 // a panic.
 func FuzzOpen(f *testing.F) {
+	for _, b := range qemutest.Seeds(f, "vpc",
+		qemutest.Seed{Name: "dynamic", Size: "1M", IO: []string{"write -P 0x11 4k 4k", "write -z 64k 4k"}},
+		qemutest.Seed{Name: "empty", Size: "3M"},
+		qemutest.Seed{Name: "fixed", Size: "256k", Opts: []string{"subformat=fixed"}, IO: []string{"write -P 0x22 0 1k"}},
+		qemutest.Seed{Name: "forced", Size: "1M", Opts: []string{"force_size=on"}},
+	) {
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) > 4<<20 {
+			return
+		}
 		st := memfs.New()
 		st.WriteFile("/f.vhd", data)
 		open := func() (driver.Image, error) {
@@ -72,6 +88,7 @@ func FuzzOpen(f *testing.F) {
 		}
 		_ = im.Info()
 		_ = im.Parent()
+		disktest.Walk(t, "vpc", im, 4<<20)
 		size := im.Size()
 		limit := min(size, 1<<20)
 		buf := make([]byte, 8192)

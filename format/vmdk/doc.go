@@ -56,11 +56,14 @@
 //     delta disk records its parent's CID as parentCID and the container
 //     refuses a parent whose CID differs. The first write of every open
 //     session gives the image a new CID, as VMware and qemu do.
-//   - Extent file names resolve against the descriptor's directory;
-//     absolute names and ".." are refused unless the open option
-//     allow_unsafe_extents is on or the container allows unsafe paths
-//     (OpenOptions.AllowUnsafeBacking, which the CLI sets as qemu-img
-//     follows any path). fullDevice, partitionedDevice and raw
+//   - Extent file names resolve against the descriptor's directory and
+//     are opened through driver.OpenParams.OpenReferenced: under the
+//     strict path policy (the library default) absolute names, ".." and
+//     anything that is not a regular file beneath the descriptor's
+//     directory on the real path are refused, unless the open option
+//     allow_unsafe_extents is on or the container trusts the image
+//     (OpenOptions.Paths = driver.PathTrusted, the CLI's default as
+//     qemu-img follows any path). fullDevice, partitionedDevice and raw
 //     device map descriptors are refused.
 //   - Untrusted fields are bounded before use: descriptors at 1 MiB and
 //     4096 extents, grains at 2 MiB and powers of two, grain tables at 512

@@ -3,6 +3,7 @@ package vmdk
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -96,6 +97,8 @@ type image struct {
 
 	files map[string]driver.File // by resolved name, every open file
 	main  driver.File
+	// refs opens extent files under the path policy (OpenReferenced).
+	refs driver.OpenParams
 
 	flushMu    sync.Mutex // one Flush (or metadata write-back) at a time
 	mu         sync.Mutex // guards desc, cid, the descriptor's file
@@ -120,11 +123,14 @@ type image struct {
 }
 
 func open(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
-	im := &image{st: p.Storage, name: p.Name, ro: p.ReadOnly, log: p.Logger, files: map[string]driver.File{}}
+	im := &image{st: p.Storage, name: p.Name, ro: p.ReadOnly, log: p.Logger, files: map[string]driver.File{}, refs: *p}
 	if im.log == nil {
 		im.log = slog.New(slog.DiscardHandler)
 	}
-	if err := im.load(p.Options.Bool("allow_unsafe_extents") || p.UnsafePaths); err != nil {
+	if p.Options.Bool("allow_unsafe_extents") {
+		im.refs.Paths = driver.PathTrusted
+	}
+	if err := im.load(im.refs.Policy() == driver.PathTrusted); err != nil {
 		im.closeFiles()
 		return nil, err
 	}
@@ -298,21 +304,38 @@ func (im *image) refreshParent() {
 	im.hasParent.Store(im.parentCID != 0xffffffff || hint)
 }
 
-// resolve resolves an extent file name against the descriptor's directory.
-func (im *image) resolve(name string, unsafe bool) (string, error) {
-	if path.IsAbs(name) || strings.HasPrefix(name, `\`) || (len(name) > 1 && name[1] == ':') {
-		if !unsafe {
-			return "", driver.Errorf(driver.ErrInvalidOption, im.name, -1,
-				"extent file %q is an absolute path; refusing to follow it (open option allow_unsafe_extents=on)", name)
+// openExtent opens the extent file name recorded in the descriptor, once
+// per resolved name, through the path policy (driver.OpenReferenced): the
+// only way a name read from the descriptor becomes an open file.
+func (im *image) openExtent(i int, name string, unsafe bool) (driver.File, string, error) {
+	full, err := driver.ResolveReferenced(im.name, "extent file", name, unsafe)
+	if err == nil {
+		if path.Clean(full) == path.Clean(im.name) {
+			return nil, "", driver.Corruptf(im.name, -1, "extent %d is the descriptor file itself", i)
 		}
-		return path.Clean(name), nil
+		if f, ok := im.files[full]; ok {
+			return f, full, nil
+		}
 	}
-	clean := path.Clean(name)
-	if (clean == ".." || strings.HasPrefix(clean, "../")) && !unsafe {
-		return "", driver.Errorf(driver.ErrInvalidOption, im.name, -1,
-			"extent file %q leaves the descriptor's directory; refusing to follow it (open option allow_unsafe_extents=on)", name)
+	flag := driver.ReadOnly
+	if !im.ro {
+		flag = driver.ReadWrite
 	}
-	return path.Join(path.Dir(im.name), clean), nil
+	f, full, err := im.refs.OpenReferenced("extent file", name, flag)
+	if err != nil {
+		var pe *driver.PathError
+		if errors.As(err, &pe) {
+			return nil, "", err
+		}
+		return nil, "", driver.WithFile(err, "open extent", full)
+	}
+	if old, ok := im.files[full]; ok {
+		// A refused name (InfoOnly) met again.
+		f.Close()
+		return old, full, nil
+	}
+	im.files[full] = f
+	return f, full, nil
 }
 
 // loadExtents opens the extents the descriptor lists.
@@ -344,17 +367,11 @@ func (im *image) loadExtents(unsafe bool) error {
 			if el.access == "NOACCESS" {
 				break
 			}
-			p, err := im.resolve(el.file, unsafe)
+			f, p, err := im.openExtent(i, el.file, unsafe)
 			if err != nil {
 				return err
 			}
-			if path.Clean(p) == path.Clean(im.name) {
-				return driver.Corruptf(im.name, -1, "extent %d is the descriptor file itself", i)
-			}
-			e.path = p
-			if e.f, err = im.openFile(p); err != nil {
-				return driver.WithFile(err, "open extent", p)
-			}
+			e.path, e.f = p, f
 			if el.kind == "FLAT" || el.kind == "VMFS" {
 				e.flatOff = el.offset * sectorSize
 				break
@@ -363,6 +380,14 @@ func (im *image) loadExtents(unsafe bool) error {
 				return driver.Corruptf(im.name, -1, "sparse extent file %s is listed twice", p)
 			}
 			sparseFiles[p] = true
+			if _, err := e.f.Size(); err != nil {
+				// A refused extent of an InfoOnly image: say so, not
+				// that its header cannot be read.
+				var pe *driver.PathError
+				if errors.As(err, &pe) {
+					return err
+				}
+			}
 			if e.sp, err = openSparse(e.f, p); err != nil {
 				return err
 			}

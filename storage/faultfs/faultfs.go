@@ -2,8 +2,8 @@
 //
 // An FS forwards everything to the storage it wraps, except when a rule
 // says otherwise. Rules are set with methods (FailWriteAfter, FailReadAfter,
-// ShortWrites, NoSpaceAfter, FailSync, CrashAfterWrites) and cleared with
-// Reset; all are safe to call concurrently with I/O.
+// ShortWrites, NoSpaceAfter, FailSync, CrashAfterWrites, KillAfterWrites)
+// and cleared with Reset; all are safe to call concurrently with I/O.
 //
 // # Write operations
 //
@@ -28,6 +28,13 @@
 // CrashAfterWrites simulates a power failure: once the chosen write has
 // happened, every later write operation, Sync, Remove, Rename and
 // Open with Create or Truncate fails with ErrCrashed. Reads keep working.
+//
+// KillAfterWrites simulates a process crash instead (the writer killed by
+// SIGKILL while the kernel lives on): it stops the world after the chosen
+// write the same way, but nothing is lost, since the kernel keeps every
+// write(2) that returned. The wrapped storage then holds exactly the writes
+// up to and including the chosen one; that, not Durable, is what to
+// inspect. Later operations fail with ErrKilled.
 //
 // When the wrapped storage is a *memfs.FS, the FS also tracks what would
 // survive a crash, and Durable returns it: a fresh memfs holding, for every
@@ -71,6 +78,10 @@ import (
 // crash (see CrashAfterWrites).
 var ErrCrashed = errors.New("faultfs: simulated crash: storage is gone")
 
+// ErrKilled is returned by every modifying operation after a simulated
+// process kill (see KillAfterWrites).
+var ErrKilled = errors.New("faultfs: simulated process kill: the writer is gone")
+
 // ErrInjected is wrapped by the default errors the rules inject.
 var ErrInjected = errors.New("faultfs: injected fault")
 
@@ -102,6 +113,7 @@ type FS struct {
 	syncErr     error
 	crashAt     int // sequence number of the last write before the crash; 0: none
 	crashed     bool
+	killed      bool // the crash is a process kill: completed writes stay
 
 	// Durability tracking, when inner is a *memfs.FS.
 	mem     *memfs.FS
@@ -213,6 +225,7 @@ func (fsys *FS) FailSync(err error) {
 func (fsys *FS) CrashAfterWrites(n int) {
 	fsys.mu.Lock()
 	defer fsys.mu.Unlock()
+	fsys.killed = false
 	if n <= 0 {
 		fsys.crashed = true
 		return
@@ -220,7 +233,34 @@ func (fsys *FS) CrashAfterWrites(n int) {
 	fsys.crashAt = fsys.writes + n
 }
 
-// Crashed reports whether the simulated crash has happened.
+// KillAfterWrites simulates a process kill right after the n-th write
+// operation from now (which succeeds); n <= 0 kills now. Every completed
+// write stays in the wrapped storage (the kernel's page cache keeps what a
+// killed process wrote); every later write operation, Sync, Remove, Rename
+// and Open with Create or Truncate fails with ErrKilled, so the wrapped
+// storage stays frozen as it was after write n, whatever the writer does
+// next. See the package comment.
+func (fsys *FS) KillAfterWrites(n int) {
+	fsys.mu.Lock()
+	defer fsys.mu.Unlock()
+	fsys.killed = true
+	if n <= 0 {
+		fsys.crashed = true
+		return
+	}
+	fsys.crashAt = fsys.writes + n
+}
+
+// deadErrLocked is the error of an operation after the crash or kill; the
+// caller holds mu.
+func (fsys *FS) deadErrLocked() error {
+	if fsys.killed {
+		return ErrKilled
+	}
+	return ErrCrashed
+}
+
+// Crashed reports whether the simulated crash (or kill) has happened.
 func (fsys *FS) Crashed() bool {
 	fsys.mu.Lock()
 	defer fsys.mu.Unlock()
@@ -238,7 +278,7 @@ func (fsys *FS) Reset() {
 	fsys.short = false
 	fsys.spaceLeft = -1
 	fsys.syncErr = nil
-	fsys.crashAt, fsys.crashed = 0, false
+	fsys.crashAt, fsys.crashed, fsys.killed = 0, false, false
 }
 
 // Writes returns the number of write operations attempted since New or
@@ -274,7 +314,7 @@ func (fsys *FS) beginWrite(n int64, partial, consumes, short bool) (allowed int6
 	defer fsys.mu.Unlock()
 	fsys.writes++
 	if fsys.crashed {
-		return 0, ErrCrashed
+		return 0, fsys.deadErrLocked()
 	}
 	seq := fsys.writes
 	if fsys.crashAt > 0 && seq >= fsys.crashAt {
@@ -314,15 +354,17 @@ func (fsys *FS) beginSync() error {
 	defer fsys.mu.Unlock()
 	fsys.syncs++
 	if fsys.crashed {
-		return ErrCrashed
+		return fsys.deadErrLocked()
 	}
 	return fsys.syncErr
 }
 
-// checkCrashed fails metadata changes after a crash.
+// checkCrashed fails metadata changes after a crash or kill.
 func (fsys *FS) checkCrashed(op, name string) error {
-	if fsys.Crashed() {
-		return &driver.Error{Op: op, File: name, Offset: -1, Err: ErrCrashed}
+	fsys.mu.Lock()
+	defer fsys.mu.Unlock()
+	if fsys.crashed {
+		return &driver.Error{Op: op, File: name, Offset: -1, Err: fsys.deadErrLocked()}
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -211,20 +212,30 @@ func TestOpenFlagsAndErrors(t *testing.T) {
 }
 
 // TestReadOnlyFile opens a file the process may not write. As root,
-// permission bits do not stop writes, so the file is made immutable
-// (chattr +i) instead; the sub-case is skipped if that is not possible.
+// permission bits do not stop writes: the open then runs on a thread that
+// has dropped CAP_DAC_OVERRIDE (capabilities are per thread), or, where
+// capset is denied, on a file made immutable (chattr +i). Neither being
+// possible fails the test: it must run in CI, which runs as root.
 func TestReadOnlyFile(t *testing.T) {
 	name := filepath.Join(t.TempDir(), "ro.img")
 	if err := os.WriteFile(name, []byte("data"), 0o444); err != nil {
 		t.Fatal(err)
 	}
+	open := func() error { _, err := New().Open(name, driver.ReadWrite); return err }
+	var err error
 	if os.Geteuid() == 0 {
-		if err := setImmutable(name, true); err != nil {
-			t.Skipf("running as root and cannot make the file immutable: %v", err)
+		var capErr error
+		err, capErr = withoutDACOverride(open)
+		if capErr != nil {
+			if ierr := setImmutable(name, true); ierr != nil {
+				t.Fatalf("running as root and can neither drop CAP_DAC_OVERRIDE (%v) nor make the file immutable (%v)", capErr, ierr)
+			}
+			t.Cleanup(func() { setImmutable(name, false) })
+			err = open()
 		}
-		t.Cleanup(func() { setImmutable(name, false) })
+	} else {
+		err = open()
 	}
-	_, err := New().Open(name, driver.ReadWrite)
 	if !errors.Is(err, fs.ErrPermission) {
 		t.Fatalf("ReadWrite open of a read-only file: %v, want a permission error", err)
 	}
@@ -235,6 +246,32 @@ func TestReadOnlyFile(t *testing.T) {
 	if got := readAll(t, f, 0, 4); string(got) != "data" {
 		t.Fatalf("content %q", got)
 	}
+}
+
+// withoutDACOverride runs fn on a thread of its own whose effective
+// capabilities lack CAP_DAC_OVERRIDE and CAP_FOWNER, so permission bits
+// bind root there. The thread is never unlocked, so it exits with the
+// goroutine and no other goroutine runs on it. capErr reports that the
+// capabilities could not be dropped (fn did not run).
+func withoutDACOverride(fn func() error) (err, capErr error) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		var data [2]unix.CapUserData
+		if capErr = unix.Capget(&hdr, &data[0]); capErr != nil {
+			return
+		}
+		drop := uint32(1<<unix.CAP_DAC_OVERRIDE | 1<<unix.CAP_DAC_READ_SEARCH | 1<<unix.CAP_FOWNER)
+		data[0].Effective &^= drop
+		if capErr = unix.Capset(&hdr, &data[0]); capErr != nil {
+			return
+		}
+		err = fn()
+	}()
+	<-done
+	return err, capErr
 }
 
 func setImmutable(name string, on bool) error {

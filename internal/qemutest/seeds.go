@@ -1,0 +1,77 @@
+package qemutest
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// Seed describes one small image for a fuzz corpus, made by qemu-img:
+// `qemu-img create -f FORMAT [-o Opts] file Size` (with a backing file of the
+// same format first when Backing is set) and then the qemu-io commands IO
+// on it.
+type Seed struct {
+	Name    string
+	Size    string
+	Opts    []string
+	IO      []string
+	Backing bool // create a base image first and make this one its overlay
+	// Convert makes the seed with `qemu-img convert -O FORMAT -o Opts` from
+	// a raw image written by IO instead (formats qemu creates only by
+	// conversion, or compressed images with Opts "-c").
+	Convert bool
+	Flags   []string // extra qemu-img convert flags (e.g. "-c")
+}
+
+// Seeds makes every seed with the real qemu tools and returns their bytes
+// by name, so that fuzz targets start from images an independent
+// implementation wrote. The tools must be installed (./test.sh does it).
+func Seeds(t testing.TB, format string, seeds ...Seed) map[string][]byte {
+	t.Helper()
+	Require(t)
+	dir, err := os.MkdirTemp("", "vdisk-seeds-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	out := map[string][]byte{}
+	for _, s := range seeds {
+		file := filepath.Join(dir, s.Name+"."+format)
+		switch {
+		case s.Convert:
+			raw := filepath.Join(dir, s.Name+".raw")
+			Create(t, "raw", raw, s.Size)
+			if len(s.IO) > 0 {
+				IO(t, "raw", raw, s.IO...)
+			}
+			args := append([]string{"convert", "-q", "-f", "raw", "-O", format}, s.Flags...)
+			for _, o := range s.Opts {
+				args = append(args, "-o", o)
+			}
+			Img(t, append(args, raw, file)...)
+		case s.Backing:
+			base := filepath.Join(dir, s.Name+"-base."+format)
+			Create(t, format, base, s.Size)
+			IO(t, format, base, "write -P 0x5b 0 4k")
+			args := []string{"create", "-q", "-f", format, "-b", filepath.Base(base), "-F", format}
+			for _, o := range s.Opts {
+				args = append(args, "-o", o)
+			}
+			Img(t, append(args, file)...)
+			if len(s.IO) > 0 {
+				IO(t, format, file, s.IO...)
+			}
+		default:
+			Create(t, format, file, s.Size, s.Opts...)
+			if len(s.IO) > 0 {
+				IO(t, format, file, s.IO...)
+			}
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[s.Name] = b
+	}
+	return out
+}

@@ -221,8 +221,8 @@ func (c *checker) overlaps(file string, used, meta []fileSpan) {
 
 func readGT(sp *sparse, off int64) ([]uint32, error) {
 	raw := make([]byte, sp.gtBytes())
-	if err := driver.ReadFullAt(sp.f, raw, off); err != nil {
-		return nil, driver.WithFile(err, "read grain table", sp.name)
+	if err := readMeta(sp.f, raw, off, "grain table", sp.name); err != nil {
+		return nil, err
 	}
 	t := make([]uint32, sp.gtes)
 	for j := range t {

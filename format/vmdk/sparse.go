@@ -273,8 +273,8 @@ func (s *sparse) loadGD(fsz int64) error {
 	}
 	read := func(off int64) ([]uint32, error) {
 		raw := make([]byte, n*4)
-		if err := driver.ReadFullAt(s.f, raw, off); err != nil {
-			return nil, driver.WithFile(err, "read grain directory", s.name)
+		if err := readMeta(s.f, raw, off, "grain directory", s.name); err != nil {
+			return nil, err
 		}
 		d := make([]uint32, n)
 		for i := range d {
@@ -313,8 +313,8 @@ func (s *sparse) gt(i int64) ([]uint32, error) {
 		return nil, driver.Corruptf(s.name, s.gdOff+i*4, "grain table %d at offset %d runs past the end of the file", i, off)
 	}
 	raw := make([]byte, s.gtBytes())
-	if err := driver.ReadFullAt(s.f, raw, off); err != nil {
-		return nil, driver.WithFile(err, "read grain table", s.name)
+	if err := readMeta(s.f, raw, off, "grain table", s.name); err != nil {
+		return nil, err
 	}
 	t := make([]uint32, s.gtes)
 	for j := range t {
@@ -456,8 +456,8 @@ func (s *sparse) inflate(e uint32, out []byte) error {
 		return driver.Corruptf(s.name, off, "compressed grain of %d bytes is invalid or runs past the end of the file", size)
 	}
 	buf := make([]byte, size)
-	if err := driver.ReadFullAt(s.f, buf, off+hdr); err != nil {
-		return driver.WithFile(err, "read grain", s.name)
+	if err := readMeta(s.f, buf, off+hdr, "compressed grain", s.name); err != nil {
+		return err
 	}
 	var zr io.ReadCloser
 	var err error
@@ -669,4 +669,15 @@ func (s *sparse) reserve() (int64, error) {
 	}
 	s.end += s.grain
 	return off, nil
+}
+
+// readMeta reads len(p) bytes of what at off; a read that the end of the
+// file cuts short (the file is smaller than the metadata said) is a
+// corrupt image, not an I/O error.
+func readMeta(f driver.File, p []byte, off int64, what, name string) error {
+	err := driver.ReadFullAt(f, p, off)
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+		return driver.Corruptf(name, off, "%s of %d bytes is cut short by the end of the file", what, len(p))
+	}
+	return driver.WithFile(err, "read "+what, name)
 }

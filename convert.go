@@ -3,6 +3,7 @@ package vdisk
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vdisk/vdisk/driver"
 )
@@ -38,6 +39,13 @@ type ConvertOptions struct {
 	// content of the source's layers from Above down (an incremental copy,
 	// VDCopyEx onto an existing chain). Runs held lower are skipped.
 	Above int
+	// NoOffload turns copy offload off: every byte is read and written by
+	// vdisk, as with qemu-img convert without -C. Offload (see
+	// FileExtenter) is otherwise used wherever it applies.
+	NoOffload bool
+	// Stats, when not nil, receives what the convert did (also when it
+	// fails: the counts up to the failure).
+	Stats *ConvertStats
 }
 
 type convJob struct {
@@ -56,6 +64,9 @@ func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 	c, err := newConverter(dst, src, o)
 	if err != nil {
 		return err
+	}
+	if o != nil && o.Stats != nil {
+		defer func() { *o.Stats = c.stats.result() }()
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -95,6 +106,11 @@ type converter struct {
 	progMu sync.Mutex
 	done   int64
 	seq    turns
+
+	offload   bool        // data jobs try copy offload
+	pieces    bool        // data jobs go through offloadJob
+	noOffload atomic.Bool // offload was refused: read and write from now on
+	stats     convStats
 }
 
 // newConverter settles the options (defaults, the compressed path for
@@ -143,6 +159,7 @@ func newConverter(dst, src *Disk, o *ConvertOptions) (*converter, error) {
 	if err := dst.writable(); err != nil {
 		return nil, err
 	}
+	c.setupPieces()
 	return c, nil
 }
 
@@ -165,10 +182,13 @@ func (c *converter) work(ctx context.Context, cancel context.CancelCauseFunc, jo
 			continue
 		}
 		var err error
-		if c.cw != nil {
-			err = compressJob(ctx, c.src, c.cw, c.unit, j, buf[:j.n], c.seq.wait)
-		} else {
-			err = convertJob(ctx, c.dst, c.src, j, buf[:j.n], c.zd, c.o, c.seq.wait)
+		switch {
+		case c.cw != nil:
+			err = compressJob(ctx, c.src, c.cw, c.unit, j, buf[:j.n], c.seq.wait, &c.stats)
+		case c.pieces && j.data:
+			err = c.offloadJob(ctx, j, buf[:j.n])
+		default:
+			err = convertJob(ctx, c.dst, c.src, j, buf[:j.n], c.zd, c.o, c.seq.wait, &c.stats)
 		}
 		if err != nil {
 			cancel(err)
@@ -208,7 +228,11 @@ func (c *converter) produce(ctx context.Context, jobs chan<- convJob) error {
 		}
 		end := off + e.Length
 		switch {
-		case c.o.Above > 0 && e.Depth >= c.o.Above, !e.IsData() && !c.o.TargetNotZero:
+		case c.o.Above > 0 && e.Depth >= c.o.Above:
+			c.stats.skipped.Add(e.Length)
+			c.report(e.Length)
+		case !e.IsData() && !c.o.TargetNotZero:
+			c.stats.zero.Add(e.Length)
 			c.report(e.Length)
 		case c.cw != nil:
 			// Whole clusters: round the data run out to the unit, never
@@ -278,7 +302,7 @@ func (t *turns) finish() {
 
 // compressJob reads whole clusters and hands the non-zero ones to the
 // target's compressed writer, in offset order.
-func compressJob(ctx context.Context, src *Disk, cw driver.CompressedWriter, unit int64, j convJob, buf []byte, waitTurn func(int64) bool) error {
+func compressJob(ctx context.Context, src *Disk, cw driver.CompressedWriter, unit int64, j convJob, buf []byte, waitTurn func(int64) bool, st *convStats) error {
 	if _, err := src.ReadAt(buf, j.off); err != nil {
 		return err
 	}
@@ -288,20 +312,23 @@ func compressJob(ctx context.Context, src *Disk, cw driver.CompressedWriter, uni
 	for p := int64(0); p < j.n; p += unit {
 		q := min(j.n, p+unit)
 		if driver.IsZero(buf[p:q]) {
+			st.zero.Add(q - p)
 			continue
 		}
 		if err := cw.WriteCompressed(buf[p:q], j.off+p); err != nil {
 			return err
 		}
+		st.written.Add(q - p)
 	}
 	return nil
 }
 
-func convertJob(ctx context.Context, dst, src *Disk, j convJob, buf []byte, zd int64, o *ConvertOptions, waitTurn func(int64) bool) error {
+func convertJob(ctx context.Context, dst, src *Disk, j convJob, buf []byte, zd int64, o *ConvertOptions, waitTurn func(int64) bool, st *convStats) error {
 	if !j.data {
 		if o.Sequential && !waitTurn(j.seq) {
 			return ctx.Err()
 		}
+		st.zero.Add(j.n)
 		return dst.WriteZeroes(j.off, j.n, true)
 	}
 	if _, err := src.ReadAt(buf, j.off); err != nil {
@@ -311,7 +338,8 @@ func convertJob(ctx context.Context, dst, src *Disk, j convJob, buf []byte, zd i
 		return ctx.Err()
 	}
 	if zd < 0 {
-		_, err := dst.WriteAt(buf, j.off)
+		n, err := dst.WriteAt(buf, j.off)
+		st.written.Add(int64(n))
 		return err
 	}
 	// Write the non-zero pieces; zero pieces (aligned runs of zd bytes) are
@@ -322,7 +350,8 @@ func convertJob(ctx context.Context, dst, src *Disk, j convJob, buf []byte, zd i
 		if runStart < 0 {
 			return nil
 		}
-		_, err := dst.WriteAt(buf[runStart:end], j.off+runStart)
+		n, err := dst.WriteAt(buf[runStart:end], j.off+runStart)
+		st.written.Add(int64(n))
 		runStart = -1
 		return err
 	}
@@ -334,6 +363,7 @@ func convertJob(ctx context.Context, dst, src *Disk, j convJob, buf []byte, zd i
 		if o.TargetNotZero {
 			err = dst.WriteZeroes(j.off+zeroStart, end-zeroStart, true)
 		}
+		st.zero.Add(end - zeroStart)
 		zeroStart = -1
 		return err
 	}

@@ -39,7 +39,13 @@ type CreateOptions struct {
 	// are recorded.
 	NoBackingOpen bool
 	Storage       driver.Storage
-	Logger        *slog.Logger
+	// Dialer, Secrets and StorageOptions are as in OpenOptions: for a new
+	// image or a backing image on a network storage (a registered scheme),
+	// and for the keys of an encrypted image.
+	Dialer         driver.Dialer
+	Secrets        driver.Secrets
+	StorageOptions map[string]string
+	Logger         *slog.Logger
 }
 
 // Create makes a new image and returns it open read-write (with its backing
@@ -49,8 +55,12 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 	if o == nil || o.Format == "" {
 		return nil, driver.OptionErrorf("create %s: no format given", name)
 	}
-	oo := &OpenOptions{Storage: o.Storage, Logger: o.Logger}
-	st, log := oo.storage(), oo.logger()
+	oo := &OpenOptions{Storage: o.Storage, Logger: o.Logger, Dialer: o.Dialer, Secrets: o.Secrets, StorageOptions: o.StorageOptions}
+	log := oo.logger()
+	st, inner, err := oo.resolve(ctx, name)
+	if err != nil {
+		return nil, driver.WithFile(err, "create", name)
+	}
 	if o.Size < 0 {
 		return nil, driver.Errorf(ErrInvalidOption, name, -1, "negative size %d", o.Size)
 	}
@@ -77,11 +87,13 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 			return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s does not support backing files", f.Name)
 		}
 		trusted := o.AllowUnsafeBacking || o.Paths == driver.PathTrusted
-		bpath, err := resolveParent(name, o.Backing, trusted || filepath.IsAbs(o.Backing))
+		bpath, err := resolveParentWith(name, o.Backing, trusted || filepath.IsAbs(o.Backing), knownScheme(o.Backing))
 		if err != nil {
 			return nil, err
 		}
-		parent, err = openParentDisk(ctx, bpath, o.BackingFormat, st, log, trusted)
+		po := *oo
+		po.Format, po.ReadOnly, po.AllowUnsafeBacking, po.NoRawGuess = o.BackingFormat, true, trusted, true
+		parent, err = Open(ctx, bpath, &po)
 		if err != nil {
 			return nil, err
 		}
@@ -96,13 +108,14 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 			size = parent.Size()
 		}
 	}
-	top, err := createLayer(ctx, st, log, name, o.Format, o.Options, size, o.Overwrite, ref, pinfo)
+	top, err := createLayer(ctx, st, log, inner, o.Format, o.Options, size, o.Overwrite, ref, pinfo, o.Secrets)
 	if err != nil {
 		if parent != nil {
 			parent.Close()
 		}
 		return nil, err
 	}
+	top.Name = name
 	layers := []*Layer{top}
 	if parent != nil {
 		layers = append(layers, parent.layers...)
@@ -110,22 +123,9 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 	return newDisk(layers, false, st, log), nil
 }
 
-// openParentDisk opens a backing chain read-only for a new diff image.
-func openParentDisk(ctx context.Context, name, format string, st driver.Storage, log *slog.Logger, allowUnsafe bool) (*Disk, error) {
-	if format == "" {
-		// Probe, but never guess raw for a backing file.
-		f, err := probe(st, log, name, false, false)
-		if err != nil {
-			return nil, err
-		}
-		format = f.Name
-	}
-	return Open(ctx, name, &OpenOptions{Format: format, ReadOnly: true, Storage: st, Logger: log, AllowUnsafeBacking: allowUnsafe})
-}
-
 // createLayer creates image name and returns it as a writable layer. On
 // failure no new file is left behind.
-func createLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, format string, kvs []driver.KV, size int64, overwrite bool, ref *driver.ParentRef, pinfo *driver.ParentInfo) (*Layer, error) {
+func createLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, format string, kvs []driver.KV, size int64, overwrite bool, ref *driver.ParentRef, pinfo *driver.ParentInfo, secrets driver.Secrets) (*Layer, error) {
 	f, err := driver.Lookup(format)
 	if err != nil {
 		return nil, driver.WithFile(err, "create", name)
@@ -160,6 +160,7 @@ func createLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name,
 		Overwrite:  overwrite,
 		ParentRef:  ref,
 		ParentInfo: pinfo,
+		Secrets:    secrets,
 	})
 	if err != nil {
 		if !existed {
@@ -171,5 +172,11 @@ func createLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name,
 	}
 	// Every name the new image records is the caller's (a data file, a
 	// backing file), so reopening it (live jobs) follows them as given.
-	return &Layer{Name: name, Format: f, img: img, Storage: st, path: name, kvs: kvs, fl: layerFlags{writable: true, topLevel: true, paths: driver.PathTrusted}}, nil
+	return &Layer{Name: name, Format: f, img: img, Storage: st, path: name, kvs: kvs, fl: layerFlags{writable: true, topLevel: true, paths: driver.PathTrusted, secrets: secrets}}, nil
+}
+
+// openParentDisk opens a backing chain read-only for a rebase, never
+// guessing raw for a backing file whose format is not given.
+func openParentDisk(ctx context.Context, name, format string, st driver.Storage, log *slog.Logger, allowUnsafe bool) (*Disk, error) {
+	return Open(ctx, name, &OpenOptions{Format: format, ReadOnly: true, NoRawGuess: true, Storage: st, Logger: log, AllowUnsafeBacking: allowUnsafe})
 }

@@ -67,6 +67,8 @@ type Disk struct {
 	log      *slog.Logger
 	storage  driver.Storage
 	closed   bool
+	// caches is the block cache of the open (OpenOptions.Cache), if any.
+	caches *cacheState
 
 	// job is the name of the live job running on the disk ("" for none);
 	// guarded by jobMu. trackers are the dirty maps of running jobs,

@@ -739,7 +739,7 @@ func (d *Disk) Snapshot(ctx context.Context, name string, o *SnapshotOptions) er
 		}
 		// The old top's UUIDs as the new image records them: written by
 		// the flush above.
-		l, err := createLayer(ctx, old.Storage, d.log, name, format, o.Options, d.size, o.Overwrite, parentRefFor(&Layer{Name: name}, old), parentInfo(old))
+		l, err := createLayer(ctx, old.Storage, d.log, name, format, o.Options, d.size, o.Overwrite, parentRefFor(&Layer{Name: name}, old), parentInfo(old), old.fl.secrets)
 		if err != nil {
 			return err
 		}

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/storage/cache"
 	"github.com/vdisk/vdisk/storage/osfs"
 )
 
@@ -65,9 +66,31 @@ type OpenOptions struct {
 	// holding it and the name inside that storage, so each layer may live
 	// on its own storage (a base on object storage, a diff on local disk),
 	// chosen by the name's scheme. Names with a scheme ("s3://...") are
-	// followed as parent references only under driver.PathTrusted. Nil puts
-	// every name in Storage.
+	// followed as parent references only under driver.PathTrusted. Nil
+	// puts names with a registered scheme (driver.RegisterScheme: nbd://,
+	// iscsi://, s3://, ...) in that scheme's storage and every other name
+	// in Storage.
 	Resolver func(name string) (driver.Storage, string, error)
+	// Dialer opens the connections of network storages; nil dials
+	// directly.
+	Dialer driver.Dialer
+	// Secrets unlocks encrypted images and network storages (CHAP, TLS).
+	Secrets driver.Secrets
+	// StorageOptions are extra settings for network storages (see
+	// driver.SchemeEnv.Options).
+	StorageOptions map[string]string
+	// Cache, when set, is a local VCI cache file put in front of the
+	// chain's network layer (the first layer whose name has a registered
+	// scheme): blocks read from it are kept there and served from there
+	// by later opens while the source is unchanged (storage/cache).
+	// CacheInMemory keeps the cache in memory instead. CacheOptions
+	// bound it.
+	Cache         string
+	CacheInMemory bool
+	CacheOptions  cache.Options
+
+	// cache is this open's block cache state (set by Open).
+	cache *cacheState
 	// Logger receives notices and warnings; nil discards them.
 	Logger *slog.Logger
 }
@@ -80,9 +103,13 @@ func (o *OpenOptions) storage() driver.Storage {
 }
 
 // resolve finds the storage of name and the name inside it.
-func (o *OpenOptions) resolve(name string) (driver.Storage, string, error) {
+func (o *OpenOptions) resolve(ctx context.Context, name string) (driver.Storage, string, error) {
 	if o.Resolver == nil {
-		return o.storage(), name, nil
+		st, inner, err := resolveScheme(ctx, name, o.storage(), &driver.SchemeEnv{Dialer: o.Dialer, Secrets: o.Secrets, Options: o.StorageOptions, Logger: o.Logger})
+		if err != nil {
+			return nil, "", err
+		}
+		return o.cached(name, st), inner, nil
 	}
 	st, inner, err := o.Resolver(name)
 	if err != nil {
@@ -96,7 +123,7 @@ func (o *OpenOptions) resolve(name string) (driver.Storage, string, error) {
 
 // openNamed opens image name where o's resolver puts it.
 func (o *OpenOptions) openNamed(ctx context.Context, log *slog.Logger, name, format string, kvs []driver.KV, fl layerFlags) (*Layer, error) {
-	st, inner, err := o.resolve(name)
+	st, inner, err := o.resolve(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -128,9 +155,12 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 	if o == nil {
 		o = &OpenOptions{}
 	}
+	oc := *o
+	oc.cache = &cacheState{}
+	o = &oc
 	st, log := o.storage(), o.logger()
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
-	top, err := o.openNamed(ctx, log, name, o.Format, o.Options, layerFlags{writable: !ro, infoOnly: o.InfoOnly, direct: o.Direct, topLevel: true, noRawGuess: o.NoRawGuess, paths: o.policy()})
+	top, err := o.openNamed(ctx, log, name, o.Format, o.Options, layerFlags{writable: !ro, infoOnly: o.InfoOnly, direct: o.Direct, topLevel: true, noRawGuess: o.NoRawGuess, paths: o.policy(), secrets: o.Secrets})
 	if err != nil {
 		return nil, err
 	}
@@ -173,7 +203,7 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 			// opened beneath the child's directory under the strict
 			// policy.
 			confined := explicit == "" && o.policy() == driver.PathStrict
-			p, err := openParent(ctx, o, log, child, ref, pname, pformat, confined, layerFlags{infoOnly: o.InfoOnly, paths: o.policy()})
+			p, err := openParent(ctx, o, log, child, ref, pname, pformat, confined, layerFlags{infoOnly: o.InfoOnly, paths: o.policy(), secrets: o.Secrets})
 			if err != nil {
 				cleanup()
 				return nil, err
@@ -185,7 +215,9 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 		cleanup()
 		return nil, err
 	}
-	return newDisk(layers, ro, st, log), nil
+	d := newDisk(layers, ro, st, log)
+	d.caches = o.cache
+	return d, nil
 }
 
 // showSnapshot replaces the top layer's image by a read-only view of its
@@ -252,7 +284,7 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""
 	var layers []*Layer
 	for i, s := range specs {
-		l, err := o.openNamed(ctx, log, s.Name, s.Format, nil, layerFlags{writable: i == 0 && !ro, infoOnly: o.InfoOnly, direct: o.Direct && i == 0, topLevel: i == 0, noRawGuess: o.NoRawGuess, paths: o.policy()})
+		l, err := o.openNamed(ctx, log, s.Name, s.Format, nil, layerFlags{writable: i == 0 && !ro, infoOnly: o.InfoOnly, direct: o.Direct && i == 0, topLevel: i == 0, noRawGuess: o.NoRawGuess, paths: o.policy(), secrets: o.Secrets})
 		if err != nil {
 			for _, l := range layers {
 				l.img.Close()
@@ -277,6 +309,8 @@ type layerFlags struct {
 	topLevel, noRawGuess bool
 	// paths is the policy for the file names the image records.
 	paths driver.PathPolicy
+	// secrets unlock encrypted images.
+	secrets driver.Secrets
 }
 
 // openLayer opens one image.
@@ -316,6 +350,7 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 		Options:    vals,
 		Paths:      fl.paths,
 		References: refs,
+		Secrets:    fl.secrets,
 		Logger:     log.With("image", name),
 	})
 	if err != nil {
@@ -402,7 +437,10 @@ func resolveParentWith(childName, ref string, allowUnsafe, schemes bool) (string
 	}
 	if filepath.IsAbs(ref) {
 		if !allowUnsafe {
-			return "", refuseParent(childName, ref, "is an absolute path")
+			if rel, ok := driver.AbsWithin(childName, ref); ok && !driver.IsURL(childName) {
+				return joinDir(childName, rel), nil
+			}
+			return "", refuseParent(childName, ref, "is an absolute path outside the image's directory")
 		}
 		return ref, nil
 	}
@@ -411,6 +449,34 @@ func resolveParentWith(childName, ref string, allowUnsafe, schemes bool) (string
 		return "", refuseParent(childName, ref, "leaves the image's directory")
 	}
 	return joinDir(childName, clean), nil
+}
+
+// knownScheme reports whether name is a URL of a registered scheme.
+func knownScheme(name string) bool {
+	s := driver.SchemeOf(name)
+	if s == "" {
+		return false
+	}
+	_, ok := driver.LookupScheme(s)
+	return ok
+}
+
+// resolveScheme puts a URL name of a registered scheme in its storage and
+// any other name in def.
+func resolveScheme(ctx context.Context, name string, def driver.Storage, env *driver.SchemeEnv) (driver.Storage, string, error) {
+	scheme := driver.SchemeOf(name)
+	if scheme == "" {
+		return def, name, nil
+	}
+	open, ok := driver.LookupScheme(scheme)
+	if !ok {
+		return nil, "", driver.Errorf(ErrUnsupported, name, -1, "no storage handles %s:// names (known: %s)", scheme, strings.Join(driver.Schemes(), ", "))
+	}
+	st, inner, err := open(ctx, name, env)
+	if err != nil {
+		return nil, "", driver.WithFile(err, "open", name)
+	}
+	return st, inner, nil
 }
 
 func refuseParent(child, ref, reason string) error {
@@ -443,7 +509,7 @@ func parentName(ctx context.Context, o *OpenOptions, log *slog.Logger, child *La
 		}
 	case ref.Name != "":
 		var err error
-		name, err = resolveParentWith(child.Name, ref.Name, o.policy() == driver.PathTrusted, o.Resolver != nil)
+		name, err = resolveParentWith(child.Name, ref.Name, o.policy() == driver.PathTrusted, o.Resolver != nil || knownScheme(ref.Name))
 		if err != nil {
 			return "", "", err
 		}
@@ -460,7 +526,7 @@ func parentName(ctx context.Context, o *OpenOptions, log *slog.Logger, child *La
 }
 
 func openParent(ctx context.Context, o *OpenOptions, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, confined bool, fl layerFlags) (*Layer, error) {
-	st, inner, err := o.resolve(name)
+	st, inner, err := o.resolve(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -559,4 +625,19 @@ func hasExt(name string, exts []string) bool {
 		}
 	}
 	return false
+}
+
+// Remove deletes the image file name from the storage that holds it (the
+// scheme's storage for a URL name, as Open resolves it), so a failed create
+// or convert leaves nothing behind on network storages too. It removes
+// that one file, not the files an image names.
+func Remove(ctx context.Context, name string, o *OpenOptions) error {
+	if o == nil {
+		o = &OpenOptions{}
+	}
+	st, inner, err := o.resolve(ctx, name)
+	if err != nil {
+		return err
+	}
+	return st.Remove(inner)
 }

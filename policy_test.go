@@ -287,15 +287,23 @@ func TestStrictBacking(t *testing.T) {
 	qemutest.IO(t, "qcow2", inner, "write -P 0x21 0 64k")
 	h.symlink("inner.qcow2", "inner-link.qcow2")
 	h.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "inner-link.qcow2", "-F", "qcow2", "ok.qcow2")
-	d, err := vdisk.Open(context.Background(), filepath.Join(h.img, "ok.qcow2"), &vdisk.OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatalf("strict open with a backing file inside: %v", err)
+	// qemu-img create -b with an absolute name records it as given; one
+	// that leads into the image's own directory opens strictly, and an
+	// absolute name through a link inside that leads out is still refused.
+	h.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", inner, "-F", "qcow2", "absin.qcow2")
+	h.run("qemu-img", "create", "-q", "-f", "qcow2", "-b", filepath.Join(h.img, "base-link.qcow2"), "-F", "qcow2", "absinlink.qcow2")
+	h.refused(filepath.Join(h.img, "absinlink.qcow2"), "backing file", filepath.Join(h.img, "base-link.qcow2"), vdisk.OpenOptions{Format: "qcow2"})
+	for _, top := range []string{"ok.qcow2", "absin.qcow2"} {
+		d, err := vdisk.Open(context.Background(), filepath.Join(h.img, top), &vdisk.OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatalf("strict open of %s with a backing file inside: %v", top, err)
+		}
+		got := make([]byte, 64<<10)
+		if _, err := d.ReadAt(got, 0); err != nil || !bytes.Equal(got, pattern(0x21, 64<<10)) {
+			t.Errorf("%s: read through an inside backing file: %v", top, err)
+		}
+		d.Close()
 	}
-	got := make([]byte, 64<<10)
-	if _, err := d.ReadAt(got, 0); err != nil || !bytes.Equal(got, pattern(0x21, 64<<10)) {
-		t.Errorf("read through an inside backing file: %v", err)
-	}
-	d.Close()
 	h.untouched()
 }
 

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
-for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio bzip2:bzip2; do
+for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio bzip2:bzip2 tgtd:tgt tgtadm:tgt iscsi-ls:libiscsi-bin cryptsetup:cryptsetup-bin; do
 	cmd=${pair%%:*} pkg=${pair#*:}
 	command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -21,6 +21,15 @@ if ((${#need[@]})); then
 	[ "$(id -u)" = 0 ] || SUDO=sudo
 	$SUDO apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+fi
+
+# The S3 tests run against a real S3 server on loopback: versitygw with its
+# POSIX backend (Apache-2.0), built from the Go module proxy.
+gobin=$(go env GOPATH)/bin
+export PATH="$PATH:$gobin"
+if ! command -v versitygw >/dev/null 2>&1; then
+	echo "test.sh: installing versitygw" >&2
+	GOFLAGS= go install github.com/versity/versitygw/cmd/versitygw@v1.8.0
 fi
 
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))

@@ -14,6 +14,9 @@ const (
 	JobCommit   = "commit"
 	JobStream   = "stream"
 	JobSnapshot = "snapshot"
+	// JobPrefetch is serve --prefetch pulling a network base into its
+	// block cache; it only reads, so other jobs may run beside it.
+	JobPrefetch = "prefetch"
 )
 
 // Job statuses.

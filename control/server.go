@@ -664,12 +664,37 @@ func (s *Server) reserve(e *Export, typ string) (*job, context.Context, error) {
 	return j, ctx, nil
 }
 
+// StartBackground runs fn as a job of type typ on export: query-jobs
+// shows its progress and cancel stops it, but it does not keep other jobs
+// off the disk (serve --prefetch only reads). It returns the job's ID.
+func (s *Server) StartBackground(export, typ string, fn func(ctx context.Context, progress func(done, total int64)) error) (string, error) {
+	e, err := s.lookup(export)
+	if err != nil {
+		return "", err
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return "", genericf("the server is shutting down")
+	}
+	s.nextID++
+	ctx, cancel := context.WithCancel(s.ctx)
+	j := &job{id: fmt.Sprintf("job-%d", s.nextID), typ: typ, export: e.Name, disk: e.Disk, cancel: cancel, status: StatusRunning}
+	s.jobs = append(s.jobs, j)
+	s.jobWG.Add(1)
+	s.mu.Unlock()
+	go s.run(j, ctx, func(ctx context.Context) error { return fn(ctx, s.progress(ctx, j)) })
+	return j.id, nil
+}
+
 // run runs a reserved job and records how it ended.
 func (s *Server) run(j *job, ctx context.Context, fn func(context.Context) error) error {
 	defer s.jobWG.Done()
 	err := fn(ctx)
 	s.mu.Lock()
-	delete(s.running, j.disk)
+	if s.running[j.disk] == j {
+		delete(s.running, j.disk)
+	}
 	switch {
 	case err == nil:
 		j.status = StatusConcluded

@@ -803,3 +803,42 @@ func TestControlClientContext(t *testing.T) {
 		t.Error("a client broken by an interrupted call still works")
 	}
 }
+
+// TestControlBackgroundJob: a background job (serve --prefetch) is listed
+// by query-jobs with its progress, can be cancelled, and does not keep a
+// commit or stream off the disk; its end does not forget the job running
+// beside it.
+func TestControlBackgroundJob(t *testing.T) {
+	d, want, _ := chain(t)
+	b := newBlocker()
+	s, sock := server(t, []Export{{Name: "vm", Disk: d}}, nil, b.hook)
+	c := dial(t, sock)
+	id, err := s.StartBackground("vm", JobPrefetch, func(ctx context.Context, progress func(done, total int64)) error {
+		progress(1, 4)
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.waitStarted(t)
+	var jobs []JobInfo
+	call(t, c, "query-jobs", nil, &jobs)
+	if len(jobs) != 1 || jobs[0].ID != id || jobs[0].Type != JobPrefetch || jobs[0].Status != StatusRunning || jobs[0].Done != 1 || jobs[0].Total != 4 {
+		t.Fatalf("query-jobs: %+v", jobs)
+	}
+	b.free()
+	var st JobStarted
+	call(t, c, "stream", StreamArgs{Export: "vm"}, &st)
+	call(t, c, "cancel", CancelArgs{JobID: id}, nil)
+	if j := waitJob(t, c, id); j.Status != StatusCancelled {
+		t.Errorf("background job after cancel: %+v", j)
+	}
+	if j := waitJob(t, c, st.JobID); j.Status != StatusConcluded {
+		t.Errorf("stream beside the background job: %+v", j)
+	}
+	checkContent(t, d, want)
+	if _, err := s.StartBackground("nope", JobPrefetch, nil); err == nil {
+		t.Error("a background job on an unknown export started")
+	}
+}

@@ -338,6 +338,9 @@ type OpenParams struct {
 	// References, when not nil, collects the names OpenReferenced met
 	// (followed or refused).
 	References *ReferenceLog
+	// Secrets unlocks encrypted images (the key-secret option names the
+	// id); nil when the caller gave none.
+	Secrets Secrets
 }
 
 // CreateParams is what a driver's Create receives. The driver creates the
@@ -354,6 +357,8 @@ type CreateParams struct {
 	// for a base image); ParentInfo describes the opened parent.
 	ParentRef  *ParentRef
 	ParentInfo *ParentInfo
+	// Secrets provides the keys an encrypted image is created with.
+	Secrets Secrets
 }
 
 // ParentInfo describes the opened parent of a diff image being created.

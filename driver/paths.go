@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"path"
+	"path/filepath"
 	"strings"
 	"sync"
 )
@@ -151,7 +152,11 @@ func (p OpenParams) OpenReferenced(field, ref string, flag OpenFlag) (File, stri
 	if trusted {
 		f, err = p.Storage.Open(full, flag)
 	} else {
-		f, err = OpenBeneath(p.Storage, path.Dir(p.Name), path.Clean(ref), flag)
+		rel := path.Clean(ref)
+		if path.IsAbs(rel) {
+			rel, _ = AbsWithin(p.Name, ref)
+		}
+		f, err = OpenBeneath(p.Storage, path.Dir(p.Name), rel, flag)
 	}
 	if err != nil {
 		var pe *PathError
@@ -215,7 +220,13 @@ func ResolveReferenced(image, field, ref string, unsafe bool) (string, error) {
 	}
 	if path.IsAbs(ref) || strings.HasPrefix(ref, `\`) || (len(ref) > 1 && ref[1] == ':') {
 		if !unsafe {
-			return refuse(path.Clean(ref), "is an absolute path")
+			// qemu-img create -b /abs/dir/base records absolute names;
+			// one that leads into the image's own directory is as safe
+			// as the relative name it stands for.
+			if rel, ok := AbsWithin(image, ref); ok {
+				return path.Join(path.Dir(image), rel), nil
+			}
+			return refuse(path.Clean(ref), "is an absolute path outside the image's directory")
 		}
 		return path.Clean(ref), nil
 	}
@@ -225,6 +236,26 @@ func ResolveReferenced(image, field, ref string, unsafe bool) (string, error) {
 		return refuse(full, "leaves the image's directory")
 	}
 	return full, nil
+}
+
+// AbsWithin reports whether the absolute name ref (a local path) lies in
+// the directory of image or below, lexically, and returns it relative to
+// that directory. A relative image name is taken against the working
+// directory. What the name leads to (links, devices) is checked when it
+// is opened beneath the directory.
+func AbsWithin(image, ref string) (string, bool) {
+	if !filepath.IsAbs(ref) {
+		return "", false
+	}
+	dir, err := filepath.Abs(filepath.Dir(image))
+	if err != nil {
+		return "", false
+	}
+	rel, err := filepath.Rel(dir, filepath.Clean(ref))
+	if err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, "../") || filepath.IsAbs(rel) {
+		return "", false
+	}
+	return filepath.ToSlash(rel), true
 }
 
 // IsURL reports whether name has a URL scheme ("nbd://", "https://").

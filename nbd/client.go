@@ -9,7 +9,12 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 )
+
+// maxStatusChunk bounds one block status reply chunk (a hostile server
+// must not make the client allocate much): 2^20 descriptors.
+const maxStatusChunk = 4 + 8<<20
 
 // Command flags for Client requests.
 const (
@@ -18,6 +23,25 @@ const (
 	FlagDF       = cmdFlagDF
 	FlagReqOne   = cmdFlagReqOne
 	FlagFastZero = cmdFlagFastZero
+)
+
+// Commands, for Do and DoContext.
+const (
+	CmdRead        = cmdRead
+	CmdWrite       = cmdWrite
+	CmdFlush       = cmdFlush
+	CmdTrim        = cmdTrim
+	CmdCache       = cmdCache
+	CmdWriteZeroes = cmdWriteZeroes
+)
+
+// Option error replies a Client reports as Error.Errno.
+const (
+	RepErrUnsup    = repErrUnsup
+	RepErrPolicy   = repErrPolicy
+	RepErrTLSReqd  = repErrTLSReqd
+	RepErrUnknown  = repErrUnknown
+	RepErrShutdown = repErrShutdown
 )
 
 // Transmission flags a Client reports in Flags.
@@ -69,6 +93,10 @@ type ClientOptions struct {
 	// ExportNameOnly enters transmission with NBD_OPT_EXPORT_NAME instead of
 	// NBD_OPT_GO.
 	ExportNameOnly bool
+	// ExtendedHeaders asks for NBD_OPT_EXTENDED_HEADERS (32-byte headers,
+	// 64-bit lengths) before structured replies; a server without them
+	// gets structured replies as before.
+	ExtendedHeaders bool
 }
 
 // BlockExtent is one block status descriptor.
@@ -93,6 +121,7 @@ type Client struct {
 	size       int64
 	flags      uint16
 	structured bool
+	extended   bool
 	contexts   map[uint32]string
 	blockSize  [3]uint32
 
@@ -101,12 +130,16 @@ type Client struct {
 	cookie  uint64
 	err     error // set once the connection is unusable
 	closed  chan struct{}
+	// loopDone closes when the reply reader has ended and failed every
+	// pending call; only the reader closes a call's done, so a reply
+	// never lands in a buffer whose caller has given up.
+	loopDone chan struct{}
 }
 
 type call struct {
 	typ     uint16
 	off     uint64
-	length  uint32
+	length  uint64
 	buf     []byte
 	covered int64
 	err     error
@@ -135,7 +168,7 @@ func NewClient(nc net.Conn, o *ClientOptions) (*Client, error) {
 	if o == nil {
 		o = &ClientOptions{}
 	}
-	c := &Client{nc: nc, r: bufio.NewReaderSize(nc, 128<<10), pending: map[uint64]*call{}, closed: make(chan struct{}), contexts: map[uint32]string{}}
+	c := &Client{nc: nc, r: bufio.NewReaderSize(nc, 128<<10), pending: map[uint64]*call{}, closed: make(chan struct{}), loopDone: make(chan struct{}), contexts: map[uint32]string{}}
 	hs, err := c.greet()
 	if err != nil {
 		return nil, err
@@ -151,7 +184,17 @@ func NewClient(nc net.Conn, o *ClientOptions) (*Client, error) {
 		c.nc = tc
 		c.r.Reset(tc)
 	}
-	if !o.NoStructuredReplies {
+	if o.ExtendedHeaders && !o.NoStructuredReplies && !o.ExportNameOnly {
+		typ, _, err := c.simpleOption(optExtendedHeaders, nil)
+		var ne *Error
+		if err != nil && !errors.As(err, &ne) {
+			return nil, err
+		}
+		// Any refusal (unsupported, invalid) leaves compact headers.
+		c.extended = err == nil && typ == repAck
+		c.structured = c.extended
+	}
+	if !o.NoStructuredReplies && !c.extended {
 		typ, _, err := c.simpleOption(optStructuredReply, nil)
 		var ne *Error
 		if err != nil && !(errors.As(err, &ne) && ne.Errno == repErrUnsup) {
@@ -312,7 +355,7 @@ func (c *Client) optGo(export string, hs uint16) error {
 	for {
 		typ, data, err := c.optionReply(optGo)
 		var ne *Error
-		if errors.As(err, &ne) && ne.Errno == repErrUnsup {
+		if errors.As(err, &ne) && ne.Errno == repErrUnsup && !c.extended {
 			return c.exportName(export, hs)
 		}
 		if err != nil {
@@ -372,6 +415,9 @@ func (c *Client) Flags() uint16 { return c.flags }
 // Structured reports whether structured replies were negotiated.
 func (c *Client) Structured() bool { return c.structured }
 
+// Extended reports whether extended headers were negotiated.
+func (c *Client) Extended() bool { return c.extended }
+
 // Contexts maps the selected metadata context IDs to their names.
 func (c *Client) Contexts() map[uint32]string { return c.contexts }
 
@@ -385,11 +431,31 @@ func (c *Client) BlockSizes() (minimum, preferred, maximum uint32) {
 // receives the data (len(buf) must equal length); for NBD_CMD_WRITE, buf is
 // the payload. Exposed for tests that need unusual requests.
 func (c *Client) Do(typ, flags uint16, off uint64, length uint32, buf []byte) error {
-	_, err := c.do(typ, flags, off, length, buf)
+	_, err := c.do(context.Background(), typ, flags, off, uint64(length), buf)
 	return err
 }
 
-func (c *Client) do(typ, flags uint16, off uint64, length uint32, buf []byte) (*call, error) {
+// DoContext is Do ended by ctx: when ctx ends before the reply, the
+// connection is closed (the reply could still arrive into buf otherwise)
+// and every request in flight on it fails.
+func (c *Client) DoContext(ctx context.Context, typ, flags uint16, off uint64, length uint32, buf []byte) error {
+	_, err := c.do(ctx, typ, flags, off, uint64(length), buf)
+	return err
+}
+
+func (c *Client) do(ctx context.Context, typ, flags uint16, off uint64, length uint64, buf []byte) (*call, error) {
+	if length > 1<<32-1 && !c.extended {
+		return nil, fmt.Errorf("nbd: a length of %d bytes needs extended headers", length)
+	}
+	if typ == cmdRead && len(buf) != int(length) {
+		return nil, fmt.Errorf("nbd: read buffer of %d bytes for %d", len(buf), length)
+	}
+	if typ == cmdWrite && len(buf) != int(length) {
+		return nil, fmt.Errorf("nbd: write payload of %d bytes for %d", len(buf), length)
+	}
+	if err := context.Cause(ctx); err != nil {
+		return nil, err
+	}
 	cl := &call{typ: typ, off: off, length: length, done: make(chan struct{})}
 	if typ == cmdRead {
 		cl.buf = buf
@@ -405,20 +471,37 @@ func (c *Client) do(typ, flags uint16, off uint64, length uint32, buf []byte) (*
 	c.pending[cookie] = cl
 	c.mu.Unlock()
 
-	var h [requestHeaderSize]byte
-	be.PutUint32(h[0:], requestMagic)
-	be.PutUint16(h[4:], flags)
-	be.PutUint16(h[6:], typ)
-	be.PutUint64(h[8:], cookie)
-	be.PutUint64(h[16:], off)
-	be.PutUint32(h[24:], length)
+	var hb [extendedHeaderSize]byte
+	h := hb[:requestHeaderSize]
+	if c.extended {
+		h = hb[:]
+		if typ == cmdWrite {
+			flags |= cmdFlagPayloadLen
+		}
+		be.PutUint32(h[0:], extendedRequestMagic)
+		be.PutUint16(h[4:], flags)
+		be.PutUint16(h[6:], typ)
+		be.PutUint64(h[8:], cookie)
+		be.PutUint64(h[16:], off)
+		be.PutUint64(h[24:], length)
+	} else {
+		be.PutUint32(h[0:], requestMagic)
+		be.PutUint16(h[4:], flags)
+		be.PutUint16(h[6:], typ)
+		be.PutUint64(h[8:], cookie)
+		be.PutUint64(h[16:], off)
+		be.PutUint32(h[24:], uint32(length))
+	}
+	// A blocked write or a late reply ends with the connection.
+	stop := context.AfterFunc(ctx, func() { c.fatal(context.Cause(ctx)) })
+	defer stop()
 	c.wmu.Lock()
 	var err error
 	if typ == cmdWrite {
-		bufs := net.Buffers{h[:], buf}
+		bufs := net.Buffers{h, buf}
 		_, err = bufs.WriteTo(c.nc)
 	} else {
-		_, err = c.nc.Write(h[:])
+		_, err = c.nc.Write(h)
 	}
 	c.wmu.Unlock()
 	if err != nil {
@@ -431,6 +514,8 @@ func (c *Client) do(typ, flags uint16, off uint64, length uint32, buf []byte) (*
 	return cl, cl.err
 }
 
+// fatal makes the connection unusable and closes it; the reply reader
+// then ends and fails the pending calls.
 func (c *Client) fatal(err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -439,11 +524,13 @@ func (c *Client) fatal(err error) {
 		c.nc.Close()
 		close(c.closed)
 	}
-	for k, cl := range c.pending {
-		delete(c.pending, k)
-		cl.err = c.err
-		close(cl.done)
-	}
+}
+
+// Err is the error that made the connection unusable, nil while it works.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
 }
 
 func (c *Client) take(cookie uint64, remove bool) *call {
@@ -457,11 +544,21 @@ func (c *Client) take(cookie uint64, remove bool) *call {
 }
 
 func (c *Client) readLoop() {
+	defer close(c.loopDone)
 	var err error
 	for err == nil {
 		err = c.readReply()
 	}
 	c.fatal(err)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, cl := range c.pending {
+		delete(c.pending, k)
+		if cl.err == nil {
+			cl.err = c.err
+		}
+		close(cl.done)
+	}
 }
 
 func (c *Client) readReply() error {
@@ -471,6 +568,9 @@ func (c *Client) readReply() error {
 	}
 	switch be.Uint32(m[:]) {
 	case simpleReplyMagic:
+		if c.extended {
+			return errors.New("nbd: simple reply with extended headers")
+		}
 		var h [12]byte
 		if _, err := io.ReadFull(c.r, h[:]); err != nil {
 			return err
@@ -491,20 +591,45 @@ func (c *Client) readReply() error {
 		}
 		close(cl.done)
 		return nil
-	case structuredMagic:
-		var h [16]byte
-		if _, err := io.ReadFull(c.r, h[:]); err != nil {
-			return err
-		}
-		flags, typ, cookie, n := be.Uint16(h[0:]), be.Uint16(h[2:]), be.Uint64(h[4:]), be.Uint32(h[12:])
-		if n > MaxPayload+8<<20 {
-			return fmt.Errorf("nbd: reply chunk of %d bytes", n)
+	case structuredMagic, extendedReplyMagic:
+		var flags, typ uint16
+		var cookie uint64
+		var n uint32
+		if be.Uint32(m[:]) == extendedReplyMagic {
+			if !c.extended {
+				return errors.New("nbd: extended reply without extended headers")
+			}
+			var h [28]byte
+			if _, err := io.ReadFull(c.r, h[:]); err != nil {
+				return err
+			}
+			// h[12:20] echoes the request's offset; nothing depends on it.
+			n64 := be.Uint64(h[20:])
+			if n64 > MaxPayload+8 {
+				return fmt.Errorf("nbd: reply chunk of %d bytes", n64)
+			}
+			flags, typ, cookie, n = be.Uint16(h[0:]), be.Uint16(h[2:]), be.Uint64(h[4:]), uint32(n64)
+		} else {
+			if c.extended {
+				return errors.New("nbd: structured reply with extended headers")
+			}
+			var h [16]byte
+			if _, err := io.ReadFull(c.r, h[:]); err != nil {
+				return err
+			}
+			flags, typ, cookie, n = be.Uint16(h[0:]), be.Uint16(h[2:]), be.Uint64(h[4:]), be.Uint32(h[12:])
+			if n > MaxPayload+8 {
+				return fmt.Errorf("nbd: reply chunk of %d bytes", n)
+			}
 		}
 		cl := c.take(cookie, flags&replyFlagDone != 0)
 		if cl == nil {
 			return fmt.Errorf("nbd: reply for unknown cookie %d", cookie)
 		}
 		err := c.chunk(cl, typ, n)
+		if err != nil && cl.err == nil {
+			cl.err = err
+		}
 		if flags&replyFlagDone != 0 {
 			if cl.err == nil && cl.typ == cmdRead && cl.covered != int64(cl.length) {
 				cl.err = fmt.Errorf("nbd: read reply covers %d of %d bytes", cl.covered, cl.length)
@@ -532,7 +657,7 @@ func (c *Client) chunk(cl *call, typ uint16, n uint32) error {
 			return err
 		}
 		off, dn := be.Uint64(o[:]), uint64(n-8)
-		if off < cl.off || off+dn > cl.off+uint64(cl.length) {
+		if !inside(off, dn, cl) {
 			return errors.New("nbd: OFFSET_DATA outside the request")
 		}
 		if _, err := io.ReadFull(c.r, cl.buf[off-cl.off:off-cl.off+dn]); err != nil {
@@ -549,27 +674,69 @@ func (c *Client) chunk(cl *call, typ uint16, n uint32) error {
 			return err
 		}
 		off, hn := be.Uint64(o[:]), uint64(be.Uint32(o[8:]))
-		if hn == 0 || off < cl.off || off+hn > cl.off+uint64(cl.length) {
+		if hn == 0 || !inside(off, hn, cl) {
 			return errors.New("nbd: OFFSET_HOLE outside the request")
 		}
 		clear(cl.buf[off-cl.off : off-cl.off+hn])
 		cl.covered += int64(hn)
 		return nil
 	case replyTypeBlockStatus:
-		if n < 12 || (n-4)%8 != 0 || cl.typ != cmdBlockStatus {
+		if n < 12 || (n-4)%8 != 0 || n > maxStatusChunk || cl.typ != cmdBlockStatus {
 			return errors.New("nbd: bad BLOCK_STATUS chunk")
 		}
-		b := make([]byte, n)
-		if _, err := io.ReadFull(c.r, b); err != nil {
+		var b [8]byte
+		if _, err := io.ReadFull(c.r, b[:4]); err != nil {
 			return err
 		}
-		name, ok := c.contexts[be.Uint32(b)]
+		name, ok := c.contexts[be.Uint32(b[:])]
 		if !ok {
 			return errors.New("nbd: BLOCK_STATUS for an unknown context")
 		}
+		// Descriptors are read one by one: memory grows with what the
+		// server really sends, not with what its length field claims.
 		var list []BlockExtent
-		for p := b[4:]; len(p) > 0; p = p[8:] {
-			list = append(list, BlockExtent{be.Uint32(p), be.Uint32(p[4:])})
+		for left := (n - 4) / 8; left > 0; left-- {
+			if _, err := io.ReadFull(c.r, b[:]); err != nil {
+				return err
+			}
+			list = append(list, BlockExtent{be.Uint32(b[:]), be.Uint32(b[4:])})
+		}
+		if cl.status == nil {
+			cl.status = map[string][]BlockExtent{}
+		}
+		cl.status[name] = list
+		return nil
+	case replyTypeBlockStatusExt:
+		if !c.extended || n < 24 || (n-8)%16 != 0 || n > maxStatusChunk || cl.typ != cmdBlockStatus {
+			return errors.New("nbd: bad BLOCK_STATUS_EXT chunk")
+		}
+		var b [16]byte
+		if _, err := io.ReadFull(c.r, b[:8]); err != nil {
+			return err
+		}
+		name, ok := c.contexts[be.Uint32(b[:])]
+		if !ok {
+			return errors.New("nbd: BLOCK_STATUS_EXT for an unknown context")
+		}
+		if be.Uint32(b[4:]) != (n-8)/16 {
+			return errors.New("nbd: BLOCK_STATUS_EXT descriptor count does not match its length")
+		}
+		var list []BlockExtent
+		cut := false
+		for left := (n - 8) / 16; left > 0; left-- {
+			if _, err := io.ReadFull(c.r, b[:]); err != nil {
+				return err
+			}
+			if cut {
+				continue
+			}
+			l, f := be.Uint64(b[:]), be.Uint64(b[8:])
+			if l > 1<<31 {
+				// BlockExtent lengths are 32-bit: an extent this long
+				// ends the list (the caller asks again from its end).
+				l, cut = 1<<31, true
+			}
+			list = append(list, BlockExtent{uint32(l), uint32(f)})
 		}
 		if cl.status == nil {
 			cl.status = map[string][]BlockExtent{}
@@ -578,6 +745,9 @@ func (c *Client) chunk(cl *call, typ uint16, n uint32) error {
 		return nil
 	}
 	if typ&(1<<15) != 0 {
+		if n > maxOptionLen {
+			return fmt.Errorf("nbd: error chunk of %d bytes", n)
+		}
 		b := make([]byte, n)
 		if _, err := io.ReadFull(c.r, b); err != nil {
 			return err
@@ -595,6 +765,12 @@ func (c *Client) chunk(cl *call, typ uint16, n uint32) error {
 		return nil
 	}
 	return fmt.Errorf("nbd: unknown reply chunk type %d", typ)
+}
+
+// inside reports whether [off, off+n) lies within cl's request, without
+// overflowing on hostile offsets.
+func inside(off, n uint64, cl *call) bool {
+	return off >= cl.off && n <= cl.length && off-cl.off <= cl.length-n
 }
 
 // maxRequest is the largest READ/WRITE payload to send: MaxPayload, or
@@ -659,21 +835,31 @@ func (c *Client) Cache(off int64, n uint32) error {
 
 // BlockStatus queries the selected metadata contexts for [off, off+n).
 func (c *Client) BlockStatus(off int64, n uint32, flags uint16) (map[string][]BlockExtent, error) {
-	cl, err := c.do(cmdBlockStatus, flags, uint64(off), n, nil)
+	return c.BlockStatusContext(context.Background(), off, n, flags)
+}
+
+// BlockStatusContext is BlockStatus ended by ctx (see DoContext).
+func (c *Client) BlockStatusContext(ctx context.Context, off int64, n uint32, flags uint16) (map[string][]BlockExtent, error) {
+	cl, err := c.do(ctx, cmdBlockStatus, flags, uint64(off), uint64(n), nil)
 	if err != nil {
 		return nil, err
 	}
 	return cl.status, nil
 }
 
-// Close sends NBD_CMD_DISC and closes the connection.
+// Close sends NBD_CMD_DISC and closes the connection. It does not wait
+// for a server that stopped reading: the disconnect request gets a second.
 func (c *Client) Close() error {
 	c.mu.Lock()
 	broken := c.err != nil
 	c.mu.Unlock()
 	if !broken {
-		c.do(cmdDisc, 0, 0, 0, nil)
+		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+		c.do(context.Background(), cmdDisc, 0, 0, 0, nil)
 	}
 	c.fatal(net.ErrClosed)
+	if c.loopDone != nil {
+		<-c.loopDone
+	}
 	return nil
 }

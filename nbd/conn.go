@@ -44,6 +44,7 @@ type conn struct {
 	fixed      bool // the client set NBD_FLAG_C_FIXED_NEWSTYLE
 	tls        bool
 	structured bool
+	extended   bool   // NBD_OPT_EXTENDED_HEADERS: 32-byte headers both ways
 	metaExport string // export the metadata contexts were set for
 	metaSet    bool
 	ctxBase    bool
@@ -56,6 +57,7 @@ type conn struct {
 	budget   *pool // this connection's data buffers (ConnBuffer)
 	wg       sync.WaitGroup
 	inflight atomic.Int64 // requests started and not yet answered
+	lastDone atomic.Int64 // when a request last ended (UnixNano)
 	broken   atomic.Bool  // replies can no longer be sent: stop reading requests
 }
 

@@ -81,6 +81,9 @@ func (c *conn) handshake() error {
 func (c *conn) option(opt uint32, data []byte) (done bool, err error) {
 	switch opt {
 	case optExportName:
+		if c.extended {
+			return false, protoErrorf("NBD_OPT_EXPORT_NAME after extended headers were negotiated")
+		}
 		e := c.s.lookup(string(data))
 		if e == nil {
 			return false, protoErrorf("NBD_OPT_EXPORT_NAME for unknown export %q", data)
@@ -144,6 +147,7 @@ func (c *conn) option(opt uint32, data []byte) (done bool, err error) {
 		c.w.nc = tc
 		// No state survives the upgrade.
 		c.structured, c.metaSet, c.ctxBase, c.ctxDepth, c.metaExport = false, false, false, false, ""
+		c.extended = false
 		return false, nil
 
 	case optInfo, optGo:
@@ -153,7 +157,18 @@ func (c *conn) option(opt uint32, data []byte) (done bool, err error) {
 		if len(data) != 0 {
 			return false, c.optError(opt, repErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
 		}
+		if c.extended {
+			return false, c.optError(opt, repErrExtHdrsReqd, "extended headers are negotiated: structured replies would be a downgrade")
+		}
 		c.structured = true
+		return false, c.optReply(opt, repAck, nil)
+
+	case optExtendedHeaders:
+		if len(data) != 0 {
+			return false, c.optError(opt, repErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")
+		}
+		// Extended replies are structured replies with longer headers.
+		c.extended, c.structured = true, true
 		return false, c.optReply(opt, repAck, nil)
 
 	case optListMetaContext, optSetMetaContext:

@@ -1,10 +1,14 @@
 // Package nbd serves vdisk.Disk images over the Network Block Device
 // protocol (the NBD specification, doc/proto.md of the NetworkBlockDevice
-// project), and holds a small client for tests and tools.
+// project), and holds a client (Client: pipelined, structured replies,
+// extended headers, TLS), used by storage/nbdstore and the tests.
 //
 // The server speaks fixed newstyle negotiation only (no oldstyle), with
 // NBD_FLAG_NO_ZEROES, the options EXPORT_NAME, ABORT, LIST, STARTTLS, INFO,
-// GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT, and the
+// GO, STRUCTURED_REPLY, EXTENDED_HEADERS (the experimental extension:
+// 32-byte headers, 64-bit effect lengths, BLOCK_STATUS_EXT; effect lengths
+// of 4 GiB and more are taken by BLOCK_STATUS only, which answers for
+// less), LIST_META_CONTEXT and SET_META_CONTEXT, and the
 // metadata contexts base:allocation and qemu:allocation-depth. In the
 // transmission phase it handles READ (sparse structured replies when
 // negotiated), WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE and
@@ -23,8 +27,14 @@ const (
 	simpleReplyMagic  = 0x67446698
 	structuredMagic   = 0x668e33ef
 	requestHeaderSize = 28
-	simpleReplySize   = 16
-	chunkHeaderSize   = 20
+
+	// Extended headers (NBD_OPT_EXTENDED_HEADERS, the EXTENDED_HEADERS
+	// extension): 32-byte requests and reply chunks with 64-bit lengths.
+	extendedRequestMagic = 0x21e41c71
+	extendedReplyMagic   = 0x6e8a278c
+	extendedHeaderSize   = 32
+	simpleReplySize      = 16
+	chunkHeaderSize      = 20
 )
 
 // Handshake flags (server) and client flags.
@@ -112,6 +122,9 @@ const (
 	cmdFlagDF       = 1 << 2
 	cmdFlagReqOne   = 1 << 3
 	cmdFlagFastZero = 1 << 4
+	// cmdFlagPayloadLen marks a request whose extended-header length is
+	// a payload length (WRITE must set it).
+	cmdFlagPayloadLen = 1 << 5
 )
 
 // Structured reply flags and types.
@@ -122,8 +135,10 @@ const (
 	replyTypeOffsetData  = 1
 	replyTypeOffsetHole  = 2
 	replyTypeBlockStatus = 5
-	replyTypeError       = 1<<15 + 1
-	replyTypeErrorOffset = 1<<15 + 2
+	// replyTypeBlockStatusExt has 64-bit descriptors (extended headers).
+	replyTypeBlockStatusExt = 6
+	replyTypeError          = 1<<15 + 1
+	replyTypeErrorOffset    = 1<<15 + 2
 )
 
 // Error values sent in replies.

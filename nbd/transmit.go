@@ -15,6 +15,7 @@ type request struct {
 	cookie uint64
 	off    uint64
 	length uint32
+	long   bool   // an extended effect length beyond 32 bits (length is cut)
 	buf    []byte // WRITE payload, or READ buffer
 	held   int64  // bytes of the connection budget held
 	shared int64  // bytes of the server's budget held
@@ -51,7 +52,7 @@ const (
 func (c *conn) transmit() error {
 	defer c.wg.Wait()
 	defer c.releaseHold()
-	var hdr [requestHeaderSize]byte
+	var hdrBuf [extendedHeaderSize]byte
 	var inlineOffUntil time.Time
 	for {
 		// Replies wait while more requests are already here, so that a
@@ -60,18 +61,9 @@ func (c *conn) transmit() error {
 		if err := c.awaitRequest(); err != nil {
 			return err
 		}
-		if err := c.readFull(hdr[:]); err != nil {
+		req, err := c.readHeader(hdrBuf[:])
+		if err != nil {
 			return err
-		}
-		if m := be.Uint32(hdr[0:]); m != requestMagic {
-			return protoErrorf("bad request magic %#x", m)
-		}
-		req := &request{
-			flags:  be.Uint16(hdr[4:]),
-			typ:    be.Uint16(hdr[6:]),
-			cookie: be.Uint64(hdr[8:]),
-			off:    be.Uint64(hdr[16:]),
-			length: be.Uint32(hdr[24:]),
 		}
 		var data int64 // bytes of data buffers, charged to both budgets
 		switch req.typ {
@@ -156,6 +148,61 @@ func (c *conn) transmit() error {
 	}
 }
 
+// readHeader reads one request header, compact or extended as
+// negotiated. Extended effect lengths beyond 32 bits are cut to the
+// largest 4 KiB multiple below 4 GiB: BLOCK_STATUS may answer for less,
+// and every other command then fails the range check (a read) or gets
+// EOVERFLOW from validate.
+func (c *conn) readHeader(buf []byte) (*request, error) {
+	if !c.extended {
+		hdr := buf[:requestHeaderSize]
+		if err := c.readFull(hdr); err != nil {
+			return nil, err
+		}
+		if m := be.Uint32(hdr[0:]); m != requestMagic {
+			return nil, protoErrorf("bad request magic %#x", m)
+		}
+		return &request{
+			flags:  be.Uint16(hdr[4:]),
+			typ:    be.Uint16(hdr[6:]),
+			cookie: be.Uint64(hdr[8:]),
+			off:    be.Uint64(hdr[16:]),
+			length: be.Uint32(hdr[24:]),
+		}, nil
+	}
+	hdr := buf[:extendedHeaderSize]
+	if err := c.readFull(hdr); err != nil {
+		return nil, err
+	}
+	if m := be.Uint32(hdr[0:]); m != extendedRequestMagic {
+		return nil, protoErrorf("bad extended request magic %#x", m)
+	}
+	req := &request{
+		flags:  be.Uint16(hdr[4:]),
+		typ:    be.Uint16(hdr[6:]),
+		cookie: be.Uint64(hdr[8:]),
+		off:    be.Uint64(hdr[16:]),
+	}
+	n := be.Uint64(hdr[24:])
+	payload := req.flags&cmdFlagPayloadLen != 0
+	req.flags &^= cmdFlagPayloadLen
+	switch {
+	case req.typ == cmdWrite && !payload:
+		return nil, protoErrorf("extended WRITE without NBD_CMD_FLAG_PAYLOAD_LEN")
+	case req.typ != cmdWrite && payload:
+		// No other command here takes a payload; its length cannot be
+		// trusted to resynchronise the stream.
+		return nil, protoErrorf("NBD_CMD_FLAG_PAYLOAD_LEN on a %s request", cmdName(req.typ))
+	case payload && n > MaxPayload:
+		return nil, protoErrorf("extended write payload of %d bytes", n)
+	case n > 1<<32-1:
+		req.length, req.long = 1<<32-4096, true
+	default:
+		req.length = uint32(n)
+	}
+	return req, nil
+}
+
 // awaitRequest returns once a request header has begun to arrive. The
 // idle timeout applies only while none of the client's requests runs: a
 // client waiting for a long request is not idle, so the deadline is moved
@@ -180,6 +227,17 @@ func (c *conn) awaitRequest() error {
 			return err
 		}
 		if c.inflight.Load() == 0 {
+			// Idle time counts from the last reply, not from a deadline
+			// armed while a request still ran.
+			if until := time.Unix(0, c.lastDone.Load()).Add(c.s.IdleTimeout); time.Now().Before(until) {
+				c.dmu.Lock()
+				if !c.closing {
+					c.raw.SetReadDeadline(until)
+					c.rdArmed = time.Now()
+				}
+				c.dmu.Unlock()
+				continue
+			}
 			c.idle = true
 			return err
 		}
@@ -242,7 +300,12 @@ func (c *conn) release(req *request) {
 
 func (c *conn) handle(req *request) {
 	defer c.wg.Done()
-	defer c.inflight.Add(-1)
+	defer func() {
+		// lastDone before inflight: a reader that sees no request
+		// running sees when the last one ended.
+		c.lastDone.Store(time.Now().UnixNano())
+		c.inflight.Add(-1)
+	}()
 	defer c.release(req)
 	if c.broken.Load() {
 		return // the reply could not be sent anyway
@@ -326,6 +389,9 @@ func (c *conn) validate(req *request) (uint32, string) {
 	}
 	if req.typ == cmdFlush {
 		return 0, "" // offset and length are reserved: ignore them
+	}
+	if req.long && req.typ != cmdBlockStatus {
+		return EOVERFLOW, "effect lengths of 4 GiB or more are only taken by block status"
 	}
 	if req.typ == cmdRead && req.length > c.s.maxPayload {
 		if c.structured {
@@ -441,7 +507,19 @@ func (c *conn) simpleHeader(cookie uint64, errno uint32) {
 	c.w.buf = append(c.w.buf, h[:]...)
 }
 
-func (c *conn) chunkHeader(cookie uint64, flags, typ uint16, length uint32) {
+func (c *conn) chunkHeader(req *request, flags, typ uint16, length uint32) {
+	if c.extended {
+		var h [extendedHeaderSize]byte
+		be.PutUint32(h[0:], extendedReplyMagic)
+		be.PutUint16(h[4:], flags)
+		be.PutUint16(h[6:], typ)
+		be.PutUint64(h[8:], req.cookie)
+		be.PutUint64(h[16:], req.off)
+		be.PutUint64(h[24:], uint64(length))
+		c.w.buf = append(c.w.buf, h[:]...)
+		return
+	}
+	cookie := req.cookie
 	var h [chunkHeaderSize]byte
 	be.PutUint32(h[0:], structuredMagic)
 	be.PutUint16(h[4:], flags)
@@ -468,7 +546,12 @@ var errBroken = errors.New("connection lost while sending a reply")
 
 func (c *conn) sendOK(req *request) {
 	c.w.lock()
-	c.simpleHeader(req.cookie, 0)
+	if c.extended {
+		// No simple replies with extended headers.
+		c.chunkHeader(req, replyFlagDone, replyTypeNone, 0)
+	} else {
+		c.simpleHeader(req.cookie, 0)
+	}
 	c.done()
 }
 
@@ -488,7 +571,7 @@ func (c *conn) errorLocked(req *request, errno uint32, msg string) {
 	if len(msg) > maxStringLen {
 		msg = msg[:maxStringLen]
 	}
-	c.chunkHeader(req.cookie, replyFlagDone, replyTypeError, uint32(6+len(msg)))
+	c.chunkHeader(req, replyFlagDone, replyTypeError, uint32(6+len(msg)))
 	var b [6]byte
 	be.PutUint32(b[0:], errno)
 	be.PutUint16(b[4:], uint16(len(msg)))
@@ -549,16 +632,16 @@ func (c *conn) read(req *request) {
 		be.PutUint64(b[0:], uint64(off+s.off))
 		if s.hole {
 			be.PutUint32(b[8:], uint32(s.n))
-			c.chunkHeader(req.cookie, flags, replyTypeOffsetHole, 12)
+			c.chunkHeader(req, flags, replyTypeOffsetHole, 12)
 			c.w.buf = append(c.w.buf, b[:12]...)
 			continue
 		}
-		c.chunkHeader(req.cookie, flags, replyTypeOffsetData, uint32(8+s.n))
+		c.chunkHeader(req, flags, replyTypeOffsetData, uint32(8+s.n))
 		c.w.buf = append(c.w.buf, b[:8]...)
 		c.w.payload(buf[s.off : s.off+s.n])
 	}
 	if len(segs) == 0 { // zero-length read
-		c.chunkHeader(req.cookie, replyFlagDone, replyTypeNone, 0)
+		c.chunkHeader(req, replyFlagDone, replyTypeNone, 0)
 	}
 	c.done()
 }
@@ -671,7 +754,17 @@ func (c *conn) blockStatus(req *request) {
 		if last {
 			flags = replyFlagDone
 		}
-		c.chunkHeader(req.cookie, flags, replyTypeBlockStatus, uint32(4+8*len(list)))
+		if c.extended {
+			c.chunkHeader(req, flags, replyTypeBlockStatusExt, uint32(8+16*len(list)))
+			c.w.buf = be.AppendUint32(c.w.buf, id)
+			c.w.buf = be.AppendUint32(c.w.buf, uint32(len(list)))
+			for _, x := range list {
+				c.w.buf = be.AppendUint64(c.w.buf, uint64(x.length))
+				c.w.buf = be.AppendUint64(c.w.buf, uint64(x.flags))
+			}
+			return
+		}
+		c.chunkHeader(req, flags, replyTypeBlockStatus, uint32(4+8*len(list)))
 		c.w.buf = be.AppendUint32(c.w.buf, id)
 		for _, x := range list {
 			c.w.buf = be.AppendUint32(c.w.buf, x.length)

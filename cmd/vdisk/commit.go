@@ -95,7 +95,7 @@ func (a *app) commit(name, format, base string, keep bool, rate int64, showProgr
 	if err := checkFormat(format); err != nil {
 		return err
 	}
-	d, err := vdisk.Open(a.ctx, name, &vdisk.OpenOptions{Format: format, InfoOnly: true, Paths: a.policy(), Logger: a.log})
+	d, err := vdisk.Open(a.ctx, name, a.oo(vdisk.OpenOptions{Format: format, InfoOnly: true, Paths: a.policy(), Logger: a.log}))
 	if err != nil {
 		return err
 	}
@@ -119,7 +119,7 @@ func (a *app) commit(name, format, base string, keep bool, rate int64, showProgr
 		Keep:     keep,
 		Rate:     rate,
 		Progress: prog.update,
-		Open:     &vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log},
+		Open:     a.oo(vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log}),
 	})
 	prog.finish(err == nil)
 	if err != nil {

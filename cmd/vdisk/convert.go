@@ -103,7 +103,7 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 			}
 		}
 		if err != nil && created {
-			if rerr := d.Storage().Remove(dst); rerr != nil {
+			if rerr := vdisk.Remove(a.ctx, dst, a.oo(vdisk.OpenOptions{})); rerr != nil {
 				a.log.Warn("could not remove the incomplete target", "file", dst, "error", rerr)
 			}
 		}
@@ -266,10 +266,10 @@ func (a *app) openConvertTarget(dst string, size int64, t convertTarget, noCreat
 		if t.format != nil {
 			format = t.format.Name
 		}
-		d, err = vdisk.Open(a.ctx, dst, &vdisk.OpenOptions{Format: format, Paths: a.policy(), Storage: a.hooks.storage, Logger: a.log})
+		d, err = vdisk.Open(a.ctx, dst, a.oo(vdisk.OpenOptions{Format: format, Paths: a.policy(), Storage: a.hooks.storage, Logger: a.log}))
 		return d, false, err
 	}
-	d, err = vdisk.Create(a.ctx, dst, &vdisk.CreateOptions{
+	d, err = vdisk.Create(a.ctx, dst, a.co(vdisk.CreateOptions{
 		Format:        t.format.Name,
 		Size:          size,
 		Options:       t.opts,
@@ -278,7 +278,7 @@ func (a *app) openConvertTarget(dst string, size int64, t convertTarget, noCreat
 		Overwrite:     true,
 		Paths:         a.policy(),
 		Logger:        a.log,
-	})
+	}))
 	return d, err == nil, err
 }
 
@@ -347,12 +347,12 @@ func (a *app) openSnapshot(s *vdisk.Disk, format, param string) (*vdisk.Disk, er
 	if found < 0 {
 		return nil, driver.Errorf(vdisk.ErrNotFound, top.Name, -1, "no snapshot %q", param)
 	}
-	v, err := vdisk.Open(a.ctx, top.Name, &vdisk.OpenOptions{
+	v, err := vdisk.Open(a.ctx, top.Name, a.oo(vdisk.OpenOptions{
 		Format:   format,
 		Snapshot: list[found].ID,
 		Paths:    a.policy(),
 		Logger:   a.log,
-	})
+	}))
 	if err != nil {
 		return nil, err
 	}

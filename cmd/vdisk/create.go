@@ -100,7 +100,7 @@ func (a *app) create(name, sizeArg, format, backing, backingFmt string, optArgs 
 	if !quiet && sizeArg != "" {
 		fmt.Fprintln(a.stdout, formattingLine(name, f, size, backing, backingFmt, iopt.rest, vals))
 	}
-	d, err := vdisk.Create(a.ctx, name, &vdisk.CreateOptions{
+	d, err := vdisk.Create(a.ctx, name, a.co(vdisk.CreateOptions{
 		Format: f.Name,
 		// qemu rounds every new image up to whole 512-byte sectors (and
 		// still prints the size as given).
@@ -111,7 +111,7 @@ func (a *app) create(name, sizeArg, format, backing, backingFmt string, optArgs 
 		Overwrite:     true, // qemu-img create replaces an existing file
 		Paths:         a.policy(),
 		Logger:        a.log,
-	})
+	}))
 	if err != nil {
 		return err
 	}
@@ -124,7 +124,7 @@ func (a *app) create(name, sizeArg, format, backing, backingFmt string, optArgs 
 	}
 	if err := d.Close(); err != nil {
 		// The image may be incomplete: do not leave it behind.
-		if rerr := d.Storage().Remove(name); rerr != nil {
+		if rerr := vdisk.Remove(a.ctx, name, a.oo(vdisk.OpenOptions{})); rerr != nil {
 			err = errors.Join(err, rerr)
 		}
 		return err

@@ -128,12 +128,12 @@ func (a *app) dd(args *ddArgs, format, outFmt string) (err error) {
 		// qemu-img and dd(1) warn and write an empty output.
 		fmt.Fprintf(a.stderr, "%s: %s: cannot skip to specified offset\n", a.name, args.in)
 	}
-	dst, err := vdisk.Create(a.ctx, args.out, &vdisk.CreateOptions{
+	dst, err := vdisk.Create(a.ctx, args.out, a.co(vdisk.CreateOptions{
 		Format:    f.Name,
 		Size:      end - start,
 		Overwrite: true,
 		Logger:    a.log,
-	})
+	}))
 	if err != nil {
 		return fmt.Errorf("%s: error while creating output image: %w", args.out, err)
 	}
@@ -142,7 +142,7 @@ func (a *app) dd(args *ddArgs, format, outFmt string) (err error) {
 			err = cerr
 		}
 		if err != nil {
-			if rerr := dst.Storage().Remove(args.out); rerr != nil {
+			if rerr := vdisk.Remove(a.ctx, args.out, a.oo(vdisk.OpenOptions{})); rerr != nil {
 				a.log.Warn("could not remove the incomplete output", "file", args.out, "error", rerr)
 			}
 		}

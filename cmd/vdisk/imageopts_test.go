@@ -38,7 +38,13 @@ func TestImageOpts(t *testing.T) {
 		{[]string{"info", "--image-opts", "driver=qcow2"}, "names no file"},
 		{[]string{"info", "--image-opts", "driver=qcow2,file.filename=" + img + ",bogus=1"}, `no option "bogus"`},
 		{[]string{"info", "--image-opts", "file.filename=" + img + ",l2-cache-size=1M"}, "need driver="},
-		{[]string{"info", "--image-opts", "driver=qcow2,file.driver=nbd,file.filename=" + img}, "file.driver=nbd"},
+		{[]string{"info", "--image-opts", "driver=qcow2,file.driver=nbd,file.filename=" + img}, "takes a nbd:// URL"},
+		{[]string{"info", "--image-opts", "driver=qcow2,file.driver=gluster,file.filename=" + img}, "file.driver=gluster is not supported"},
+		{[]string{"info", "--image-opts", "driver=nbd,export=x"}, "needs server.host="},
+		{[]string{"info", "--image-opts", "driver=nbd,server.type=unix"}, "needs server.path="},
+		{[]string{"info", "--image-opts", "driver=nbd,server.host=127.0.0.1,bogus=1"}, `no key "bogus"`},
+		{[]string{"info", "--image-opts", "driver=iscsi,portal=127.0.0.1,target=iqn.x,password=pw"}, "password-secret=ID"},
+		{[]string{"info", "--image-opts", "driver=iscsi,target=iqn.x"}, "needs portal="},
 	} {
 		r := vdiskRun(t, tc.args...)
 		oneErrorLine(t, r, "vdisk "+tc.args[0])

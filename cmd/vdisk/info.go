@@ -17,9 +17,9 @@ import (
 
 func (a *app) newInfoCmd() *cobra.Command {
 	var format, output string
-	var chain bool
+	var chain, list bool
 	cmd := &cobra.Command{
-		Use:   "info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE",
+		Use:   "info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE | --list URL",
 		Short: "Show information about an image",
 		Long: `Show information about the image FILE: its format, virtual size, the space
 it takes on disk, its backing file and format-specific details. With
@@ -30,12 +30,19 @@ the one -f gives, else a probe must recognise it (no raw guess); no file
 the image names is opened unless it is a regular file in the image's
 directory or below; and "external-references" lists every file name the
 image records (backing file, extent files, data file) with the reason a
-name was refused, so a service can reject images that name any.`,
+name was refused, so a service can reject images that name any.
+
+With --list, URL is a server (nbd://HOST[:PORT], iscsi://HOST[:PORT]) and
+the exports or targets it offers are listed, each with the URL that opens
+it.`,
 		Args: exactArgs(1, "expecting one image file name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			asJSON, err := outputFormat(output)
 			if err != nil {
 				return err
+			}
+			if list {
+				return a.listExports(args[0], asJSON)
 			}
 			return a.info(args[0], format, chain, asJSON)
 		},
@@ -43,6 +50,7 @@ name was refused, so a service can reject images that name any.`,
 	addFormatFlag(cmd, &format, "image format (probed when not given)")
 	cmd.Flags().StringVar(&output, "output", "human", "output format: human or json")
 	cmd.Flags().BoolVar(&chain, "backing-chain", false, "show the whole backing chain")
+	cmd.Flags().BoolVar(&list, "list", false, "list the exports (NBD) or targets (iSCSI) the server at URL offers")
 	addForceShareFlag(cmd)
 	return cmd
 }

@@ -41,6 +41,7 @@ import (
 	"os"
 
 	_ "github.com/vdisk/vdisk/format/all"
+	_ "github.com/vdisk/vdisk/storage/all"
 )
 
 func main() { os.Exit(Main(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)) }

@@ -54,7 +54,7 @@ func (a *app) merge(name, format string, from, to int, showProgress, quiet bool)
 	if err := checkFormat(format); err != nil {
 		return err
 	}
-	d, err := vdisk.Open(a.ctx, name, &vdisk.OpenOptions{Format: format, InfoOnly: true, Paths: a.policy(), Logger: a.log})
+	d, err := vdisk.Open(a.ctx, name, a.oo(vdisk.OpenOptions{Format: format, InfoOnly: true, Paths: a.policy(), Logger: a.log}))
 	if err != nil {
 		return err
 	}
@@ -66,7 +66,7 @@ func (a *app) merge(name, format string, from, to int, showProgress, quiet bool)
 	prog := a.newProgress(showProgress && !quiet)
 	dropped, err := vdisk.Merge(a.ctx, name, from, to, &vdisk.MergeOptions{
 		Progress: prog.update,
-		Open:     &vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log},
+		Open:     a.oo(vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log}),
 	})
 	prog.finish(err == nil)
 	if err != nil {

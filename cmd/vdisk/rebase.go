@@ -71,7 +71,7 @@ func (a *app) rebase(name, format, backing, backingFmt string, unsafe, showProgr
 		Format:   backingFmt,
 		Unsafe:   unsafe,
 		Progress: prog.update,
-		Open:     &vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log},
+		Open:     a.oo(vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log}),
 	})
 	prog.finish(err == nil)
 	return err

@@ -53,6 +53,17 @@ type app struct {
 	// name is "vdisk <command>", the prefix of every diagnostic line.
 	name string
 	log  *slog.Logger
+	// objects are the --object arguments; secrets what they define.
+	objects []string
+	secrets *driver.SecretMap
+	// storageOpts are settings for network storages (--image-opts keys
+	// such as tls-creds).
+	storageOpts map[string]string
+	// cacheFile and cacheSize: --block-cache, --block-cache-size
+	// (cacheBytes parsed).
+	cacheFile  string
+	cacheSize  string
+	cacheBytes int64
 }
 
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, h *hooks) int {
@@ -94,6 +105,20 @@ Its commands take the same names and flags as qemu-img's.`,
 				level = slog.LevelDebug
 			}
 			a.log = slog.New(newLineHandler(a.stderr, a.name, level))
+			if len(a.objects) > 0 {
+				s, err := parseObjects(a.objects)
+				if err != nil {
+					return err
+				}
+				a.secrets = s
+			}
+			if a.cacheSize != "" {
+				n, err := parseImageSize(a.cacheSize)
+				if err != nil {
+					return usageErrorf("--block-cache-size %q: %v", a.cacheSize, err)
+				}
+				a.cacheBytes = n
+			}
 			return nil
 		},
 	}
@@ -104,6 +129,9 @@ Its commands take the same names and flags as qemu-img's.`,
 	root.PersistentFlags().BoolVar(&a.debug, "debug", false, "print debug messages of the library on stderr")
 	root.PersistentFlags().BoolVar(&a.imageOpts, "image-opts", false, "image arguments are option strings, as in qemu-img: driver=FMT,file.filename=PATH,KEY=VALUE,... (KEY a format open option such as l2-cache-size)")
 	root.PersistentFlags().BoolVar(&a.untrusted, "untrusted", false, "treat the images as untrusted: follow a file name an image records (backing file, extent, data file) only to a regular file in the image's directory or below, never through a link leading out, to an absolute path or a URL")
+	root.PersistentFlags().StringArrayVar(&a.objects, "object", nil, "define an object, as qemu-img: secret,id=ID,file=PATH[,format=raw|base64] (or data=VALUE, visible to other users) for encrypted images (encrypt.key-secret=ID, key-secret=ID) and network disks (password-secret=ID)")
+	root.PersistentFlags().StringVar(&a.cacheFile, "block-cache", "", "keep blocks read from network images (nbd://, iscsi://, s3://) in this local VCI cache file, reused by later runs (--cache/-t is qemu-img's cache mode)")
+	root.PersistentFlags().StringVar(&a.cacheSize, "block-cache-size", "", "bound the --block-cache file to this size (default 1G, e.g. 10G); least recently used blocks are evicted")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(
 		a.newInfoCmd(),
@@ -255,10 +283,6 @@ func (a *app) openRO(name, format string, infoOnly bool) (*vdisk.Disk, error) {
 // format, file.filename= (or file=) the file, and the other keys are the
 // format's open options (qemu's hyphens stand for underscores).
 func (a *app) open(arg string, o vdisk.OpenOptions) (*vdisk.Disk, error) {
-	o.Logger = a.log
-	if o.Storage == nil {
-		o.Storage = a.hooks.storage
-	}
 	name := arg
 	if a.imageOpts {
 		var err error
@@ -266,11 +290,12 @@ func (a *app) open(arg string, o vdisk.OpenOptions) (*vdisk.Disk, error) {
 			return nil, err
 		}
 	}
-	return vdisk.Open(a.ctx, name, &o)
+	return vdisk.Open(a.ctx, name, a.oo(o))
 }
 
 // imageSpec parses an --image-opts argument into o and returns the file
-// name.
+// name. driver=nbd and driver=iscsi (or file.driver=nbd|iscsi under a
+// format) take qemu's network keys and give a URL name.
 func (a *app) imageSpec(arg string, o *vdisk.OpenOptions) (string, error) {
 	if o.Format != "" {
 		return "", driver.OptionErrorf("--image-opts and --format are mutually exclusive")
@@ -279,26 +304,68 @@ func (a *app) imageSpec(arg string, o *vdisk.OpenOptions) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	var name string
+	var name, fileDriver string
+	network := map[string]string{}
 	for _, kv := range kvs {
 		switch kv.Key {
 		case "driver":
 			o.Format = kv.Value
+		case "file.driver":
+			fileDriver = kv.Value
+		}
+	}
+	proto := ""
+	switch {
+	case o.Format == "nbd" || o.Format == "iscsi":
+		proto, o.Format = o.Format, "raw"
+	case fileDriver == "nbd" || fileDriver == "iscsi":
+		proto = fileDriver
+	case fileDriver != "" && fileDriver != "file":
+		return "", driver.OptionErrorf("--image-opts: file.driver=%s is not supported (file, nbd, iscsi)", fileDriver)
+	}
+	for _, kv := range kvs {
+		key := kv.Key
+		if proto != "" && fileDriver == proto && strings.HasPrefix(key, "file.") {
+			network[strings.TrimPrefix(key, "file.")] = kv.Value
+			continue
+		}
+		switch key {
+		case "driver", "file.driver":
 		case "file.filename", "file":
 			name = kv.Value
-		case "file.driver":
-			if kv.Value != "file" {
-				return "", driver.OptionErrorf("--image-opts: file.driver=%s is not supported (only local files)", kv.Value)
-			}
 		case "file.locking", "file.aio", "cache.direct", "cache.no-flush", "read-only", "force-share":
-			if kv.Key == "cache.direct" && kv.Value == "on" {
+			if key == "cache.direct" && kv.Value == "on" {
 				o.Direct = true
 			}
-			if kv.Key == "read-only" && kv.Value == "on" {
+			if key == "read-only" && kv.Value == "on" {
 				o.ReadOnly = true
 			}
 		default:
-			o.Options = append(o.Options, driver.KV{Key: strings.ReplaceAll(kv.Key, "-", "_"), Value: kv.Value})
+			if proto != "" && fileDriver != proto {
+				network[key] = kv.Value
+				continue
+			}
+			o.Options = append(o.Options, driver.KV{Key: strings.ReplaceAll(key, "-", "_"), Value: kv.Value})
+		}
+	}
+	if proto != "" {
+		delete(network, "driver")
+		extra := map[string]string{}
+		if name, err = networkSpec(proto, network, extra); err != nil {
+			return "", err
+		}
+		for k := range network {
+			return "", driver.OptionErrorf("--image-opts %q: driver %s has no key %q", arg, proto, k)
+		}
+		if len(extra) > 0 {
+			merged := map[string]string{}
+			for k, v := range o.StorageOptions {
+				merged[k] = v
+			}
+			for k, v := range extra {
+				merged[k] = v
+			}
+			o.StorageOptions = merged
 		}
 	}
 	if name == "" {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,6 +11,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -49,6 +51,7 @@ type serveOptions struct {
 	memoryBudget                    string
 	control                         string
 	allowUnsafePaths                bool
+	prefetch                        bool
 }
 
 func (a *app) newServeCmd() *cobra.Command {
@@ -129,6 +132,7 @@ jobs are cancelled (the images read the same) before the images close.`,
 	fl.IntVar(&o.maxConnections, "max-connections", nbd.DefaultMaxConnections, "connections served at once at most, whatever -e says")
 	fl.StringVar(&o.memoryBudget, "memory-budget", "256M", "bound on the buffer memory of all connections and requests")
 	fl.StringVar(&o.control, "control", "", "also serve the control protocol (live jobs) on this unix socket")
+	fl.BoolVar(&o.prefetch, "prefetch", false, "pull the whole network base image into its block cache (--block-cache FILE) in the background while serving; with --control, a prefetch job in query-jobs")
 	fl.BoolVar(&o.allowUnsafePaths, "allow-unsafe-paths", false, "follow file names the images record (backing files, extents, data files) wherever they point, as qemu-nbd does; by default only regular files in the image's directory or below are followed")
 	var ignored bool
 	fl.BoolVarP(&ignored, "allocation-depth", "A", false, "accepted for qemu-nbd compatibility: qemu:allocation-depth is always offered")
@@ -233,10 +237,20 @@ func (a *app) serve(image string, o *serveOptions) (err error) {
 	if err != nil {
 		return err
 	}
+	var cs *control.Server
 	if o.control != "" {
 		// Registered after the disks' close: on the way out, jobs are
 		// cancelled and waited for first.
-		stop, err := a.serveControl(o.control, ctlExports)
+		var stop func()
+		cs, stop, err = a.serveControl(o.control, ctlExports)
+		if err != nil {
+			l.Close()
+			return err
+		}
+		defer stop()
+	}
+	if o.prefetch {
+		stop, err := a.startPrefetch(cs, ctlExports)
 		if err != nil {
 			l.Close()
 			return err
@@ -320,14 +334,14 @@ func (a *app) newNBDServer(o *serveOptions) (*nbd.Server, error) {
 // serveControl serves the control protocol on a new unix socket until
 // stop, which cancels the running jobs, waits for them and removes the
 // socket.
-func (a *app) serveControl(sock string, exports []control.Export) (stop func(), err error) {
-	cs, err := control.NewServer(exports, &control.Options{Logger: a.log})
+func (a *app) serveControl(sock string, exports []control.Export) (cs *control.Server, stop func(), err error) {
+	cs, err = control.NewServer(exports, &control.Options{Logger: a.log})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	cl, err := control.Listen(sock)
 	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
+		return nil, nil, fmt.Errorf("control socket: %w", err)
 	}
 	done := make(chan struct{})
 	go func() {
@@ -337,9 +351,55 @@ func (a *app) serveControl(sock string, exports []control.Export) (stop func(), 
 		}
 	}()
 	a.log.Debug("serving the control protocol", "socket", sock)
-	return func() {
+	return cs, func() {
 		cs.Close()
 		<-done
+	}, nil
+}
+
+// startPrefetch pulls the network base of every served disk that has a
+// block cache (--block-cache) into it, in the background: as a prefetch job of
+// the control server when there is one (query-jobs shows its progress,
+// cancel stops it), else on its own, logged when it ends. stop cancels
+// and waits.
+func (a *app) startPrefetch(cs *control.Server, exports []control.Export) (stop func(), err error) {
+	ctx, cancel := context.WithCancel(a.ctx)
+	var wg sync.WaitGroup
+	seen := map[*vdisk.Disk]bool{}
+	for _, e := range exports {
+		if seen[e.Disk] {
+			continue
+		}
+		seen[e.Disk] = true
+		if len(e.Disk.CacheStats()) == 0 {
+			cancel()
+			return nil, usageErrorf("--prefetch needs a network image with a block cache (--block-cache FILE): export %q has none", e.Name)
+		}
+		d, name := e.Disk, e.Name
+		if cs != nil {
+			id, err := cs.StartBackground(name, control.JobPrefetch, func(ctx context.Context, progress func(done, total int64)) error {
+				return d.Prefetch(ctx, progress)
+			})
+			if err != nil {
+				cancel()
+				return nil, err
+			}
+			a.log.Debug("prefetching into the block cache", "export", name, "job", id)
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.Prefetch(ctx, nil); err != nil && ctx.Err() == nil {
+				a.log.Warn("prefetch into the block cache failed; reads still fetch what they need", "export", name, "error", err)
+				return
+			}
+			a.log.Debug("prefetch ended", "export", name)
+		}()
+	}
+	return func() {
+		cancel()
+		wg.Wait()
 	}, nil
 }
 
@@ -355,7 +415,7 @@ func (a *app) openServed(image string, o *serveOptions) (d *vdisk.Disk, tmp stri
 		}
 		paths = driver.PathTrusted
 	}
-	opts := &vdisk.OpenOptions{Format: o.format, ReadOnly: o.readOnly || o.snapshot, Paths: paths, Logger: a.log}
+	opts := a.oo(vdisk.OpenOptions{Format: o.format, ReadOnly: o.readOnly || o.snapshot, Paths: paths, Logger: a.log})
 	d, err = vdisk.Open(a.ctx, image, opts)
 	if err != nil || !o.snapshot {
 		return d, "", err
@@ -384,9 +444,9 @@ func (a *app) openServed(image string, o *serveOptions) (d *vdisk.Disk, tmp stri
 		return nil, "", err
 	}
 	overlay := filepath.Join(tmp, "snapshot."+f.Name)
-	d, err = vdisk.Create(a.ctx, overlay, &vdisk.CreateOptions{
+	d, err = vdisk.Create(a.ctx, overlay, a.co(vdisk.CreateOptions{
 		Format: f.Name, Size: size, Backing: abs, BackingFormat: baseFormat, Paths: paths, Logger: a.log,
-	})
+	}))
 	if err != nil {
 		return nil, tmp, err
 	}

@@ -69,7 +69,7 @@ func (a *app) stream(name, format string, base int, rate int64, showProgress, qu
 		Base:     base,
 		Rate:     rate,
 		Progress: prog.update,
-		Open:     &vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log},
+		Open:     a.oo(vdisk.OpenOptions{Format: format, Paths: a.policy(), Logger: a.log}),
 	})
 	prog.finish(err == nil)
 	if err != nil {

@@ -55,6 +55,22 @@ func untrustedTree(t *testing.T) (img, out string) {
 	}
 	os.WriteFile(desc, []byte(text), 0o644)
 	os.Remove(filepath.Join(img, "ext-flat.vmdk"))
+	// A split sparse VMDK whose extent was moved out of the directory:
+	// info must still describe it without reading the extent's header.
+	run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "sparse.vmdk", "1M")
+	sdesc := filepath.Join(img, "sparse.vmdk")
+	sb, err := os.ReadFile(sdesc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stext := strings.Replace(string(sb), `"sparse-s001.vmdk"`, `"../out/sparse-s001.vmdk"`, 1)
+	if stext == string(sb) {
+		t.Fatalf("no sparse extent line in\n%s", sb)
+	}
+	os.WriteFile(sdesc, []byte(stext), 0o644)
+	if err := os.Rename(filepath.Join(img, "sparse-s001.vmdk"), filepath.Join(out, "sparse-s001.vmdk")); err != nil {
+		t.Fatal(err)
+	}
 	run("qemu-img", "create", "-q", "-f", "qcow2", "../out/base.qcow2", "1M")
 	run("qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 64k", "../out/base.qcow2")
 	run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "../out/base.qcow2", "-F", "qcow2", "top.qcow2")
@@ -96,9 +112,10 @@ func TestInfoUntrusted(t *testing.T) {
 	cases := []struct {
 		image, format, field, name, refused string
 	}{
-		{"data.qcow2", "qcow2", "data file", filepath.Join(out, "data.raw"), "is an absolute path"},
-		{"ext.vmdk", "vmdk", "extent file", filepath.Join(out, "secret.raw"), "is an absolute path"},
+		{"data.qcow2", "qcow2", "data file", filepath.Join(out, "data.raw"), "is an absolute path outside the image's directory"},
+		{"ext.vmdk", "vmdk", "extent file", filepath.Join(out, "secret.raw"), "is an absolute path outside the image's directory"},
 		{"top.qcow2", "qcow2", "backing file", "../out/base.qcow2", "leaves the image's directory"},
+		{"sparse.vmdk", "vmdk", "extent file", "../out/sparse-s001.vmdk", "leaves the image's directory"},
 	}
 	for _, c := range cases {
 		for _, f := range []string{"", c.format} {
@@ -136,7 +153,7 @@ func TestInfoUntrusted(t *testing.T) {
 					t.Errorf("%s: data-file %q", c.image, info.Specific.Data.DataFile)
 				}
 			case "extent file":
-				if len(info.Specific.Data.Extents) != 1 || !strings.HasSuffix(info.Specific.Data.Extents[0].Filename, "secret.raw") {
+				if len(info.Specific.Data.Extents) != 1 || !strings.HasSuffix(info.Specific.Data.Extents[0].Filename, filepath.Base(c.name)) {
 					t.Errorf("%s: extents %+v", c.image, info.Specific.Data.Extents)
 				}
 			case "backing file":

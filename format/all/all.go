@@ -1,11 +1,12 @@
 // Package all registers every vdisk format driver; import it for its side
-// effect:
+// effect (and storage/all for the network storages):
 //
 //	import _ "github.com/vdisk/vdisk/format/all"
 package all
 
 import (
 	_ "github.com/vdisk/vdisk/format/dmg"
+	_ "github.com/vdisk/vdisk/format/luks"
 	_ "github.com/vdisk/vdisk/format/parallels"
 	_ "github.com/vdisk/vdisk/format/qcow"
 	_ "github.com/vdisk/vdisk/format/qcow2"

@@ -148,7 +148,10 @@ type header struct {
 	features      []feature
 	bitmaps       *bitmapExt
 	hasCrypto     bool
-	unknown       []unknownExt
+	// cryptoOff and cryptoLen locate the LUKS header (the full disk
+	// encryption header pointer extension).
+	cryptoOff, cryptoLen uint64
+	unknown              []unknownExt
 }
 
 func be32(b []byte) uint32 { return binary.BigEndian.Uint32(b) }
@@ -238,12 +241,8 @@ func parseHeader(name string, buf []byte, fileSize int64) (*header, error) {
 		}
 		return nil, driver.Unsupportedf(name, "image uses unsupported incompatible features: %s", strings.Join(names, ", "))
 	}
-	if h.cryptMethod != 0 || h.hasCrypto {
-		m := map[uint32]string{1: "AES", 2: "LUKS"}[h.cryptMethod]
-		if m == "" {
-			m = fmt.Sprintf("method %d", h.cryptMethod)
-		}
-		return nil, driver.Unsupportedf(name, "encrypted qcow2 images (%s) are not supported", m)
+	if err := h.checkCrypto(name, fileSize); err != nil {
+		return nil, err
 	}
 	if h.incompat&incompatCompression != 0 {
 		if h.headerLen <= 104 || h.compressionType == 0 {
@@ -325,7 +324,11 @@ func (h *header) parseExtensions(name string, buf []byte, cs int64) error {
 				return driver.Corruptf(name, off, "reserved field of the bitmaps extension is not zero")
 			}
 		case extCrypto:
+			if n < 16 {
+				return driver.Corruptf(name, off, "encryption header pointer extension too short (%d bytes)", n)
+			}
 			h.hasCrypto = true
+			h.cryptoOff, h.cryptoLen = be64(data), be64(data[8:])
 		case extDataFile:
 			if n > maxDataFileNameLen {
 				return driver.Corruptf(name, off, "external data file name too long (%d bytes)", n)

@@ -26,6 +26,7 @@ type image struct {
 	ro      bool
 	shared  bool // a snapshot view sharing another image's files
 	log     *slog.Logger
+	crypt   *cryptState // encrypted images (encrypt.go); nil otherwise
 
 	// Geometry, fixed at open.
 	cbits    uint
@@ -161,6 +162,9 @@ func (im *image) load(p *driver.OpenParams) error {
 	im.setGeometry()
 	im.disk = diskHdr{size: int64(h.size), l1Off: h.l1Offset, l1N: h.l1Size, rtOff: h.refTableOffset, rtClust: h.refTableClust}
 	if err := im.validate(fsize); err != nil {
+		return err
+	}
+	if err := im.loadCrypto(p, fsize); err != nil {
 		return err
 	}
 	// L1 table.

@@ -15,6 +15,8 @@ type Specific struct {
 	DataFileRaw     *bool        `json:"data-file-raw,omitempty"`
 	Corrupt         *bool        `json:"corrupt,omitempty"`
 	ExtendedL2      *bool        `json:"extended-l2,omitempty"`
+	// Encrypt is qemu's "encrypt" object (encrypt.go).
+	Encrypt map[string]any `json:"encrypt,omitempty"`
 }
 
 // BitmapInfo describes a persistent dirty bitmap.
@@ -55,6 +57,7 @@ func (im *image) Info() driver.Info {
 			s.DataFileRaw = bp(im.rawData)
 		}
 	}
+	s.Encrypt = im.encryptInfo()
 	if h.bitmaps != nil {
 		s.Bitmaps = []BitmapInfo{}
 		for _, b := range im.bitmaps {

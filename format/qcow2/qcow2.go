@@ -140,6 +140,8 @@ var Format = &driver.Format{
 			Doc: "compression method of compressed clusters"},
 	},
 	OpenOptions: []driver.Option{
+		{Name: "encrypt.key-secret", Type: driver.TypeString,
+			Doc: "id of the secret with the passphrase of an encrypted image (--object secret,id=ID,...)"},
 		{Name: "l2_cache_size", Type: driver.TypeSize, Min: 0, Max: 1 << 40,
 			Doc: "maximum size of the L2 table cache (default: covers the disk, up to 32M)"},
 		{Name: "refcount_cache_size", Type: driver.TypeSize, Min: 0, Max: 1 << 40,

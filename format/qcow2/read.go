@@ -233,6 +233,9 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 	case rData:
 		x.State = driver.Data
 		x.Offset = r.host
+		if im.crypt != nil {
+			x.Offset = -1 // ciphertext: no byte-for-byte copy
+		}
 	case rCompressed:
 		x.State = driver.Data
 		x.Compressed = true
@@ -265,10 +268,13 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 			// backing chain, or zeros); reading them here is harmless.
 			clear(chunk)
 		case rData:
-			if err := readAtFile(im.df, chunk, r.host); err != nil {
+			if err := im.readData(chunk, r.host, pos); err != nil {
 				return done, err
 			}
 		case rCompressed:
+			if im.crypt != nil {
+				return done, driver.Corruptf(im.name, pos, "compressed cluster in an encrypted image")
+			}
 			if err := im.readCompressed(chunk, r.desc, pos&(im.cs-1)); err != nil {
 				return done, err
 			}

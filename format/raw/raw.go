@@ -6,6 +6,14 @@
 // Size: like qemu, the virtual size is the file size rounded up to a whole
 // 512-byte sector; the missing tail reads as zeros, and writing into it
 // extends the file.
+//
+// Status asks the file (SEEK_DATA/SEEK_HOLE) once per run and caches the
+// runs per open image (cache.go), so the reads that follow a status walk
+// cost no extra syscall; the image's own writes, discards, zeroes and
+// resizes keep the cache coherent. A raw image maps its content to its
+// file one to one (FileExtent) and takes data straight from another file
+// (CopyFrom: reflink or copy_file_range), which convert uses for copy
+// offload.
 package raw
 
 import (
@@ -47,6 +55,7 @@ type image struct {
 	mu       sync.RWMutex // guards size
 	size     int64        // virtual size (multiple of 512)
 	fileSize int64
+	cache    extentCache // the file's data and hole runs, as lseek said
 }
 
 func roundUp(n int64) int64 { return (n + 511) &^ 511 }
@@ -87,11 +96,14 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		return nil, err
 	}
 	if old, err := f.Size(); err != nil || old > 0 {
-		if err == nil {
-			err = f.PunchHole(0, old)
-		}
-		if err == nil && old > p.Size {
+		// Size first: a file that cannot take the new size (an NBD
+		// export or an iSCSI LUN of another size) must fail before any
+		// of its data is punched.
+		if err == nil && old != p.Size {
 			err = f.Truncate(p.Size)
+		}
+		if err == nil {
+			err = f.PunchHole(0, min(old, p.Size))
 		}
 		if err != nil {
 			f.Close()
@@ -144,24 +156,70 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 	if !ok {
 		return driver.Extent{State: driver.Data, Length: n, Offset: off}, nil
 	}
+	r, ok := im.cache.lookup(off)
+	if !ok {
+		var err error
+		if r, err = im.seekRun(hs, off, fsize); err != nil {
+			return driver.Extent{}, err
+		}
+	}
+	st := driver.Zero
+	if r.data {
+		st = driver.Data
+	}
+	return driver.Extent{State: st, Length: min(n, r.end-off), Offset: off}, nil
+}
+
+// seekRun asks the file for the run holding off (below fsize) and caches
+// the answer.
+func (im *image) seekRun(hs driver.HoleSeeker, off, fsize int64) (run, error) {
+	gen := im.cache.generation()
 	data, err := hs.SeekData(off)
 	if errors.Is(err, io.EOF) {
-		return driver.Extent{State: driver.Zero, Length: n, Offset: off}, nil
-	}
-	if err != nil {
-		return driver.Extent{}, err
+		data = fsize
+	} else if err != nil {
+		return run{}, err
 	}
 	if data > off {
-		return driver.Extent{State: driver.Zero, Length: min(n, data-off), Offset: off}, nil
+		r := run{start: off, end: data}
+		im.cache.store(r, gen)
+		// A walk asks next about the data run starting here: learning
+		// its end now makes that a cache hit, so a walk costs one lseek
+		// per run boundary instead of three per data run.
+		if data < fsize {
+			if hole, err := hs.SeekHole(data); err == nil && hole > data {
+				im.cache.store(run{start: data, end: hole, data: true}, gen)
+			}
+		}
+		return r, nil
 	}
 	hole, err := hs.SeekHole(off)
-	if err != nil {
-		return driver.Extent{}, err
+	if errors.Is(err, io.EOF) {
+		hole = fsize
+	} else if err != nil {
+		return run{}, err
 	}
 	if hole <= off { // should not happen; be safe
-		hole = off + n
+		return run{start: off, end: fsize, data: true}, nil
 	}
-	return driver.Extent{State: driver.Data, Length: min(n, hole-off), Offset: off}, nil
+	r := run{start: off, end: hole, data: true}
+	im.cache.store(r, gen)
+	return r, nil
+}
+
+// fsBlock is the widest file system block a write or punch may touch
+// beyond its bytes (btrfs and XFS go up to 64 KiB): the runs around a
+// change are forgotten up to it, since the file system tracks holes by
+// whole blocks.
+const fsBlock = 64 << 10
+
+// changed updates the cache after [off, off+n) of the file changed.
+// A write inside a known data run changes nothing the cache says.
+func (im *image) changed(off, n int64, write bool) {
+	if write && im.cache.covered(off, off+n) {
+		return
+	}
+	im.cache.invalidate(off&^(fsBlock-1), (off+n+fsBlock-1)&^(fsBlock-1))
 }
 
 func (im *image) ReadAt(p []byte, off int64) (int, error) {
@@ -179,6 +237,9 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 		return 0, driver.Errorf(driver.ErrReadOnly, im.name, off, "image opened read-only")
 	}
 	n, err := im.f.WriteAt(p, off)
+	if n > 0 {
+		im.changed(off, int64(n), true)
+	}
 	if end := off + int64(n); err == nil {
 		im.mu.Lock()
 		if end > im.fileSize {
@@ -216,6 +277,13 @@ func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 		return nil // the tail past the file reads zeros already
 	}
 	n = min(n, fsize-off)
+	if r, ok := im.cache.lookup(off); unmap && ok && !r.data && r.end >= off+n {
+		// Known to be a hole already (a convert zeroing an existing target
+		// where it was never written): nothing to punch.
+		return nil
+	}
+	// Forget the range even when the call fails: it may have got halfway.
+	defer im.changed(off, n, false)
 	if unmap {
 		return im.f.PunchHole(off, n)
 	}
@@ -235,5 +303,6 @@ func (im *image) Resize(ctx context.Context, size int64, prealloc string) error 
 	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
+	defer im.cache.invalidate(0, -1)
 	return im.setSize(ctx, im.fileSize, size, prealloc)
 }

@@ -126,7 +126,14 @@ func (c *crashCase) check(got []byte) int64 {
 func TestCrashQemuReplays(t *testing.T) {
 	qemutest.Require(t)
 	const size = 4 << 20
-	mem, m := crashSetup(t, size)
+	// One setup, cloned for every point (the phase is deterministic).
+	mem0, m0 := crashSetup(t, size)
+	fresh := func() (*memfs.FS, *model.Model) {
+		m := model.New(size)
+		copy(m.Data, m0.Data)
+		return mem0.Clone(), m
+	}
+	mem, m := fresh()
 	ffs := faultfs.New(mem)
 	crashPhase(ffs, m, ffs.Reset)
 	total := ffs.Writes()
@@ -143,7 +150,7 @@ func TestCrashQemuReplays(t *testing.T) {
 			t.Run(fmt.Sprint(k), func(t *testing.T) {
 				t.Parallel()
 				dir := t.TempDir()
-				mem, m := crashSetup(t, size)
+				mem, m := fresh()
 				ffs := faultfs.New(mem)
 				var c crashCase
 				var st driver.Storage

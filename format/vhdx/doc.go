@@ -63,18 +63,40 @@
 // (Info().Dirty reports it). qemu refuses such images read-only.
 //
 // Writing. The first change of an open session writes a header with new
-// file write, data write and log GUIDs and syncs it. New blocks go at the
-// end of the file, 1 MiB aligned, in space never written (so it reads
-// zeros); BAT entries, sector bitmap pages and the disk size item change
-// in memory and are committed on Flush and Close through the log: sync the
-// data, write one entry at the start of the log (tail = itself: everything
-// logged before was applied and synced), sync, write the pages in place,
-// sync. A crash anywhere leaves the old metadata or an entry that replays
-// to the new; close writes a header with a zero log GUID. Close without a
-// Flush (an unsafe cache mode: qemu-img convert's default, Disk.CloseUnsynced)
-// writes the same entry and pages without syncing. Blocks freed by
-// discard and whole-block zeroes are punched only after their new entries
-// are committed; freed space is not reused.
+// file write, data write and log GUIDs and syncs it. New blocks go into
+// free space (1 MiB aligned): first the free list, else the end of the
+// file; the space reads zeros (space never written, or punched before it
+// is reused). BAT entries, sector bitmap pages, metadata items and region
+// tables change in memory and are committed on Flush and Close through
+// the log: sync the data, write one entry at the start of the log (tail =
+// itself: everything logged before was applied and synced), sync, write
+// the pages in place, sync. A crash anywhere leaves the old metadata or an
+// entry that replays to the new; close writes a header with a zero log
+// GUID. Close without a Flush (an unsafe cache mode: qemu-img convert's
+// default, Disk.CloseUnsynced) writes the same entry and pages without
+// syncing. Blocks freed by discard, whole-block zeroes, shrinks and
+// compaction are punched only after their new entries are committed, and
+// then join the free list; on open the free list is rebuilt from the
+// BAT (the gaps between the header section, log, regions and blocks),
+// and such space is punched before use as it may hold stale data. Reusing
+// freed space is crash safe: committed metadata no longer points there.
+//
+// The log is searched and replayed from the file a 4 MiB window at a time
+// (data descriptors are read again when applied), so its size is bounded
+// only by the format (4 GiB); at most 4M descriptors are kept, and the
+// checksumming work is bounded by twice the log's size.
+//
+// Reorganising. Resize grows the BAT; when the region cannot hold it, the
+// whole BAT is written into free space and one log entry switches both
+// region tables to it (and writes the new size), after which the old
+// region is free. Shrinking is refused while the image holds non-zero
+// bytes past the new end; blocks and sector bitmaps past it are freed and
+// the file is cut. Compact copies the highest blocks (and sector bitmaps)
+// into free space below them, commits their new entries through the log,
+// frees the old places, repeats while anything moves, and cuts the file:
+// a crash leaves either layout, reading the same. Cutting the file first
+// closes the log (a zero log GUID), since an entry recording the longer
+// file would make a replay take the cut file for a truncated one.
 //
 // # Choices
 //
@@ -87,6 +109,14 @@
 // their blocks on discard and zeroes. logical_sector_size and
 // physical_sector_size are vdisk extensions (qemu opens only 512-byte
 // logical sectors).
+//
+// Identifier: UUID is the page 83 data, the modification UUID the data
+// write GUID, the parent modification UUID the parent_linkage; each can
+// be set (the GUID in the header by the alternating header update, the
+// others as metadata items through the log). SetParent (rebase) rewrites
+// the locator: parent_linkage, relative_path, absolute_win32_path; nil
+// makes the image standalone (partially present blocks become fully
+// present with their absent sectors zeroed, sector bitmaps are freed).
 //
 // Differencing images (which qemu cannot open) record parent_linkage (the
 // parent's data write GUID when it is a VHDX: Identifier's modification
@@ -102,11 +132,8 @@
 // block written becomes fully present; zeroes make whole blocks ZERO.
 // Discard makes whole blocks UNMAPPED (NOT_PRESENT in differencing images).
 //
-// Resize grows within the BAT region (no relocation) and commits the new
-// size through the log; shrinking is refused. Check reports unusable BAT
-// entries (unknown state, outside the file, into metadata or another
-// block), which fail only the reads of their blocks; -r all makes them
-// NOT_PRESENT. Not supported: shrinking, moving the BAT, compaction,
-// changing UUIDs or the parent reference, and logs larger than 256 MiB
-// with entries to replay.
+// Check reports unusable BAT entries (unknown state, outside the file,
+// into metadata or another block), which fail only the reads of their
+// blocks; -r all makes them NOT_PRESENT. Compact refuses an image with
+// unusable entries until it is repaired.
 package vhdx

@@ -127,6 +127,14 @@ func fuzzOpen(t *testing.T, data []byte) {
 			}
 			if !ro {
 				im.WriteAt(disktest.Fill(1000, 7), 0)
+				// Reorganising a hostile image fails or works, never
+				// panics: grow (maybe moving the BAT), shrink back,
+				// compact.
+				r := im.(driver.Resizer)
+				if r.Resize(ctx, size+mib, "") == nil {
+					r.Resize(ctx, size, "")
+				}
+				im.(driver.Compacter).Compact(ctx, nil)
 			}
 			im.Close()
 		}

@@ -35,8 +35,6 @@ const (
 	maxBlockSize = 256 * mib
 	// maxDiskSize is the largest virtual size the specification allows.
 	maxDiskSize = 64 << 40
-	// maxLogSize bounds the log read into memory on open.
-	maxLogSize = 256 * mib
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)

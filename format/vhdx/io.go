@@ -304,14 +304,6 @@ func (im *image) setEntryLocked(i int64, st uint64, off int64) {
 	im.dirtyBAT[i*8/logSector] = true
 }
 
-// allocLocked reserves n bytes (a multiple of 1 MiB) at the end of the
-// file. The space reads zeros: nothing was ever written there.
-func (im *image) allocLocked(n int64) int64 {
-	off := im.fileEnd
-	im.fileEnd += n
-	return off
-}
-
 // markBitsLocked sets (v) or clears the bits of the disk's sectors
 // [s0, s1), all inside one chunk, allocating the chunk's bitmap block.
 func (im *image) markBitsLocked(s0, s1 int64, v bool) error {
@@ -321,8 +313,12 @@ func (im *image) markBitsLocked(s0, s1 int64, v bool) error {
 		return err
 	}
 	if bm == nil {
+		off, err := im.allocLocked(mib)
+		if err != nil {
+			return err
+		}
 		bm = make([]byte, mib)
-		im.setEntryLocked(im.bitmapIndex(c), stBitmapOK, im.allocLocked(mib))
+		im.setEntryLocked(im.bitmapIndex(c), stBitmapOK, off)
 		im.bitmaps[c] = bm
 	}
 	setBits(bm, c*sectorsPerChunk, s0, s1, v)
@@ -377,7 +373,10 @@ func (im *image) writeBlock(p []byte, zn, b, in int64) error {
 		im.mu.Lock()
 		im.setEntryLocked(i, stFull, foff)
 	default:
-		foff = im.allocLocked(bs)
+		if foff, err = im.allocLocked(bs); err != nil {
+			im.mu.Unlock()
+			return err
+		}
 		if st == stZero || !im.p.hasParent || whole {
 			im.setEntryLocked(i, stFull, foff)
 		} else {
@@ -527,8 +526,8 @@ func (im *image) dirtyPagesLocked() []logWrite {
 			ws = append(ws, logWrite{int64(e>>20<<20) + pg*logSector, bm[pg*logSector : (pg+1)*logSector]})
 		}
 	}
-	if im.dirtyMD != nil {
-		ws = append(ws, *im.dirtyMD)
+	for off, pg := range im.dirtyPg {
+		ws = append(ws, logWrite{off, pg})
 	}
 
 	sort.Slice(ws, func(a, b int) bool { return ws[a].off < ws[b].off })
@@ -538,18 +537,49 @@ func (im *image) dirtyPagesLocked() []logWrite {
 func (im *image) clearDirtyLocked() {
 	im.dirtyBAT = map[int64]bool{}
 	im.dirtyBM = map[int64]map[int64]bool{}
-	im.dirtyMD = nil
+	im.dirtyPg = map[int64][]byte{}
 }
 
 // punchPendingLocked frees the space of blocks whose BAT entries no longer
 // point at them (committed).
 func (im *image) punchPendingLocked() error {
 	for _, s := range im.punch {
-		if err := im.f.PunchHole(s.off, s.end-s.off); err != nil {
+		if err := im.zeroSpace(s.off, s.end-s.off); err != nil {
 			return err
 		}
+		im.addFreeLocked(s, true)
 	}
 	im.punch = nil
+	return nil
+}
+
+// pageLocked returns the 4 KiB metadata page at off (a region table or
+// metadata region page) as the next commit will write it, marking it
+// dirty: changes to it go through the log.
+func (im *image) pageLocked(off int64) ([]byte, error) {
+	if pg, ok := im.dirtyPg[off]; ok {
+		return pg, nil
+	}
+	pg := make([]byte, logSector)
+	if err := readFull(im.r, pg, off); err != nil {
+		return nil, err
+	}
+	im.dirtyPg[off] = pg
+	return pg, nil
+}
+
+// setBytesLocked changes metadata bytes at off (any length, crossing
+// pages) through the log.
+func (im *image) setBytesLocked(off int64, b []byte) error {
+	for len(b) > 0 {
+		po := off / logSector * logSector
+		pg, err := im.pageLocked(po)
+		if err != nil {
+			return err
+		}
+		n := copy(pg[off-po:], b)
+		b, off = b[n:], off+int64(n)
+	}
 	return nil
 }
 

@@ -19,18 +19,22 @@ const (
 	logSigData    = "data"
 	logSigDesc    = "desc"
 	logSigZero    = "zero"
-	maxCRCWorkMul = 8 // the log search checksums at most this many times the log's size
+	maxCRCWorkMul = 2 // the log search checksums at most this many times the log's size
 	// maxLogGrowth bounds how far past the end of the file a log entry's
 	// last file offset may lie.
 	maxLogGrowth = 1 << 40
 )
 
 // logDesc is one descriptor of a log entry: a 4 KiB sector of data, or a
-// run of zeros, for a file offset.
+// run of zeros, for a file offset. A data descriptor's sector stays in
+// the log (read again when it is applied), so replay memory does not grow
+// with the log's size.
 type logDesc struct {
-	off  int64
-	zero int64  // zero descriptor: bytes of zeros
-	data []byte // data descriptor: the 4096 bytes
+	off     int64
+	zero    int64 // zero descriptor: bytes of zeros
+	dataPos int64 // data descriptor: the data sector's log position; -1 for zeros
+	head    [8]byte
+	tail    [4]byte
 }
 
 // logEntry is a validated log entry.
@@ -45,34 +49,58 @@ type logEntry struct {
 
 func descSectors(n int64) int64 { return (n + 2 + 127) / 128 }
 
-// logReader reads the circular log held in memory.
+// maxReplayDescs bounds the descriptors kept while searching a log (a
+// 4 GiB log of data sectors has a million; zero descriptors could claim
+// 128 per sector).
+const maxReplayDescs = 1 << 22
+
+// logReader reads the circular log from the file.
 type logReader struct {
-	buf  []byte
-	g    guid
-	work int64 // bytes checksummed so far
+	r     io.ReaderAt
+	base  int64 // the log's file offset
+	size  int64
+	g     guid
+	work  int64 // bytes checksummed so far
+	descs int64 // descriptors kept so far
+	err   error // the first read error, or too many descriptors
 }
 
-// at returns n bytes at log position pos, wrapping around the end.
+// at reads n bytes at log position pos, wrapping around the end.
 func (l *logReader) at(pos, n int64) []byte {
-	size := int64(len(l.buf))
-	pos %= size
-	if pos+n <= size {
-		return l.buf[pos : pos+n]
-	}
-	out := make([]byte, 0, n)
-	for n > 0 {
-		c := min(n, size-pos)
-		out = append(out, l.buf[pos:pos+c]...)
-		n -= c
+	out := make([]byte, n)
+	l.readAt(out, pos)
+	return out
+}
+
+func (l *logReader) readAt(p []byte, pos int64) {
+	pos %= l.size
+	for len(p) > 0 {
+		c := min(int64(len(p)), l.size-pos)
+		if err := readFull(l.r, p[:c], l.base+pos); err != nil && l.err == nil {
+			l.err = err
+		}
+		p = p[c:]
 		pos = 0
 	}
-	return out
+}
+
+// sector rebuilds the 4 KiB a data descriptor writes.
+func (l *logReader) sector(d *logDesc) ([]byte, error) {
+	// A data sector never wraps (the log is whole sectors); reading it
+	// touches no shared state, so overlay reads may run concurrently.
+	data := make([]byte, logSector)
+	if err := readFull(l.r, data, l.base+d.dataPos); err != nil {
+		return nil, err
+	}
+	copy(data[:8], d.head[:])
+	copy(data[4092:], d.tail[:])
+	return data, nil
 }
 
 // entryAt validates the entry at pos; nil when there is none.
 func (l *logReader) entryAt(pos int64) *logEntry {
-	size := int64(len(l.buf))
-	h := l.buf[pos : pos+logEntryHdr]
+	size := l.size
+	h := l.at(pos, logEntryHdr)
 	if string(h[:4]) != logSigEntry {
 		return nil
 	}
@@ -96,17 +124,42 @@ func (l *logReader) entryAt(pos int64) *logEntry {
 	if l.work += e.length; l.work > maxCRCWorkMul*size+16*mib {
 		return nil
 	}
-	raw := l.at(pos, e.length)
-	if binary.LittleEndian.Uint32(raw[4:]) != checksumEntry(raw) {
+	// The checksum covers the whole entry, its own field taken as zero;
+	// streamed in pieces.
+	crc := uint32(0)
+	piece := make([]byte, min(e.length, mib))
+	for done := int64(0); done < e.length; {
+		c := min(int64(len(piece)), e.length-done)
+		l.readAt(piece[:c], pos+done)
+		if done == 0 {
+			clear(piece[4:8])
+		}
+		crc = crc32.Update(crc, castagnoli, piece[:c])
+		done += c
+	}
+	if l.err != nil || binary.LittleEndian.Uint32(h[4:]) != crc {
 		return nil
 	}
 	e.descSectorCount = ds
 	dataSec := ds
+	dsec := make([]byte, logSector)
+	sh := make([]byte, logSector)
 	for i := int64(0); i < nd; i++ {
-		d := raw[logEntryHdr+logDescSize*i:]
+		// Descriptor i lives in descriptor sector (64+32i)/4096.
+		at := logEntryHdr + logDescSize*i
+		if at%logSector == 0 || i == 0 {
+			l.readAt(dsec, pos+at/logSector*logSector)
+		}
+		d := dsec[at%logSector:]
 		dseq := binary.LittleEndian.Uint64(d[24:])
 		off := int64(binary.LittleEndian.Uint64(d[16:]))
 		if dseq != e.seq || off < 0 || off%logSector != 0 {
+			return nil
+		}
+		if l.descs++; l.descs > maxReplayDescs {
+			if l.err == nil {
+				l.err = fmt.Errorf("the log holds more than %d descriptors", maxReplayDescs)
+			}
 			return nil
 		}
 		switch string(d[:4]) {
@@ -115,22 +168,22 @@ func (l *logReader) entryAt(pos int64) *logEntry {
 			if z < 0 || z%logSector != 0 {
 				return nil
 			}
-			e.descs = append(e.descs, logDesc{off: off, zero: z})
+			e.descs = append(e.descs, logDesc{off: off, zero: z, dataPos: -1})
 		case logSigDesc:
 			if (dataSec+1)*logSector > e.length {
 				return nil
 			}
-			s := raw[dataSec*logSector : (dataSec+1)*logSector]
+			spos := (pos + dataSec*logSector) % size
 			dataSec++
-			sseq := uint64(binary.LittleEndian.Uint32(s[4:]))<<32 | uint64(binary.LittleEndian.Uint32(s[4092:]))
-			if string(s[:4]) != logSigData || sseq != e.seq {
+			l.readAt(sh, spos)
+			sseq := uint64(binary.LittleEndian.Uint32(sh[4:]))<<32 | uint64(binary.LittleEndian.Uint32(sh[4092:]))
+			if string(sh[:4]) != logSigData || sseq != e.seq {
 				return nil
 			}
-			data := make([]byte, logSector)
-			copy(data[:8], d[8:16])
-			copy(data[8:], s[8:4092])
-			copy(data[4092:], d[4:8])
-			e.descs = append(e.descs, logDesc{off: off, data: data})
+			ld := logDesc{off: off, dataPos: spos}
+			copy(ld.head[:], d[8:16])
+			copy(ld.tail[:], d[4:8])
+			e.descs = append(e.descs, ld)
 		default:
 			return nil
 		}
@@ -146,19 +199,33 @@ func checksumEntry(raw []byte) uint32 { return checksum(raw, 4) }
 // one) whose last entry has the highest sequence number, replayed from
 // the entry its tail points at (or from the chain's start when the tail
 // points elsewhere, as qemu replays).
-func findSequence(buf []byte, g guid) []*logEntry {
-	l := &logReader{buf: buf, g: g}
-	size := int64(len(buf))
+func findSequence(l *logReader) ([]*logEntry, error) {
+	size := l.size
 	byPos := map[int64]*logEntry{}
 	var all []*logEntry
-	for pos := int64(0); pos+logEntryHdr <= size; pos += logSector {
-		if e := l.entryAt(pos); e != nil {
-			byPos[pos] = e
-			all = append(all, e)
+	// Scan a window at a time for entry headers; validate candidates.
+	win := make([]byte, min(size, 4*mib))
+	for wpos := int64(0); wpos < size; wpos += int64(len(win)) {
+		w := win[:min(int64(len(win)), size-wpos)]
+		l.readAt(w, wpos)
+		if l.err != nil {
+			return nil, l.err
+		}
+		for o := int64(0); o+logEntryHdr <= int64(len(w)); o += logSector {
+			if string(w[o:o+4]) != logSigEntry || string(w[o+32:o+48]) != string(l.g[:]) {
+				continue
+			}
+			if e := l.entryAt(wpos + o); e != nil {
+				byPos[wpos+o] = e
+				all = append(all, e)
+			}
+			if l.err != nil {
+				return nil, l.err
+			}
 		}
 	}
 	if len(all) == 0 {
-		return nil
+		return nil, nil
 	}
 	next := func(e *logEntry) *logEntry {
 		n := byPos[(e.pos+e.length)%size]
@@ -184,7 +251,7 @@ func findSequence(buf []byte, g guid) []*logEntry {
 		}
 	}
 	if head == nil {
-		return nil // a cycle of consecutive sequence numbers: impossible
+		return nil, nil // a cycle of consecutive sequence numbers: impossible
 	}
 	chain := []*logEntry{head}
 	for e := head; e.pos != head.tail; {
@@ -198,18 +265,20 @@ func findSequence(buf []byte, g guid) []*logEntry {
 	for i, j := 0, len(chain)-1; i < j; i, j = i+1, j-1 {
 		chain[i], chain[j] = chain[j], chain[i]
 	}
-	return chain
+	return chain, nil
 }
 
-// patch is a replayed log write kept in memory (read-only opens).
+// patch is a replayed log write applied in memory (read-only opens).
 type patch struct {
 	off, n int64
-	data   []byte // nil for zeros
+	desc   *logDesc // nil for zeros
 }
 
-// overlay is the file as it reads after replaying the log in memory.
+// overlay is the file as it reads after replaying the log in memory: data
+// descriptors are read from the log when a read covers them.
 type overlay struct {
 	r       io.ReaderAt
+	log     *logReader
 	size    int64 // the file's size
 	patches []patch
 }
@@ -231,11 +300,15 @@ func (o *overlay) ReadAt(p []byte, off int64) (int, error) {
 		if lo >= hi {
 			continue
 		}
-		if pt.data == nil {
+		if pt.desc == nil {
 			clear(p[lo-off : hi-off])
-		} else {
-			copy(p[lo-off:hi-off], pt.data[lo-pt.off:hi-pt.off])
+			continue
 		}
+		data, err := o.log.sector(pt.desc)
+		if err != nil {
+			return 0, err
+		}
+		copy(p[lo-off:hi-off], data[lo-pt.off:hi-pt.off])
 	}
 	return n, nil
 }
@@ -342,14 +415,11 @@ func (im *image) replay(fsize int64) (bool, error) {
 	if h.logGUID.isZero() || h.logLength == 0 {
 		return false, nil
 	}
-	if im.logLen > maxLogSize {
-		return false, driver.Unsupportedf(im.name, "a %d-byte log needs replaying; at most %d bytes are supported", im.logLen, int64(maxLogSize))
-	}
-	buf := make([]byte, im.logLen)
-	if err := readFull(im.f, buf, im.logOff); err != nil {
+	lr := &logReader{r: im.f, base: im.logOff, size: im.logLen, g: h.logGUID}
+	seq, err := findSequence(lr)
+	if err != nil {
 		return false, fmt.Errorf("%s: reading the log: %w", im.name, err)
 	}
-	seq := findSequence(buf, h.logGUID)
 	if len(seq) == 0 {
 		return false, nil
 	}
@@ -367,7 +437,7 @@ func (im *image) replay(fsize int64) (bool, error) {
 	for _, e := range seq {
 		for _, d := range e.descs {
 			n := d.zero
-			if d.data != nil {
+			if d.dataPos >= 0 {
 				n = logSector
 			}
 			if err := im.replayRange(d.off, n, limit); err != nil {
@@ -376,11 +446,12 @@ func (im *image) replay(fsize int64) (bool, error) {
 		}
 	}
 	if im.ro {
-		ov := &overlay{r: im.f, size: fsize}
+		ov := &overlay{r: im.f, log: lr, size: fsize}
 		for _, e := range seq {
-			for _, d := range e.descs {
-				if d.data != nil {
-					ov.patches = append(ov.patches, patch{d.off, logSector, d.data})
+			for i := range e.descs {
+				d := &e.descs[i]
+				if d.dataPos >= 0 {
+					ov.patches = append(ov.patches, patch{d.off, logSector, d})
 				} else if d.zero > 0 {
 					ov.patches = append(ov.patches, patch{d.off, d.zero, nil})
 				}
@@ -394,8 +465,11 @@ func (im *image) replay(fsize int64) (bool, error) {
 	for _, e := range seq {
 		for _, d := range e.descs {
 			var err error
-			if d.data != nil {
-				_, err = im.f.WriteAt(d.data, d.off)
+			if d.dataPos >= 0 {
+				var data []byte
+				if data, err = lr.sector(&d); err == nil {
+					_, err = im.f.WriteAt(data, d.off)
+				}
 			} else if d.off < fsize {
 				// Past the end of the file the growth below reads zeros.
 				err = writeZeros(im.f, d.off, min(d.zero, fsize-d.off))

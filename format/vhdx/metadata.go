@@ -264,6 +264,11 @@ func marshalMetadata(items []metaItem, size int64) []byte {
 	for i, it := range items {
 		e := b[32+32*i:]
 		copy(e, it.id[:])
+		if len(it.data) == 0 {
+			// An empty item records offset 0.
+			binary.LittleEndian.PutUint32(e[24:], it.flags)
+			continue
+		}
 		binary.LittleEndian.PutUint32(e[16:], off)
 		binary.LittleEndian.PutUint32(e[20:], uint32(len(it.data)))
 		binary.LittleEndian.PutUint32(e[24:], it.flags)

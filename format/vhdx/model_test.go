@@ -28,13 +28,23 @@ func TestModelChain(t *testing.T) {
 			d := createVHDX(t, mem, "/base.vhdx", c.size, "", opts...)
 			m := model.New(d.Size())
 			ch := &model.Chain{Storage: mem, Format: "vhdx", Ext: "vhdx", Options: opts, MaxDepth: 2, Top: "/base.vhdx"}
-			h := &model.Harness{Seed: 16, Ops: 10000, MaxIO: 640 << 10, Reopen: ch.Reopen, Snapshot: ch.Snapshot}
+			// Every reopen compacts the top first: blocks move, the file
+			// is cut, and freed space is reused by later allocations.
+			compacts := 0
+			reopen := func(d *vdisk.Disk) (*vdisk.Disk, error) {
+				if err := d.Compact(ctx, nil); err != nil {
+					return nil, err
+				}
+				compacts++
+				return ch.Reopen(d)
+			}
+			h := &model.Harness{Seed: 16, Ops: 10000, MaxIO: 640 << 10, Reopen: reopen, Snapshot: ch.Snapshot}
 			if c.name == "4k" {
 				h.Ops = 2000
 			}
 			d = h.Run(t, d, m)
-			if ch.Depth != 2 {
-				t.Fatalf("the chain grew to %d diff layers, want 2", ch.Depth)
+			if ch.Depth != 2 || compacts == 0 {
+				t.Fatalf("the chain grew to %d diff layers (want 2), %d compactions", ch.Depth, compacts)
 			}
 			if n := len(d.Layers()); n != 3 {
 				t.Fatalf("%d layers", n)

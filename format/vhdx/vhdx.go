@@ -18,7 +18,7 @@ var Format = &driver.Format{
 	Extensions:  []string{"vhdx"},
 	Description: "Hyper-V virtual hard disk v2 (VHDX)",
 	Caps: driver.CapCreateFixed | driver.CapCreateDynamic | driver.CapDiff | driver.CapDiscard |
-		driver.CapZero | driver.CapResize | driver.CapUUID | driver.CapCheck | driver.CapWrite,
+		driver.CapZero | driver.CapResize | driver.CapUUID | driver.CapCheck | driver.CapCompact | driver.CapWrite,
 	CreateOptions: []driver.Option{
 		{Name: "subformat", Type: driver.TypeEnum, Default: "dynamic", Values: []string{"dynamic", "fixed"},
 			Doc: "dynamic (growing, the default) or fixed (every block allocated)"},
@@ -97,12 +97,15 @@ type image struct {
 
 	bitmaps map[int64][]byte // chunk -> its sector bitmap block (loaded)
 
-	dirtyBAT map[int64]bool           // BAT page indices
-	dirtyBM  map[int64]map[int64]bool // chunk -> bitmap page indices
-	dirtyMD  *logWrite                // the metadata page with the disk size
-	punch    []span                   // freed blocks, punched once committed
-	session  bool                     // headers carry this session's GUIDs
-	logSeq   uint64                   // last log sequence number used
+	dirtyBAT     map[int64]bool           // BAT page indices
+	dirtyBM      map[int64]map[int64]bool // chunk -> bitmap page indices
+	dirtyPg      map[int64][]byte         // other metadata pages (region tables, metadata items) by file offset
+	punch        []span                   // freed blocks, punched once committed
+	free         []freeSpan               // committed free space, by offset
+	regions      []regionEntry            // the region table as read
+	otherRegions []span                   // unknown regions: never allocated over
+	session      bool                     // headers carry this session's GUIDs
+	logSeq       uint64                   // last log sequence number used
 
 	replayedInMemory bool
 	replayed         bool
@@ -240,6 +243,9 @@ func (im *image) loadRegions(fsize int64, b []byte) error {
 			if r.required {
 				return driver.Unsupportedf(im.name, "required region %s is unknown", r.id)
 			}
+			if r.length > 0 && r.off < uint64(fsize) {
+				im.otherRegions = append(im.otherRegions, span{int64(r.off), int64(r.off) + int64(r.length)})
+			}
 			continue
 		}
 		if r.off%mib != 0 || r.length == 0 || int64(r.length)%mib != 0 || r.off > uint64(fsize) || int64(r.off)+int64(r.length) > fsize {
@@ -266,6 +272,7 @@ func (im *image) loadRegions(fsize int64, b []byte) error {
 			im.metaOff, im.metaLen = s.off, s.end-s.off
 		}
 	}
+	im.regions = ents
 	if !haveBAT || !haveMeta {
 		return im.corrupt(region1Off, "the region table lacks the BAT or the metadata region")
 	}
@@ -317,6 +324,9 @@ func (im *image) loadBAT(fsize int64) error {
 	im.fileEnd = roundUp(fsize, mib)
 	im.bitmaps = map[int64][]byte{}
 	im.clearDirtyLocked()
+	if !im.ro {
+		im.rebuildFreeLocked()
+	}
 	return nil
 }
 

@@ -62,9 +62,10 @@ const flatDesc = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffff
 // read-write, writes. It returns the open error.
 func openBytes(t testing.TB, b []byte, rw bool) error {
 	st := memfs.New()
-	st.WriteFile("/f.vmdk", b)
-	st.WriteFile("/f-flat.vmdk", disktest.Fill(8<<10, 0x5f))
-	img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/f.vmdk", ReadOnly: !rw})
+	st.WriteFile("/img/f.vmdk", b)
+	st.WriteFile("/img/f-flat.vmdk", disktest.Fill(8<<10, 0x5f))
+	st.WriteFile("/etc/passwd", disktest.Fill(8<<10, 0x66))
+	img, err := Format.Open(ctx, &driver.OpenParams{Storage: st, Name: "/img/f.vmdk", ReadOnly: !rw})
 	if err != nil {
 		return err
 	}
@@ -149,6 +150,7 @@ func TestHostile(t *testing.T) {
 		{"extents sum huge", desc("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\n" + strings.Repeat("RW 2000000000000 ZERO\n", 2000)), driver.ErrCorrupt},
 		{"unknown extent type", desc("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nRW 8 WEIRD \"f-flat.vmdk\"\n"), driver.ErrCorrupt},
 		{"absolute extent", desc("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"/etc/passwd\" 0\n"), driver.ErrInvalidOption},
+		{"absolute extent inside the image's directory", desc("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"/img/f-flat.vmdk\" 0\n"), nil},
 		{"dotdot extent", desc("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"../x/f-flat.vmdk\" 0\n"), driver.ErrInvalidOption},
 		{"missing extent", desc("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"nope.vmdk\" 0\n"), driver.ErrNotFound},
 		{"fullDevice", desc("# Disk DescriptorFile\ncreateType=\"fullDevice\"\nRW 8 FLAT \"/dev/sda\" 0\n"), driver.ErrUnsupported},

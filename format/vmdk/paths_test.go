@@ -94,6 +94,24 @@ func TestExtentPathPolicy(t *testing.T) {
 	if _, err := img.ReadAt(b, 2048*512); !errors.As(err, &pe) {
 		t.Errorf("read of a refused extent: %q %v", b, err)
 	}
+
+	// A refused sparse extent: its header is never read, the image still
+	// opens InfoOnly (vdisk info --untrusted) and reads fail with the
+	// refusal.
+	writeFile(t, st, "/img/s.vmdk", []byte(flatDescriptor(`RW 2048 SPARSE "../out/secret.raw"`)))
+	refs = &driver.ReferenceLog{}
+	simg, err := open(ctx, &driver.OpenParams{Storage: st, Name: "/img/s.vmdk", ReadOnly: true, InfoOnly: true, Options: opts(), References: refs})
+	if err != nil {
+		t.Fatalf("InfoOnly strict open with a refused sparse extent: %v", err)
+	}
+	defer simg.Close()
+	if got := refs.List(); len(got) != 1 || got[0].Refused == "" {
+		t.Errorf("references %+v: want the sparse extent refused", got)
+	}
+	if _, err := simg.ReadAt(b, 0); !errors.As(err, &pe) {
+		t.Errorf("read of a refused sparse extent: %v", err)
+	}
+	simg.Info()
 }
 
 // TestExtentBeneath: on the local file system a sparse or flat extent

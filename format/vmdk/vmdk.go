@@ -86,6 +86,10 @@ type extent struct {
 	f       driver.File
 	flatOff int64 // bytes
 	sp      *sparse
+	// refused is the path policy's refusal of the extent's file in an
+	// InfoOnly image: the extent is then kept as NOACCESS (its header is
+	// never read) and reads fail with this error.
+	refused error
 }
 
 // image is an open VMDK disk.
@@ -381,11 +385,13 @@ func (im *image) loadExtents(unsafe bool) error {
 			}
 			sparseFiles[p] = true
 			if _, err := e.f.Size(); err != nil {
-				// A refused extent of an InfoOnly image: say so, not
-				// that its header cannot be read.
+				// A refused extent of an InfoOnly image: keep the
+				// extent without reading its header, so info can still
+				// show the image and the name it refused.
 				var pe *driver.PathError
 				if errors.As(err, &pe) {
-					return err
+					e.refused, e.line.access = err, "NOACCESS"
+					break
 				}
 			}
 			if e.sp, err = openSparse(e.f, p); err != nil {
@@ -434,6 +440,9 @@ func (im *image) runAt(off, n int64) (erun, error) {
 	e := im.exts[i]
 	rel := off - e.start
 	n = min(n, e.size-rel)
+	if e.refused != nil {
+		return erun{}, e.refused
+	}
 	if e.line.access == "NOACCESS" {
 		return erun{}, driver.Errorf(driver.ErrUnsupported, im.name, off, "extent %d is NOACCESS", i)
 	}

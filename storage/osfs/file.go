@@ -23,6 +23,7 @@ type File struct {
 	writable bool
 	direct   bool
 	blockDev bool
+	cloneState
 }
 
 var (

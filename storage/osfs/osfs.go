@@ -4,7 +4,9 @@
 // are accessed with pread/pwrite (concurrent ReadAt/WriteAt on distinct ranges
 // are safe) and implement the optional driver interfaces HoleSeeker
 // (SEEK_DATA/SEEK_HOLE), Allocator (fallocate), ZeroRanger
-// (FALLOC_FL_ZERO_RANGE) and AllocatedSizer (st_blocks).
+// (FALLOC_FL_ZERO_RANGE) and AllocatedSizer (st_blocks), and copy from one
+// another inside the kernel (File.CopyFrom: FICLONERANGE, then
+// copy_file_range).
 //
 // Open takes an advisory flock(2) lock unless driver.NoLock is given: an
 // exclusive lock for driver.ReadWrite, a shared one for read-only opens. flock

@@ -1,0 +1,269 @@
+package vdisk
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync/atomic"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+// Copy offload: a convert whose source runs are byte-for-byte extents of a
+// local file and whose target can take bytes straight from a file (a raw
+// image on osfs) copies those runs inside the kernel: FICLONERANGE where
+// the file system shares blocks (nothing is copied at all), else
+// copy_file_range(2) (no pass through user space; on NFS/SMB a server-side
+// copy). This is qemu-img convert -C, done by default where it is safe:
+// only plain data runs are offloaded (never compressed or encrypted ones,
+// which FileExtent does not map), zero runs keep their sparse handling,
+// and any refusal falls back to reading and writing.
+//
+// The two optional image interfaces below are meant for the driver SDK;
+// they use only driver types so that drivers can implement them today.
+
+// FileExtenter is implemented by images whose content is, over some runs,
+// stored plainly in a file they own: raw images, fixed VHD and VDI data
+// areas, flat VMDK extents, uncompressed unencrypted qcow2 clusters.
+type FileExtenter interface {
+	// FileExtent maps [off, off+n) of the image's own content (not its
+	// parent's) to a file: bytes off.. are f's bytes fileOff.. for length
+	// bytes (0 < length <= n). f is nil where the run is not stored plainly
+	// (not allocated, compressed, encrypted, ...); length still says how
+	// far that holds. holes reports that the range may contain holes of f
+	// (reading as zeros) that the image's Status does not show, so the
+	// caller asks f (driver.HoleSeeker) before copying.
+	FileExtent(off, n int64) (f driver.File, fileOff, length int64, holes bool, err error)
+}
+
+// FileCopier is implemented by images that can take a run of bytes
+// straight from a file (copy_file_range), as a write of those bytes at off
+// would store them.
+type FileCopier interface {
+	// CopyFrom copies n bytes of src from srcOff into the image at off and
+	// returns the bytes copied. It fails with an error wrapping
+	// driver.ErrUnsupported, having copied nothing, where it cannot (src
+	// on another storage, a kernel or file system without the copy).
+	CopyFrom(src driver.File, srcOff, off, n int64) (int64, error)
+}
+
+// ConvertStats counts what a Convert did, in bytes of virtual size (the
+// JSON names are convert's --output json statistics).
+type ConvertStats struct {
+	// Written is the data written through the target's write path.
+	Written int64 `json:"written-bytes"`
+	// Offloaded is the data the kernel copied file to file (reflinked or
+	// copy_file_range) without it passing through vdisk.
+	Offloaded int64 `json:"offloaded-bytes"`
+	// Zero is the runs that read as zeros: left as holes on a zeroed
+	// target, or written as zeroes on one that is not.
+	Zero int64 `json:"zero-bytes"`
+	// Skipped is data not copied because the target's backing holds it
+	// (an incremental copy, ConvertOptions.Above).
+	Skipped int64 `json:"skipped-bytes"`
+}
+
+// convStats is the converter's live counters.
+type convStats struct {
+	written, offloaded, zero, skipped atomic.Int64
+}
+
+func (s *convStats) result() ConvertStats {
+	return ConvertStats{Written: s.written.Load(), Offloaded: s.offloaded.Load(), Zero: s.zero.Load(), Skipped: s.skipped.Load()}
+}
+
+// setupPieces decides how data jobs run. offload: the target top can copy
+// from files and nothing has to look at the bytes (no compression, no
+// forced full allocation). pieces: data jobs are split by what the source
+// stores where (offload, or a source layer whose file extents may hold
+// holes its Status does not show: those read as zeros without reading).
+func (c *converter) setupPieces() {
+	if c.cw != nil || c.zd < 0 || c.o.Above > 0 {
+		return
+	}
+	if _, ok := c.dst.Top().img.(FileCopier); ok && !c.o.NoOffload {
+		c.offload, c.pieces = true, true
+		return
+	}
+	for _, l := range c.src.Layers() {
+		if _, ok := l.img.(FileExtenter); ok {
+			c.pieces = true
+		}
+	}
+}
+
+// pieceKind is what offloadPiece found at the start of a range.
+type pieceKind int
+
+const (
+	pieceCopied   pieceKind = iota // copied by the kernel
+	pieceZero                      // reads as zeros: nothing to copy
+	pieceFallback                  // not a plain file extent: read and write it
+	pieceNeedTurn                  // would copy, but the write turn is not held yet
+)
+
+// offloadJob copies a data job's range with the kernel where it can,
+// falling back to convertJob for the pieces it cannot (and, after a
+// refusal, for the rest of the convert).
+func (c *converter) offloadJob(ctx context.Context, j convJob, buf []byte) error {
+	// Copies happen under the source's locks, which must not be held while
+	// waiting for a turn: a piece that would copy first comes back for the
+	// turn, then runs again. Pieces read and written take their turn
+	// after reading (convertJob), so reads still run in parallel.
+	turn := !c.o.Sequential
+	end := j.off + j.n
+	for p := j.off; p < end; {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		kind, n := pieceFallback, end-p
+		if c.pieces {
+			var err error
+			kind, n, err = c.offloadPiece(p, end-p, turn)
+			if err == nil && kind == pieceNeedTurn {
+				if !c.seq.wait(j.seq) {
+					return ctx.Err()
+				}
+				turn = true
+				continue
+			}
+			if errors.Is(err, driver.ErrUnsupported) {
+				// Refused (another file system, no kernel support): the
+				// rest of the convert reads and writes.
+				c.noOffload.Store(true)
+				kind, n = pieceFallback, end-p
+			} else if err != nil {
+				return err
+			}
+		}
+		switch kind {
+		case pieceCopied:
+			c.stats.offloaded.Add(n)
+		case pieceZero:
+			c.stats.zero.Add(n)
+			if c.o.TargetNotZero {
+				if !turn && !c.seq.wait(j.seq) {
+					return ctx.Err()
+				}
+				turn = true
+				if err := c.dst.WriteZeroes(p, n, true); err != nil {
+					return err
+				}
+			}
+		case pieceFallback:
+			turn = turn || c.o.Sequential // convertJob takes it
+			sub := convJob{seq: j.seq, off: p, n: n, data: true}
+			if err := convertJob(ctx, c.dst, c.src, sub, buf[p-j.off:p-j.off+n], c.zd, c.o, c.seq.wait, &c.stats); err != nil {
+				return err
+			}
+		}
+		p += n
+	}
+	// Every job takes its turn, even one that wrote nothing: the turns
+	// count finished jobs (work calls finish after each).
+	if !turn && !c.seq.wait(j.seq) {
+		return ctx.Err()
+	}
+	return nil
+}
+
+// offloadPiece looks at the run of the source starting at off (at most n
+// bytes) and copies it with the kernel if it is a plain file extent. It
+// returns what it found and the length of that piece.
+func (c *converter) offloadPiece(off, n int64, turn bool) (pieceKind, int64, error) {
+	src := c.src
+	src.mu.RLock()
+	defer src.mu.RUnlock()
+	if err := src.check(off, n); err != nil {
+		return 0, 0, err
+	}
+	r := src.lockRange(off, n, false)
+	defer src.locks.Unlock(r)
+	e, err := src.statusFrom(0, off, n)
+	if err != nil {
+		return 0, 0, err
+	}
+	if e.Length <= 0 || e.Length > n {
+		return 0, 0, driver.Errorf(driver.ErrCorrupt, src.name(), off, "status returned a run of %d bytes for %d", e.Length, n)
+	}
+	if !e.IsData() {
+		return pieceZero, e.Length, nil
+	}
+	l := src.layers[e.Depth]
+	fe, ok := l.img.(FileExtenter)
+	if !ok || e.Compressed {
+		return pieceFallback, e.Length, nil
+	}
+	f, foff, length, holes, err := fe.FileExtent(off, e.Length)
+	if err != nil {
+		return 0, 0, driver.WithFile(err, "map", l.Name)
+	}
+	if length <= 0 || length > e.Length || foff < 0 {
+		return 0, 0, driver.Errorf(driver.ErrCorrupt, l.Name, off, "file extent of %d bytes at %d for a run of %d", length, foff, e.Length)
+	}
+	if f == nil {
+		return pieceFallback, length, nil
+	}
+	kind := pieceCopied
+	if !c.offload || c.noOffload.Load() {
+		kind = pieceFallback
+	}
+	if hs, ok := f.(driver.HoleSeeker); ok && holes {
+		// A hole of the file inside a data run (a VHD block written
+		// partly) reads as zeros: copying it would allocate it.
+		data, err := hs.SeekData(foff)
+		if errors.Is(err, io.EOF) {
+			return pieceZero, length, nil
+		} else if err != nil {
+			return 0, 0, driver.WithFile(err, "seek data", l.Name)
+		}
+		if data > foff {
+			return pieceZero, min(length, data-foff), nil
+		}
+		hole, err := hs.SeekHole(foff)
+		if err != nil {
+			return 0, 0, driver.WithFile(err, "seek hole", l.Name)
+		}
+		if hole > foff {
+			length = min(length, hole-foff)
+		}
+	}
+	if kind == pieceFallback {
+		return kind, length, nil
+	}
+	if !turn {
+		return pieceNeedTurn, length, nil
+	}
+	done, err := c.dst.copyFrom(f, foff, off, length)
+	if err != nil {
+		return 0, 0, err
+	}
+	if done == 0 {
+		// The file ends early (it shrank?): let the read path judge.
+		return pieceFallback, length, nil
+	}
+	return pieceCopied, done, nil
+}
+
+// copyFrom copies n bytes of f from foff into the top at off through the
+// top's FileCopier, under the locks and bookkeeping of a write.
+func (d *Disk) copyFrom(f driver.File, foff, off, n int64) (int64, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if err := d.writable(); err != nil {
+		return 0, err
+	}
+	if err := d.check(off, n); err != nil {
+		return 0, err
+	}
+	top := d.layers[0]
+	cp, ok := top.img.(FileCopier)
+	if !ok {
+		return 0, driver.Errorf(ErrUnsupported, top.Name, off, "format %s cannot copy from files", top.Format.Name)
+	}
+	h := d.lockRange(off, n, true)
+	defer d.locks.Unlock(h)
+	d.markDirty(off, n)
+	done, err := cp.CopyFrom(f, foff, off, n)
+	return done, driver.WithFile(err, "copy", top.Name)
+}

@@ -1,0 +1,41 @@
+// Package nbdstore is a storage whose file is a disk exported by an NBD
+// server (qemu-nbd, nbdkit, nbd-server, vdisk serve), so any format (raw,
+// or qcow2 on a remote block device) is opened on top of it, as qemu
+// stacks its raw driver on the nbd protocol driver.
+//
+// Importing the package registers the schemes of qemu's NBD URIs:
+//
+//	nbd://HOST[:PORT]/EXPORT           TCP, default port 10809
+//	nbd+unix:///EXPORT?socket=PATH     Unix socket
+//	nbds://..., nbds+unix://...        the same with TLS (NBD_OPT_STARTTLS)
+//
+// An empty EXPORT is the server's default export. The URL is the name the
+// storage opens; it also accepts the bare export name.
+//
+// Protocol facts relied on (the NBD specification, doc/proto.md):
+//   - READ, WRITE, TRIM and WRITE_ZEROES are idempotent, so a request in
+//     flight on a connection that drops is sent again on a new one; FLUSH
+//     too, after the reconnect (the new connection's flush covers what
+//     the server completed).
+//   - TRIM need not make a range read as zeros; WRITE_ZEROES (without
+//     NBD_CMD_FLAG_NO_HOLE) must, and may deallocate: PunchHole uses it.
+//   - base:allocation: NBD_STATE_ZERO means the range reads as zeros
+//     (holes for SeekData/SeekHole); NBD_STATE_HOLE alone does not.
+//   - A server that sets NBD_FLAG_CAN_MULTI_CONN keeps several connections
+//     to one export consistent (a flush on one covers writes completed on
+//     all), so requests are spread over a small pool of connections.
+//   - Without NBD_INFO_BLOCK_SIZE the payload limit is 32 MiB and the
+//     minimum block size 1; with it, requests are split at the maximum
+//     and unaligned reads and writes are widened to the minimum
+//     (read-modify-write).
+//
+// Extended headers (NBD_OPT_EXTENDED_HEADERS, an experimental extension)
+// are asked for; servers without them (qemu-nbd 7.2, nbdkit 1.32) refuse
+// and compact headers are used. qemu:allocation-depth is not used: for a
+// raw export it adds nothing to base:allocation.
+//
+// TLS uses x509 credentials in qemu's tls-creds-x509 directory layout
+// (storage option tls-creds=DIR: ca-cert.pem, client-cert.pem,
+// client-key.pem) and the option tls-hostname. TLS-PSK cannot be done:
+// Go's crypto/tls has no PSK cipher suites (golang/go#6379).
+package nbdstore

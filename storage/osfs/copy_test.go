@@ -1,0 +1,94 @@
+package osfs
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+// TestCopyFrom: the kernel copy moves the bytes at any (also unaligned)
+// offsets, extends the target, stops short at the source's end, and
+// refuses a source that is not a local file or is read-only as
+// driver.ErrUnsupported / an error without copying.
+func TestCopyFrom(t *testing.T) {
+	dir := t.TempDir()
+	want := make([]byte, 3*mib+777)
+	rand.NewChaCha8([32]byte{1}).Read(want)
+	srcName := filepath.Join(dir, "src")
+	if err := os.WriteFile(srcName, want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := mustOpen(t, srcName, driver.ReadOnly)
+	defer src.Close()
+	dst := mustOpen(t, filepath.Join(dir, "dst"), driver.ReadWrite|driver.Create)
+	defer dst.Close()
+	for _, c := range []struct{ srcOff, off, n int64 }{
+		{0, 0, mib},                     // aligned: a reflink where the file system shares blocks
+		{mib, mib + 512, 4096},          // unaligned target
+		{2*mib + 3, 5 * mib, mib + 774}, // unaligned source, past the target's end
+	} {
+		n, err := dst.CopyFrom(src, c.srcOff, c.off, c.n)
+		if err != nil || n != c.n {
+			t.Fatalf("CopyFrom(%d, %d, %d) = %d, %v", c.srcOff, c.off, c.n, n, err)
+		}
+		got := make([]byte, c.n)
+		if _, err := dst.ReadAt(got, c.off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want[c.srcOff:c.srcOff+c.n]) {
+			t.Fatalf("CopyFrom(%d, %d, %d): content differs", c.srcOff, c.off, c.n)
+		}
+	}
+	// Past the source's end: a short count, no error.
+	if n, err := dst.CopyFrom(src, int64(len(want))-100, 0, 4096); err != nil || n != 100 {
+		t.Fatalf("copy over the source's end: %d, %v; want 100, nil", n, err)
+	}
+	// A source of another kind is refused as unsupported.
+	other := &struct{ driver.File }{src}
+	if n, err := dst.CopyFrom(other, 0, 0, 4096); n != 0 || !errors.Is(err, driver.ErrUnsupported) {
+		t.Fatalf("copy from a foreign file: %d, %v; want ErrUnsupported", n, err)
+	}
+	// A read-only target fails.
+	if n, err := src.CopyFrom(dst, 0, 0, 4096); n != 0 || err == nil {
+		t.Fatalf("copy into a read-only file: %d, %v", n, err)
+	}
+}
+
+// TestCopyFromOtherFileSystem: between file systems that do not copy to
+// each other (tmpfs to the test directory's, where that is another file
+// system) copy_file_range fails with EXDEV, reported as
+// driver.ErrUnsupported with nothing copied, so callers fall back.
+func TestCopyFromOtherFileSystem(t *testing.T) {
+	dir := t.TempDir()
+	var a, b unix.Statfs_t
+	if unix.Statfs(dir, &a) != nil || unix.Statfs("/dev/shm", &b) != nil || a.Type == b.Type {
+		t.Skip("needs /dev/shm on a file system of another type than the test directory's")
+	}
+	shm, err := os.MkdirTemp("/dev/shm", "osfs-copy")
+	if err != nil {
+		t.Skip("cannot write /dev/shm")
+	}
+	defer os.RemoveAll(shm)
+	srcName := filepath.Join(shm, "src")
+	if err := os.WriteFile(srcName, bytes.Repeat([]byte{7}, 8192), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := mustOpen(t, srcName, driver.ReadOnly)
+	defer src.Close()
+	dst := mustOpen(t, filepath.Join(dir, "dst"), driver.ReadWrite|driver.Create)
+	defer dst.Close()
+	n, err := dst.CopyFrom(src, 0, 0, 8192)
+	if n != 0 || !errors.Is(err, driver.ErrUnsupported) || !errors.Is(err, unix.EXDEV) {
+		t.Fatalf("cross-file-system copy: %d, %v; want 0 and ErrUnsupported wrapping EXDEV", n, err)
+	}
+	if sz, _ := dst.Size(); sz != 0 {
+		t.Fatalf("refused copy left %d bytes", sz)
+	}
+}

@@ -1,0 +1,303 @@
+package s3
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+
+	"github.com/vdisk/vdisk/driver"
+)
+
+// readFile is an object opened for reading, pinned to the size and ETag it
+// had at open.
+type readFile struct {
+	s     *Storage
+	key   string
+	size  int64
+	etag  string
+	rw    bool // opened ReadWrite: writes get the immutable-object error
+	bs    int64
+	ctx   context.Context
+	stop  context.CancelFunc
+	sem   chan struct{} // bounds the GETs in flight
+	ahead sync.WaitGroup
+
+	mu       sync.Mutex
+	lru      *list.List // of *block, most recent first
+	blocks   map[int64]*list.Element
+	inflight map[int64]*fetch
+	lastEnd  int64 // end of the previous read: sequential detection
+	closed   bool
+}
+
+type block struct {
+	idx  int64
+	data []byte
+}
+
+// fetch is one block being downloaded; waiters block on done.
+type fetch struct {
+	done chan struct{}
+	data []byte
+	err  error
+}
+
+var (
+	_ driver.File      = (*readFile)(nil)
+	_ driver.Versioned = (*readFile)(nil)
+)
+
+func (s *Storage) newReader(key string, oi minio.ObjectInfo, rw bool) *readFile {
+	ctx, stop := context.WithCancel(context.Background())
+	return &readFile{
+		s: s, key: key, size: oi.Size, etag: strings.Trim(oi.ETag, `"`), rw: rw,
+		bs: s.cfg.blockSize, ctx: ctx, stop: stop,
+		sem: make(chan struct{}, s.cfg.parallel),
+		lru: list.New(), blocks: map[int64]*list.Element{}, inflight: map[int64]*fetch{},
+		lastEnd: -1,
+	}
+}
+
+func (f *readFile) Name() string                  { return f.s.url(f.key) }
+func (f *readFile) Size() (int64, error)          { return f.size, nil }
+func (f *readFile) Version() string               { return f.etag }
+func (f *readFile) Sync() error                   { return nil }
+func (f *readFile) AllocatedSize() (int64, error) { return f.size, nil }
+
+func (f *readFile) immutable(op string, off int64) error {
+	if !f.rw {
+		return &driver.Error{Op: op, File: f.Name(), Offset: off, Err: driver.ErrReadOnly}
+	}
+	return &driver.Error{Op: op, File: f.Name(), Offset: off, Reason: "S3 objects cannot be changed in place: write a new object (create or convert to a new name)", Err: driver.ErrUnsupported}
+}
+
+func (f *readFile) WriteAt(p []byte, off int64) (int, error) { return 0, f.immutable("write", off) }
+func (f *readFile) Truncate(n int64) error                   { return f.immutable("truncate", n) }
+func (f *readFile) PunchHole(off, n int64) error             { return f.immutable("discard", off) }
+
+// Close stops read-ahead and drops the cache.
+func (f *readFile) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	f.mu.Unlock()
+	f.stop()
+	f.ahead.Wait()
+	f.mu.Lock()
+	f.lru.Init()
+	clear(f.blocks)
+	f.mu.Unlock()
+	return nil
+}
+
+// ReadAt reads from the cached blocks, fetching the missing ones in
+// parallel, then starts read-ahead when reads are sequential.
+func (f *readFile) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, driver.Errorf(driver.ErrOutOfRange, f.Name(), off, "negative offset")
+	}
+	if off >= f.size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	n := int(min(int64(len(p)), f.size-off))
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return 0, &driver.Error{Op: "read", File: f.Name(), Offset: off, Err: driver.ErrClosed}
+	}
+	seq := off == f.lastEnd
+	f.lastEnd = off + int64(n)
+	f.mu.Unlock()
+
+	first, last := off/f.bs, (off+int64(n)-1)/f.bs
+	fill := func(idx int64) error {
+		data, err := f.block(idx)
+		if err != nil {
+			return err
+		}
+		bo := idx * f.bs
+		lo := max(off, bo)
+		hi := min(off+int64(n), bo+int64(len(data)))
+		if hi < lo {
+			return f.s.classify("read", f.key, lo, fmt.Errorf("block %d is short", idx))
+		}
+		copy(p[lo-off:hi-off], data[lo-bo:hi-bo])
+		return nil
+	}
+	var err error
+	if first == last {
+		err = fill(first)
+	} else {
+		// Several blocks: fetch them concurrently (f.sem bounds the GETs).
+		var wg sync.WaitGroup
+		var emu sync.Mutex
+		for idx := first; idx <= last; idx++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if e := fill(idx); e != nil {
+					emu.Lock()
+					if err == nil {
+						err = e
+					}
+					emu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	if err != nil {
+		return 0, err
+	}
+	if seq {
+		f.readAhead(last + 1)
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// readAhead starts fetches of the blocks after a sequential read.
+func (f *readFile) readAhead(from int64) {
+	ra := int64(f.s.cfg.readAhead)
+	nblocks := (f.size + f.bs - 1) / f.bs
+	for idx := from; idx < from+ra && idx < nblocks; idx++ {
+		f.mu.Lock()
+		_, cached := f.blocks[idx]
+		_, busy := f.inflight[idx]
+		closed := f.closed
+		if !cached && !busy && !closed {
+			f.ahead.Add(1)
+		}
+		f.mu.Unlock()
+		if cached || busy || closed {
+			continue
+		}
+		go func() {
+			defer f.ahead.Done()
+			f.block(idx) // errors surface when the block is read
+		}()
+	}
+}
+
+// block returns block idx, from the cache, from a fetch in flight, or
+// fetched now.
+func (f *readFile) block(idx int64) ([]byte, error) {
+	f.mu.Lock()
+	if e, ok := f.blocks[idx]; ok {
+		f.lru.MoveToFront(e)
+		data := e.Value.(*block).data
+		f.mu.Unlock()
+		return data, nil
+	}
+	if fe, ok := f.inflight[idx]; ok {
+		f.mu.Unlock()
+		<-fe.done
+		return fe.data, fe.err
+	}
+	fe := &fetch{done: make(chan struct{})}
+	f.inflight[idx] = fe
+	f.mu.Unlock()
+
+	fe.data, fe.err = f.get(idx*f.bs, min(f.bs, f.size-idx*f.bs))
+	f.mu.Lock()
+	delete(f.inflight, idx)
+	if fe.err == nil && !f.closed {
+		f.blocks[idx] = f.lru.PushFront(&block{idx: idx, data: fe.data})
+		for f.lru.Len() > f.s.cfg.cacheBlks {
+			old := f.lru.Remove(f.lru.Back()).(*block)
+			delete(f.blocks, old.idx)
+		}
+	}
+	f.mu.Unlock()
+	close(fe.done)
+	return fe.data, fe.err
+}
+
+// get reads [off, off+n) with a ranged GET conditional on the pinned ETag,
+// retrying failures that may pass (connection errors, a body cut short,
+// 5xx and throttling that outlasted the client's own retries) with
+// exponential backoff. A replaced object is never retried.
+func (f *readFile) get(off, n int64) ([]byte, error) {
+	select {
+	case f.sem <- struct{}{}:
+	case <-f.ctx.Done():
+		return nil, &driver.Error{Op: "read", File: f.Name(), Offset: off, Err: driver.ErrClosed}
+	}
+	defer func() { <-f.sem }()
+	buf := make([]byte, n)
+	var err error
+	delay := 100 * time.Millisecond
+	for attempt := 0; attempt < f.s.cfg.retries; attempt++ {
+		if attempt > 0 {
+			f.s.log.Debug("s3: retrying read", "object", f.Name(), "offset", off, "attempt", attempt+1, "error", err)
+			select {
+			case <-time.After(delay):
+			case <-f.ctx.Done():
+				return nil, &driver.Error{Op: "read", File: f.Name(), Offset: off, Err: driver.ErrClosed}
+			}
+			delay = min(2*delay, 2*time.Second)
+		}
+		err = f.getOnce(buf, off)
+		if err == nil {
+			return buf, nil
+		}
+		if !retryable(err) {
+			break
+		}
+	}
+	return nil, f.s.classify("read", f.key, off, err)
+}
+
+func (f *readFile) getOnce(buf []byte, off int64) error {
+	opts := minio.GetObjectOptions{}
+	if err := opts.SetRange(off, off+int64(len(buf))-1); err != nil {
+		return err
+	}
+	if f.etag != "" {
+		if err := opts.SetMatchETag(f.etag); err != nil {
+			return err
+		}
+	}
+	body, oi, _, err := f.s.core.GetObject(f.ctx, f.s.bucket, f.key, opts)
+	if err != nil {
+		return err
+	}
+	defer body.Close()
+	// A server that ignores If-Match still names the version it sends.
+	if et := strings.Trim(oi.ETag, `"`); f.etag != "" && et != "" && et != f.etag {
+		return minio.ErrorResponse{StatusCode: 412, Code: "PreconditionFailed", Message: "ETag changed from " + f.etag + " to " + et}
+	}
+	if _, err := io.ReadFull(body, buf); err != nil {
+		return fmt.Errorf("reading %d bytes at %d: %w", len(buf), off, err)
+	}
+	return nil
+}
+
+// retryable reports errors worth another attempt: everything but the
+// answers that will not change (missing, denied, replaced, bad request)
+// and cancellation.
+func retryable(err error) bool {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return false
+	}
+	r := minio.ToErrorResponse(err)
+	if r.StatusCode == 0 {
+		return true // transport errors, short bodies
+	}
+	return r.StatusCode >= 500 || r.StatusCode == 429 || r.Code == "SlowDown" || r.Code == "RequestTimeout"
+}

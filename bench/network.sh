@@ -18,9 +18,11 @@ done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-netbench.XXXXXX")
 pids=()
-tgtctl=$((20000 + RANDOM % 10000))
+# tgtd's control port number (its socket name); tgtd refuses large ones.
+tgtctl=$((1000 + RANDOM % 19000))
 cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	# SIGKILL: tgtd ignores SIGTERM.
+	for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
 	rm -rf "$work"
 }

@@ -65,6 +65,7 @@ func Convert(ctx context.Context, dst, src *Disk, o *ConvertOptions) error {
 	if err != nil {
 		return err
 	}
+	c.stats.begin(dst)
 	if o != nil && o.Stats != nil {
 		defer func() { *o.Stats = c.stats.result() }()
 	}
@@ -123,6 +124,12 @@ func newConverter(dst, src *Disk, o *ConvertOptions) (*converter, error) {
 	if oc.Above > 0 {
 		// The target has a backing: zeros must be written, not skipped.
 		oc.TargetNotZero = true
+	}
+	if len(dst.layers) > 0 && vboxEncrypted(dst.layers[0]) {
+		// VirtualBox decrypts sectors no image holds into noise: write
+		// every sector, zeros encrypted.
+		oc.TargetNotZero = true
+		oc.ZeroDetect = -1
 	}
 	c := &converter{dst: dst, src: src, o: &oc, workers: oc.Workers, chunk: oc.ChunkSize, zd: oc.ZeroDetect, size: src.Size()}
 	if c.workers <= 0 {
@@ -306,6 +313,7 @@ func compressJob(ctx context.Context, src *Disk, cw driver.CompressedWriter, uni
 	if _, err := src.ReadAt(buf, j.off); err != nil {
 		return err
 	}
+	st.read.Add(j.n)
 	if !waitTurn(j.seq) {
 		return ctx.Err()
 	}
@@ -334,6 +342,7 @@ func convertJob(ctx context.Context, dst, src *Disk, j convJob, buf []byte, zd i
 	if _, err := src.ReadAt(buf, j.off); err != nil {
 		return err
 	}
+	st.read.Add(j.n)
 	if o.Sequential && !waitTurn(j.seq) {
 		return ctx.Err()
 	}

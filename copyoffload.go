@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"sync/atomic"
+	"time"
 
 	"github.com/vdisk/vdisk/driver"
 )
@@ -36,6 +37,17 @@ type FileExtenter interface {
 	FileExtent(off, n int64) (f driver.File, fileOff, length int64, holes bool, err error)
 }
 
+// ExtentPinner is implemented by FileExtenter images whose stored runs
+// can move inside their file while the Disk's range lock on those runs is
+// held: a VDI image packs its data blocks (moving blocks of other ranges)
+// when a discard elsewhere frees one. The converter pins the image before
+// FileExtent and unpins it after the copy that used the answer, so the
+// extent cannot go stale in between. FileExtent of such an image is only
+// called while pinned, and must not wait for anything a pin holds off.
+type ExtentPinner interface {
+	PinExtents() (unpin func())
+}
+
 // FileCopier is implemented by images that can take a run of bytes
 // straight from a file (copy_file_range), as a write of those bytes at off
 // would store them.
@@ -48,28 +60,65 @@ type FileCopier interface {
 }
 
 // ConvertStats counts what a Convert did, in bytes of virtual size (the
-// JSON names are convert's --output json statistics).
+// JSON names are convert's --output json statistics, which add
+// "copy-file-range-bytes", Offloaded - Reflinked, and "elapsed-seconds").
+// Every byte of the source is counted once in Written, Offloaded, Zero or
+// Skipped.
 type ConvertStats struct {
+	// Read is the data read from the source through vdisk (and then
+	// written, or found to be zeros).
+	Read int64 `json:"read-bytes"`
 	// Written is the data written through the target's write path.
 	Written int64 `json:"written-bytes"`
 	// Offloaded is the data the kernel copied file to file (reflinked or
 	// copy_file_range) without it passing through vdisk.
 	Offloaded int64 `json:"offloaded-bytes"`
+	// Reflinked is the part of Offloaded the file system shared between
+	// the files (FICLONERANGE) instead of copying it.
+	Reflinked int64 `json:"reflinked-bytes"`
 	// Zero is the runs that read as zeros: left as holes on a zeroed
 	// target, or written as zeroes on one that is not.
 	Zero int64 `json:"zero-bytes"`
 	// Skipped is data not copied because the target's backing holds it
 	// (an incremental copy, ConvertOptions.Above).
 	Skipped int64 `json:"skipped-bytes"`
+	// Elapsed is the wall-clock time the convert took.
+	Elapsed time.Duration `json:"-"`
 }
 
 // convStats is the converter's live counters.
 type convStats struct {
-	written, offloaded, zero, skipped atomic.Int64
+	read, written, offloaded, zero, skipped atomic.Int64
+	start                                   time.Time
+	// cloned reads the target's count of reflinked bytes (nil: none).
+	cloned      func() int64
+	clonedStart int64
+}
+
+// begin starts the clock and notes the target's reflink count.
+func (s *convStats) begin(dst *Disk) {
+	s.start = time.Now()
+	if c, ok := dst.Top().img.(cloneCounter); ok {
+		s.cloned = c.ClonedBytes
+		s.clonedStart = c.ClonedBytes()
+	}
 }
 
 func (s *convStats) result() ConvertStats {
-	return ConvertStats{Written: s.written.Load(), Offloaded: s.offloaded.Load(), Zero: s.zero.Load(), Skipped: s.skipped.Load()}
+	r := ConvertStats{Read: s.read.Load(), Written: s.written.Load(), Offloaded: s.offloaded.Load(), Zero: s.zero.Load(), Skipped: s.skipped.Load()}
+	if !s.start.IsZero() {
+		r.Elapsed = time.Since(s.start)
+	}
+	if s.cloned != nil {
+		r.Reflinked = min(max(s.cloned()-s.clonedStart, 0), r.Offloaded)
+	}
+	return r
+}
+
+// cloneCounter is a FileCopier that counts the bytes it shared by
+// reflink rather than copied (raw on osfs).
+type cloneCounter interface {
+	ClonedBytes() int64
 }
 
 // setupPieces decides how data jobs run. offload: the target top can copy
@@ -194,6 +243,10 @@ func (c *converter) offloadPiece(off, n int64, turn bool) (pieceKind, int64, err
 	if !ok || e.Compressed {
 		return pieceFallback, e.Length, nil
 	}
+	if p, ok := l.img.(ExtentPinner); ok {
+		unpin := p.PinExtents()
+		defer unpin()
+	}
 	f, foff, length, holes, err := fe.FileExtent(off, e.Length)
 	if err != nil {
 		return 0, 0, driver.WithFile(err, "map", l.Name)
@@ -227,6 +280,21 @@ func (c *converter) offloadPiece(off, n int64, turn bool) (pieceKind, int64, err
 		if hole > foff {
 			length = min(length, hole-foff)
 		}
+	}
+	if holes {
+		// The file's holes are file-block aligned, which the run's
+		// granules need not be (a VHD's data area starts 512 bytes into
+		// its block): a piece may start or end with a fragment of a
+		// granule holding only the zeros around a hole. Copying that
+		// fragment would allocate the target's granule for nothing.
+		zk, zn, err := c.zeroFragment(f, foff, off, length)
+		if err != nil {
+			return 0, 0, driver.WithFile(err, "read", l.Name)
+		}
+		if zk {
+			return pieceZero, zn, nil
+		}
+		length = zn
 	}
 	if kind == pieceFallback {
 		return kind, length, nil
@@ -266,4 +334,49 @@ func (d *Disk) copyFrom(f driver.File, foff, off, n int64) (int64, error) {
 	d.markDirty(off, n)
 	done, err := cp.CopyFrom(f, foff, off, n)
 	return done, driver.WithFile(err, "copy", top.Name)
+}
+
+// maxFragment bounds the zero detection granule zeroFragment reads at a
+// piece's ends.
+const maxFragment = 64 << 10
+
+// zeroFragment looks at the ends of the piece [off, off+n) stored at foff
+// of f, where they are fragments of zero detection granules (ConvertOptions
+// ZeroDetect). A leading fragment of zeros is a zero piece of its own
+// (zero true, zn its length); otherwise zn is the piece's length without a
+// trailing fragment of zeros (read again as its own piece next).
+func (c *converter) zeroFragment(f driver.File, foff, off, n int64) (zero bool, zn int64, err error) {
+	zd := c.zd
+	if zd <= 0 || zd > maxFragment || (off%zd == 0 && (off+n)%zd == 0) {
+		return false, n, nil
+	}
+	buf := make([]byte, min(n, zd))
+	isZero := func(at, k int64) (bool, error) {
+		b := buf[:k]
+		got, err := f.ReadAt(b, foff+at)
+		if got < len(b) && (err == nil || errors.Is(err, io.EOF)) {
+			clear(b[got:]) // past the end of the file: zeros
+			err = nil
+		}
+		return err == nil && driver.IsZero(b), err
+	}
+	// The first granule's part: a fragment unless it is a whole granule.
+	g := min(n, zd-off%zd)
+	if g < zd {
+		z, err := isZero(0, g)
+		if err != nil || z {
+			return z, g, err
+		}
+	}
+	// The last granule's part, when it is not the first's.
+	if t := (off + n) % zd; t != 0 && n-t >= g {
+		z, err := isZero(n-t, t)
+		if err != nil {
+			return false, 0, err
+		}
+		if z {
+			return false, n - t, nil
+		}
+	}
+	return false, n, nil
 }

@@ -34,6 +34,10 @@ type CreateOptions struct {
 	// AllowUnsafeBacking is Paths = driver.PathTrusted (kept for
 	// compatibility).
 	AllowUnsafeBacking bool
+	// AllowSchemes are the URL schemes a backing file name may use under
+	// the strict policy, here and in the backing chain (see
+	// OpenOptions.AllowSchemes).
+	AllowSchemes []string
 	// NoBackingOpen records Backing without opening it (qemu-img create
 	// -u): Size and BackingFormat are then required, and no parent UUIDs
 	// are recorded.
@@ -57,10 +61,17 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 	}
 	oo := &OpenOptions{Storage: o.Storage, Logger: o.Logger, Dialer: o.Dialer, Secrets: o.Secrets, StorageOptions: o.StorageOptions}
 	log := oo.logger()
-	st, inner, err := oo.resolve(ctx, name)
+	st, inner, own, err := oo.resolve(ctx, name)
 	if err != nil {
 		return nil, driver.WithFile(err, "create", name)
 	}
+	// The storage built for a URL name is the new top layer's; closed
+	// here when no layer takes it.
+	defer func() {
+		if own != nil {
+			driver.CloseStorage(own)
+		}
+	}()
 	if o.Size < 0 {
 		return nil, driver.Errorf(ErrInvalidOption, name, -1, "negative size %d", o.Size)
 	}
@@ -87,12 +98,12 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 			return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s does not support backing files", f.Name)
 		}
 		trusted := o.AllowUnsafeBacking || o.Paths == driver.PathTrusted
-		bpath, err := resolveParentWith(name, o.Backing, trusted || filepath.IsAbs(o.Backing), knownScheme(o.Backing))
+		bpath, err := resolveParentAllow(name, o.Backing, trusted || filepath.IsAbs(o.Backing), knownScheme(o.Backing), o.AllowSchemes)
 		if err != nil {
 			return nil, err
 		}
 		po := *oo
-		po.Format, po.ReadOnly, po.AllowUnsafeBacking, po.NoRawGuess = o.BackingFormat, true, trusted, true
+		po.Format, po.ReadOnly, po.AllowUnsafeBacking, po.NoRawGuess, po.AllowSchemes = o.BackingFormat, true, trusted, true, o.AllowSchemes
 		parent, err = Open(ctx, bpath, &po)
 		if err != nil {
 			return nil, err
@@ -115,7 +126,7 @@ func Create(ctx context.Context, name string, o *CreateOptions) (*Disk, error) {
 		}
 		return nil, err
 	}
-	top.Name = name
+	top.Name, top.owned, own = name, own, nil
 	layers := []*Layer{top}
 	if parent != nil {
 		layers = append(layers, parent.layers...)
@@ -135,6 +146,13 @@ func createLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name,
 	}
 	if ref != nil && f.Caps&driver.CapDiff == 0 {
 		return nil, driver.Errorf(ErrUnsupported, name, -1, "format %s does not support backing files", f.Name)
+	}
+	kvs, vc, err := vboxCreateOptions(f.Name, kvs)
+	if err != nil {
+		return nil, driver.WithFile(err, "create", name)
+	}
+	if vc != nil && ref != nil {
+		return nil, driver.Errorf(ErrUnsupported, name, -1, "vbox-encrypt makes a new DEK, but a differencing image shares its chain's: create the diff plain and open it with the chain's keystore= and key-secret=")
 	}
 	vals, err := driver.ParseOptions(f.Name, f.CreateOptions, kvs)
 	if err != nil {
@@ -172,7 +190,19 @@ func createLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name,
 	}
 	// Every name the new image records is the caller's (a data file, a
 	// backing file), so reopening it (live jobs) follows them as given.
-	return &Layer{Name: name, Format: f, img: img, Storage: st, path: name, kvs: kvs, fl: layerFlags{writable: true, topLevel: true, paths: driver.PathTrusted, secrets: secrets}}, nil
+	fl := layerFlags{writable: true, topLevel: true, paths: driver.PathTrusted, secrets: secrets}
+	if vc != nil {
+		w, err := vboxWrapCreate(img, name, f.Name, vc, &fl)
+		if err != nil {
+			img.Close()
+			if !existed {
+				st.Remove(name)
+			}
+			return nil, driver.WithFile(err, "create", name)
+		}
+		img = w
+	}
+	return &Layer{Name: name, Format: f, img: img, Storage: st, path: name, kvs: kvs, fl: fl}, nil
 }
 
 // openParentDisk opens a backing chain read-only for a rebase, never

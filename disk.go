@@ -32,6 +32,21 @@ type Layer struct {
 	fl  layerFlags
 	// refs are the file names the image records that its driver met.
 	refs *driver.ReferenceLog
+	// owned is the storage the open built for this layer alone (the
+	// scheme storage of a URL name); closing the layer closes it
+	// (driver.StorageCloser). Nil when the storage is the caller's.
+	owned driver.Storage
+}
+
+// closeImage closes the layer's image and then the storage built for it.
+func (l *Layer) closeImage() error {
+	err := l.img.Close()
+	if l.owned != nil {
+		if serr := driver.CloseStorage(l.owned); err == nil && serr != nil {
+			err = serr
+		}
+	}
+	return err
 }
 
 // Info describes the layer's image (as `info` shows it).
@@ -543,10 +558,11 @@ func (d *Disk) close(sync bool) error {
 				first = driver.WithFile(err, "flush", l.Name)
 			}
 		}
-		if err := l.img.Close(); err != nil && first == nil {
+		if err := l.closeImage(); err != nil && first == nil {
 			first = driver.WithFile(err, "close", l.Name)
 		}
 	}
+	d.logCacheStats()
 	return first
 }
 

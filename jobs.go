@@ -369,7 +369,7 @@ func (d *Disk) dropLayers(from, to int) []string {
 				d.log.Warn("flush of a layer leaving the chain failed", "image", l.Name, "error", err)
 			}
 		}
-		if err := l.img.Close(); err != nil {
+		if err := l.closeImage(); err != nil {
 			d.log.Warn("close of a layer leaving the chain failed", "image", l.Name, "error", err)
 		}
 	}
@@ -741,6 +741,11 @@ func (d *Disk) Snapshot(ctx context.Context, name string, o *SnapshotOptions) er
 		// the flush above.
 		l, err := createLayer(ctx, old.Storage, d.log, name, format, o.Options, d.size, o.Overwrite, parentRefFor(&Layer{Name: name}, old), parentInfo(old), old.fl.secrets)
 		if err != nil {
+			return err
+		}
+		if err := vboxInherit(l, old.fl.vbox); err != nil {
+			l.img.Close()
+			old.Storage.Remove(name)
 			return err
 		}
 		l.fl.paths = old.fl.paths

@@ -3,12 +3,14 @@ package vdisk
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"path"
 	"path/filepath"
 	"strings"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/vboxcrypt"
 	"github.com/vdisk/vdisk/storage/cache"
 	"github.com/vdisk/vdisk/storage/osfs"
 )
@@ -48,6 +50,15 @@ type OpenOptions struct {
 	// AllowUnsafeBacking is Paths = driver.PathTrusted (kept for
 	// compatibility).
 	AllowUnsafeBacking bool
+	// AllowSchemes lists the URL schemes ("s3", "nbd", ...; registered
+	// with driver.RegisterScheme) a backing file name recorded in an
+	// image may use under driver.PathStrict: such a parent is opened in
+	// its scheme's storage (a local overlay on an s3:// base), while
+	// every local name stays confined as Strict says. Empty, the default,
+	// refuses every URL under Strict; PathTrusted follows every name
+	// anyway. Other names an image records (extents, data files) are
+	// never URLs under Strict.
+	AllowSchemes []string
 	// NoRawGuess makes a top image whose Format is "" and that no probe
 	// recognises an error instead of opening it as raw: for files of
 	// unknown origin (vdisk info --untrusted), where a guess is no answer.
@@ -102,36 +113,44 @@ func (o *OpenOptions) storage() driver.Storage {
 	return osfs.New()
 }
 
-// resolve finds the storage of name and the name inside it.
-func (o *OpenOptions) resolve(ctx context.Context, name string) (driver.Storage, string, error) {
+// resolve finds the storage of name and the name inside it. own is the
+// storage resolve built for name alone (a URL's scheme storage), which the
+// caller closes (driver.CloseStorage) when it is done with it, usually by
+// handing it to the layer opened on it (Layer.owned); nil when the storage
+// is shared (Storage, a Resolver's).
+func (o *OpenOptions) resolve(ctx context.Context, name string) (st driver.Storage, inner string, own driver.Storage, err error) {
 	if o.Resolver == nil {
 		st, inner, err := resolveScheme(ctx, name, o.storage(), &driver.SchemeEnv{Dialer: o.Dialer, Secrets: o.Secrets, Options: o.StorageOptions, Logger: o.Logger})
 		if err != nil {
-			return nil, "", err
+			return nil, "", nil, err
 		}
-		return o.cached(name, st), inner, nil
+		if driver.SchemeOf(name) != "" {
+			own = st
+		}
+		return o.cached(name, st), inner, own, nil
 	}
-	st, inner, err := o.Resolver(name)
+	st, inner, err = o.Resolver(name)
 	if err != nil {
-		return nil, "", driver.WithFile(err, "open", name)
+		return nil, "", nil, driver.WithFile(err, "open", name)
 	}
 	if st == nil {
-		return nil, "", driver.Errorf(ErrNotFound, name, -1, "no storage holds this name")
+		return nil, "", nil, driver.Errorf(ErrNotFound, name, -1, "no storage holds this name")
 	}
-	return st, inner, nil
+	return st, inner, nil, nil
 }
 
 // openNamed opens image name where o's resolver puts it.
 func (o *OpenOptions) openNamed(ctx context.Context, log *slog.Logger, name, format string, kvs []driver.KV, fl layerFlags) (*Layer, error) {
-	st, inner, err := o.resolve(ctx, name)
+	st, inner, own, err := o.resolve(ctx, name)
 	if err != nil {
 		return nil, err
 	}
 	l, err := openLayer(ctx, st, log, inner, format, kvs, fl)
 	if err != nil {
+		driver.CloseStorage(own)
 		return nil, err
 	}
-	l.Name = name
+	l.Name, l.owned = name, own
 	return l, nil
 }
 
@@ -167,7 +186,7 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 	layers := []*Layer{top}
 	cleanup := func() {
 		for _, l := range layers {
-			l.img.Close()
+			l.closeImage()
 		}
 	}
 	if !o.NoBacking {
@@ -202,8 +221,10 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 			// A name the image records (not one the caller gave) is
 			// opened beneath the child's directory under the strict
 			// policy.
-			confined := explicit == "" && o.policy() == driver.PathStrict
-			p, err := openParent(ctx, o, log, child, ref, pname, pformat, confined, layerFlags{infoOnly: o.InfoOnly, paths: o.policy(), secrets: o.Secrets})
+			// A URL (of a scheme AllowSchemes admits) is not a local
+			// name: its own storage holds it.
+			confined := explicit == "" && o.policy() == driver.PathStrict && !driver.IsURL(pname)
+			p, err := openParent(ctx, o, log, child, ref, pname, pformat, confined, layerFlags{infoOnly: o.InfoOnly, paths: o.policy(), secrets: o.Secrets, vbox: child.fl.vbox})
 			if err != nil {
 				cleanup()
 				return nil, err
@@ -287,7 +308,7 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 		l, err := o.openNamed(ctx, log, s.Name, s.Format, nil, layerFlags{writable: i == 0 && !ro, infoOnly: o.InfoOnly, direct: o.Direct && i == 0, topLevel: i == 0, noRawGuess: o.NoRawGuess, paths: o.policy(), secrets: o.Secrets})
 		if err != nil {
 			for _, l := range layers {
-				l.img.Close()
+				l.closeImage()
 			}
 			return nil, err
 		}
@@ -295,7 +316,7 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 	}
 	if err := showSnapshot(layers[0], o.Snapshot); err != nil {
 		for _, l := range layers {
-			l.img.Close()
+			l.closeImage()
 		}
 		return nil, err
 	}
@@ -311,6 +332,9 @@ type layerFlags struct {
 	paths driver.PathPolicy
 	// secrets unlock encrypted images.
 	secrets driver.Secrets
+	// vbox is VirtualBox's crypt filter of the chain (vboxcrypt.go), handed
+	// from a child to its parents.
+	vbox *vboxcrypt.Cipher
 }
 
 // openLayer opens one image.
@@ -336,7 +360,8 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 			return nil, err
 		}
 	}
-	vals, err := driver.ParseOptions(f.Name, f.OpenOptions, kvs)
+	fkvs, vo := vboxOpenOptions(f.Name, kvs)
+	vals, err := driver.ParseOptions(f.Name, f.OpenOptions, fkvs)
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
 	}
@@ -355,6 +380,12 @@ func openLayer(ctx context.Context, st driver.Storage, log *slog.Logger, name, f
 	})
 	if err != nil {
 		return nil, driver.WithFile(err, "open", name)
+	}
+	if wimg, err := vboxWrapOpen(img, name, f.Name, vo, &fl); err != nil {
+		img.Close()
+		return nil, driver.WithFile(err, "open", name)
+	} else {
+		img = wimg
 	}
 	return &Layer{Name: name, Format: f, img: img, ReadOnly: !writable, Storage: st, path: name, kvs: kvs, fl: fl, refs: refs}, nil
 }
@@ -426,9 +457,15 @@ func resolveParent(childName, ref string, allowUnsafe bool) (string, error) {
 }
 
 func resolveParentWith(childName, ref string, allowUnsafe, schemes bool) (string, error) {
+	return resolveParentAllow(childName, ref, allowUnsafe, schemes, nil)
+}
+
+// resolveParentAllow is resolveParentWith where, under the strict policy,
+// a URL whose scheme is in allowed is followed (OpenOptions.AllowSchemes).
+func resolveParentAllow(childName, ref string, allowUnsafe, schemes bool, allowed []string) (string, error) {
 	if strings.Contains(ref, "://") {
-		if !allowUnsafe {
-			return "", refuseParent(childName, ref, "is a URL")
+		if !allowUnsafe && !schemeAllowed(allowed, ref) {
+			return "", refuseParent(childName, ref, urlRefusal(ref, allowed))
 		}
 		if !schemes {
 			return "", driver.Errorf(ErrUnsupported, childName, -1, "backing file %q is a URL; network backing files are not supported without a storage resolver", ref)
@@ -449,6 +486,33 @@ func resolveParentWith(childName, ref string, allowUnsafe, schemes bool) (string
 		return "", refuseParent(childName, ref, "leaves the image's directory")
 	}
 	return joinDir(childName, clean), nil
+}
+
+// schemeAllowed reports whether name is a URL whose scheme allowed lists.
+func schemeAllowed(allowed []string, name string) bool {
+	s := driver.SchemeOf(name)
+	if s == "" {
+		return false
+	}
+	for _, a := range allowed {
+		if strings.EqualFold(strings.TrimSpace(a), s) {
+			return true
+		}
+	}
+	return false
+}
+
+// urlRefusal says why the strict policy refuses the URL name.
+func urlRefusal(name string, allowed []string) string {
+	s := driver.SchemeOf(name)
+	if s == "" {
+		return "is a URL"
+	}
+	list := "none are"
+	if len(allowed) > 0 {
+		list = "only " + strings.Join(allowed, ", ") + " are"
+	}
+	return fmt.Sprintf("is a URL of scheme %s, and %s allowed for backing files (OpenOptions.AllowSchemes; vdisk --allow-backing-scheme %s)", s, list, s)
 }
 
 // knownScheme reports whether name is a URL of a registered scheme.
@@ -509,7 +573,7 @@ func parentName(ctx context.Context, o *OpenOptions, log *slog.Logger, child *La
 		}
 	case ref.Name != "":
 		var err error
-		name, err = resolveParentWith(child.Name, ref.Name, o.policy() == driver.PathTrusted, o.Resolver != nil || knownScheme(ref.Name))
+		name, err = resolveParentAllow(child.Name, ref.Name, o.policy() == driver.PathTrusted, o.Resolver != nil || knownScheme(ref.Name), o.AllowSchemes)
 		if err != nil {
 			return "", "", err
 		}
@@ -526,7 +590,7 @@ func parentName(ctx context.Context, o *OpenOptions, log *slog.Logger, child *La
 }
 
 func openParent(ctx context.Context, o *OpenOptions, log *slog.Logger, child *Layer, ref *driver.ParentRef, name, format string, confined bool, fl layerFlags) (*Layer, error) {
-	st, inner, err := o.resolve(ctx, name)
+	st, inner, own, err := o.resolve(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -535,16 +599,17 @@ func openParent(ctx context.Context, o *OpenOptions, log *slog.Logger, child *La
 	}
 	p, err := openLayer(ctx, st, log, inner, format, nil, fl)
 	if err == nil {
-		p.Name = name
+		p.Name, p.owned = name, own
 	}
 	if err != nil {
+		driver.CloseStorage(own)
 		if errors.Is(err, ErrNotFound) {
 			return nil, driver.Errorf(ErrNotFound, child.Name, -1, "cannot open backing file %s: %v", name, err)
 		}
 		return nil, err
 	}
 	if err := checkParentIdentity(log, child, p, ref); err != nil {
-		p.img.Close()
+		p.closeImage()
 		return nil, err
 	}
 	return p, nil
@@ -635,9 +700,10 @@ func Remove(ctx context.Context, name string, o *OpenOptions) error {
 	if o == nil {
 		o = &OpenOptions{}
 	}
-	st, inner, err := o.resolve(ctx, name)
+	st, inner, own, err := o.resolve(ctx, name)
 	if err != nil {
 		return err
 	}
+	defer driver.CloseStorage(own)
 	return st.Remove(inner)
 }

@@ -3,6 +3,7 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // Sentinel errors. Every error a driver or the container returns wraps one of
@@ -49,8 +50,12 @@ func (e *Error) Error() string {
 	}
 	if e.Reason != "" {
 		s += e.Reason
+		// A reason built with the cause already in it ("...: %v", err)
+		// does not repeat it.
 		if e.Err != nil {
-			s += " (" + e.Err.Error() + ")"
+			if cause := e.Err.Error(); !strings.Contains(e.Reason, cause) {
+				s += " (" + cause + ")"
+			}
 		}
 		return s
 	}

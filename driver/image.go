@@ -153,6 +153,10 @@ type Info struct {
 	// ClusterSize is the allocation unit (0 for none, e.g. raw).
 	ClusterSize int64
 	Dirty       bool
+	// Encrypted is set for an encrypted image (qemu-img info's
+	// "encrypted"); EncryptFormat names the scheme ("luks", "aes").
+	Encrypted     bool
+	EncryptFormat string
 	// Specific is format-specific information, JSON-marshalable; shown as
 	// qemu-img's "format-specific": {"type": Format, "data": Specific}.
 	Specific any

@@ -76,6 +76,16 @@ type HoleSeeker interface {
 	SeekHole(off int64) (int64, error)
 }
 
+// AllocationReporter is implemented by files whose storage knows, beyond
+// holes, which ranges it holds at all: an NBD export served with
+// qemu:allocation-depth, where a range no layer of the server's backing
+// chain holds is unallocated (it reads as zeros). Allocation reports the
+// run starting at off (0 <= off < size): whether it is held and where it
+// ends. Raw images report the zero runs that are not held as Unallocated.
+type AllocationReporter interface {
+	Allocation(off int64) (held bool, end int64, err error)
+}
+
 // Allocator is implemented by files that can preallocate space without
 // writing it (fallocate mode 0); the range reads as zeros.
 type Allocator interface {
@@ -91,4 +101,22 @@ type ZeroRanger interface {
 // AllocatedSizer reports the bytes allocated to the open file.
 type AllocatedSizer interface {
 	AllocatedSize() (int64, error)
+}
+
+// StorageCloser is implemented by storages that hold resources of their
+// own beyond their open files (a network client's idle connections). The
+// container calls CloseStorage on a storage it built itself for a name
+// with a scheme (RegisterScheme) once every image it opened on it is
+// closed. Files opened from it are closed before; the call must be safe
+// to repeat, and a storage used again afterwards may take new resources.
+type StorageCloser interface {
+	CloseStorage() error
+}
+
+// CloseStorage calls st's CloseStorage when it has one.
+func CloseStorage(st Storage) error {
+	if c, ok := st.(StorageCloser); ok {
+		return c.CloseStorage()
+	}
+	return nil
 }

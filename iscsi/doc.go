@@ -19,6 +19,15 @@
 //   - A login with the same ISID and TSIH 0 reinstates the session: the
 //     target drops the old connection and its tasks, so an initiator can
 //     retry what was in flight (ErrorRecoveryLevel 0).
+//   - A login response with status class 1 (detail 1 temporary, 2
+//     permanent) carries TargetAddress=host[:port][,tag]: the initiator
+//     logs in there instead (§11.13.5, §13.9). Class 3 (target error,
+//     service unavailable, out of resources) may succeed later; class 2
+//     (initiator errors: credentials, unknown target) will not.
+//
+// A login that cannot connect (refused, reset, cut) is retried with
+// backoff for up to Config.Retry; redirections are followed, at most 4
+// per login and never back to an address already tried.
 //
 // The data-in of a read arrives as Data-In PDUs at a Buffer Offset; the
 // data-out of a write goes as immediate data (when ImmediateData=Yes), then

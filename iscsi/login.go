@@ -20,6 +20,66 @@ var ErrAuth = errors.New("iscsi: authentication failed")
 // ErrLogin is a login the target refused for another reason.
 var ErrLogin = errors.New("iscsi: login failed")
 
+// errTargetBusy marks a login refused with status class 3 (target error,
+// service unavailable, out of resources), which may succeed later.
+var errTargetBusy = errors.New("transient")
+
+// RedirectError is a login answered with status class 1 (redirection,
+// RFC 7143 §11.13.5): the target is at Address ("host[:port][,tag]"),
+// for this login (temporary) or for good (permanent). Session follows
+// redirections; it returns this error only when it gives up on them.
+type RedirectError struct {
+	Address   string
+	Permanent bool
+}
+
+func (e *RedirectError) Error() string {
+	kind := "temporarily"
+	if e.Permanent {
+		kind = "permanently"
+	}
+	return fmt.Sprintf("iscsi: login failed: the target moved %s to %q", kind, clipS(e.Address))
+}
+
+// Is makes a redirection that was not followed an ErrLogin.
+func (e *RedirectError) Is(target error) bool { return target == ErrLogin }
+
+// redirectPortal turns a TargetAddress value (RFC 7143 §13.9:
+// domainname[:port][,portal-group-tag], IPv6 in brackets) into host:port.
+func redirectPortal(v string) (string, error) {
+	if i := strings.LastIndexByte(v, ','); i >= 0 {
+		v = v[:i]
+	}
+	if v == "" || len(v) > 255 {
+		return "", protoErrorf("redirection to an invalid TargetAddress %q", clipS(v))
+	}
+	host, port := v, "3260"
+	if strings.HasPrefix(v, "[") {
+		end := strings.IndexByte(v, ']')
+		if end < 0 {
+			return "", protoErrorf("redirection to an invalid TargetAddress %q", clipS(v))
+		}
+		host = v[1:end]
+		if rest := v[end+1:]; rest != "" {
+			if rest[0] != ':' {
+				return "", protoErrorf("redirection to an invalid TargetAddress %q", clipS(v))
+			}
+			port = rest[1:]
+		}
+	} else if i := strings.LastIndexByte(v, ':'); i >= 0 {
+		if strings.IndexByte(v[:i], ':') >= 0 { // a bare IPv6 address
+			host = v
+		} else {
+			host, port = v[:i], v[i+1:]
+		}
+	}
+	n, err := strconv.Atoi(port)
+	if host == "" || err != nil || n < 1 || n > 65535 || strings.ContainsAny(host, " /[]") {
+		return "", protoErrorf("redirection to an invalid TargetAddress %q", clipS(v))
+	}
+	return net.JoinHostPort(host, strconv.Itoa(n)), nil
+}
+
 // Auth holds CHAP credentials. TargetSecret set asks for mutual CHAP: the
 // target must prove it knows it too.
 type Auth struct {
@@ -411,7 +471,7 @@ func loginStatusError(class, detail byte, data []byte) error {
 	case 0x0101, 0x0102:
 		kvs, _ := ParseText(data)
 		addr, _ := lookup(kvs, "TargetAddress")
-		return fmt.Errorf("%w: the target redirects to %q (redirection is not followed)", ErrLogin, clipS(addr))
+		return &RedirectError{Address: addr, Permanent: detail == 2}
 	case 0x0201:
 		return fmt.Errorf("%w: the target refused the credentials (wrong user or secret)", ErrAuth)
 	case 0x0202:
@@ -434,12 +494,11 @@ func loginStatusError(class, detail byte, data []byte) error {
 		msg = "session does not exist"
 	case 0x020b:
 		msg = "invalid request during login"
-	case 0x0300:
-		msg = "target error"
-	case 0x0301:
-		msg = "service unavailable"
-	case 0x0302:
-		msg = "out of resources"
+	case 0x0300, 0x0301, 0x0302:
+		// Target errors are transient (RFC 7143 §11.13.5): the login
+		// may be retried.
+		msg = map[uint16]string{0x0300: "target error", 0x0301: "service unavailable", 0x0302: "out of resources"}[code]
+		return fmt.Errorf("%w: %w: %s (status class %d detail %d)", ErrLogin, errTargetBusy, msg, class, detail)
 	default:
 		msg = "status " + strings.ToUpper(strconv.FormatUint(uint64(code), 16))
 	}

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/vdisk/vdisk/internal/backoff"
 )
 
 // SCSI status codes (SAM-5).
@@ -69,8 +71,12 @@ func (e *StatusError) Is(target error) bool {
 // maxRetries bounds the retries of UNIT ATTENTION and BUSY answers.
 const maxRetries = 5
 
+// busyBackoff spaces the retries of BUSY and TASK SET FULL answers.
+var busyBackoff = backoff.Policy{Initial: 50 * time.Millisecond, Max: time.Second}
+
 // Execute runs cmd. A command whose connection is lost is retried once
-// after a new login; UNIT ATTENTION (the target reset or changed), BUSY and
+// after a new login (which is itself retried with backoff for up to
+// Config.Retry); UNIT ATTENTION (the target reset or changed), BUSY and
 // TASK SET FULL are retried a few times. A status other than GOOD is a
 // *StatusError.
 func (s *Session) Execute(ctx context.Context, cmd *Command) (*Result, error) {
@@ -80,7 +86,8 @@ func (s *Session) Execute(ctx context.Context, cmd *Command) (*Result, error) {
 	lost, retries := 0, 0
 	for {
 		res, err := s.executeOnce(ctx, cmd)
-		if errors.Is(err, ErrConnLost) && lost == 0 && ctx.Err() == nil {
+		var gaveUp *backoff.Error
+		if errors.Is(err, ErrConnLost) && !errors.As(err, &gaveUp) && lost == 0 && ctx.Err() == nil {
 			lost++
 			s.cfg.log().Info("iscsi: retrying after a lost connection", "portal", s.cfg.Portal, "err", err)
 			continue
@@ -101,7 +108,7 @@ func (s *Session) Execute(ctx context.Context, cmd *Command) (*Result, error) {
 			retries++
 			if res.Status != StatusCheckCondition {
 				select {
-				case <-time.After(time.Duration(retries) * 50 * time.Millisecond):
+				case <-time.After(busyBackoff.Wait(retries)):
 				case <-ctx.Done():
 					return nil, ctx.Err()
 				}

@@ -11,6 +11,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/vdisk/vdisk/internal/backoff"
 )
 
 // ErrConnLost is a connection that ended under a command. Session retries
@@ -41,6 +43,12 @@ type Config struct {
 	// Timeout bounds each command before it is aborted (default 30s) and
 	// each login (default 15s or Timeout if smaller).
 	Timeout time.Duration
+	// Retry is how long a connection that cannot be made (refused,
+	// reset, cut or timed out during the login: a target restarting) is
+	// tried again with backoff, at the first login and at a reconnect
+	// (default 10s; negative: one attempt). Refusals (CHAP, no such
+	// target, protocol errors) are not retried.
+	Retry time.Duration
 	// KeepAlive is how long a connection may stay silent before a NOP-Out
 	// ping is sent (default 10s; negative disables).
 	KeepAlive time.Duration
@@ -88,6 +96,12 @@ type Session struct {
 	nextITT   uint32
 	closed    bool
 	params    Params
+	// portal is where logins go: Config.Portal, or where a permanent
+	// redirection sent the session.
+	portal string
+	// connErr is why the last connect gave up, at connErrAt.
+	connErr   error
+	connErrAt time.Time
 	// Reconnects counts the logins after the first (tests read it).
 	reconnects int
 }
@@ -134,7 +148,7 @@ func newSession(ctx context.Context, cfg Config, discovery bool) (*Session, erro
 	if cfg.InitiatorName == "" {
 		cfg.InitiatorName = DefaultInitiatorName
 	}
-	s := &Session{cfg: cfg, discovery: discovery, tasks: map[uint32]*task{}, window: make(chan struct{}), cmdSN: 1}
+	s := &Session{cfg: cfg, discovery: discovery, tasks: map[uint32]*task{}, window: make(chan struct{}), cmdSN: 1, portal: cfg.Portal}
 	// ISID type "random" (RFC 7143 §11.12.5): 0x80, then 3 random bytes
 	// and a qualifier. Reconnects keep it, which reinstates the session.
 	s.isid[0] = 0x80
@@ -167,6 +181,7 @@ func (s *Session) Reconnects() int {
 
 // connect dials and logs in, replacing any dead connection.
 func (s *Session) connect(ctx context.Context) (*conn, error) {
+	asked := time.Now()
 	s.reconnMu.Lock()
 	defer s.reconnMu.Unlock()
 	s.mu.Lock()
@@ -178,37 +193,44 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 		s.mu.Unlock()
 		return c, nil
 	}
+	if s.connErr != nil && s.connErrAt.After(asked) {
+		// A reconnect that gave up while this caller waited for it: do
+		// not start another round of retries for each waiting command.
+		err := s.connErr
+		s.mu.Unlock()
+		return nil, err
+	}
 	st := loginState{isid: s.isid, cmdSN: s.cmdSN, itt: s.newITTLocked()}
 	first := s.gen == 0
 	s.mu.Unlock()
 
-	lctx, cancel := context.WithTimeout(ctx, s.cfg.loginTimeout())
-	defer cancel()
-	dial := s.cfg.Dial
-	if dial == nil {
-		var d net.Dialer
-		dial = d.DialContext
+	var c *conn
+	var at string
+	notify := func(n int, err error, wait time.Duration) {
+		s.cfg.log().Info("iscsi: login failed, retrying", "portal", s.cfg.Portal, "target", s.cfg.Target, "attempt", n, "err", err, "backoff", wait)
 	}
-	nc, err := dial(lctx, "tcp", s.cfg.Portal)
+	err := backoff.Retry(ctx, s.retryPolicy(), permanent, notify, func(ctx context.Context, _ int) error {
+		var err error
+		c, at, err = s.login(ctx, &st)
+		return err
+	})
 	if err != nil {
-		return nil, fmt.Errorf("%w: connect to %s: %v", ErrConnLost, s.cfg.Portal, err)
-	}
-	c, err := login(lctx, nc, &s.cfg, &st, s.discovery)
-	if err != nil {
-		nc.Close()
-		if errors.Is(err, ErrAuth) || errors.Is(err, ErrLogin) || errors.Is(err, ErrProtocol) {
-			return nil, err
+		if ctx.Err() == nil {
+			s.mu.Lock()
+			s.connErr, s.connErrAt = err, time.Now()
+			s.mu.Unlock()
 		}
-		return nil, fmt.Errorf("%w: login to %s: %v", ErrConnLost, s.cfg.Portal, err)
+		return nil, err
 	}
 	c.lastRecv.Store(time.Now().UnixNano())
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		nc.Close()
+		c.nc.Close()
 		return nil, ErrClosed
 	}
 	s.gen++
+	s.connErr = nil
 	c.gen = s.gen
 	if !first {
 		s.reconnects++
@@ -225,9 +247,98 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 		go s.keepAliveLoop(c, ka)
 	}
 	if !first {
-		s.cfg.log().Info("iscsi: logged in again", "portal", s.cfg.Portal, "target", s.cfg.Target)
+		s.cfg.log().Info("iscsi: logged in again", "portal", at, "target", s.cfg.Target)
 	}
 	return c, nil
+}
+
+// maxRedirects bounds the redirections one login follows.
+const maxRedirects = 4
+
+// retryPolicy is the backoff of connect.
+func (s *Session) retryPolicy() backoff.Policy {
+	switch {
+	case s.cfg.Retry < 0:
+		return backoff.Policy{Attempts: 1}
+	case s.cfg.Retry == 0:
+		return backoff.Policy{Initial: 50 * time.Millisecond, Max: 2 * time.Second, Attempts: 1 << 20, Total: 10 * time.Second}
+	}
+	return backoff.Policy{Initial: 50 * time.Millisecond, Max: 2 * time.Second, Attempts: 1 << 20, Total: s.cfg.Retry}
+}
+
+// permanent reports whether a failed login would fail the same way
+// again: refused credentials, a login refused by the target for a reason
+// other than a target error (class 3), a protocol violation, a host name
+// that does not exist, a closed session.
+func permanent(err error) bool {
+	if errors.Is(err, errTargetBusy) {
+		return false
+	}
+	var dns *net.DNSError
+	if errors.As(err, &dns) {
+		return dns.IsNotFound
+	}
+	return errors.Is(err, ErrAuth) || errors.Is(err, ErrLogin) || errors.Is(err, ErrProtocol) ||
+		errors.Is(err, ErrClosed) || errors.Is(err, context.Canceled)
+}
+
+// login dials the session's portal and logs in, following up to
+// maxRedirects redirections (each dialled through Config.Dial, never one
+// back to an address already tried). A permanent redirection moves the
+// session's portal for later logins; a temporary one serves this login
+// only. It returns the portal the connection is on.
+func (s *Session) login(ctx context.Context, st *loginState) (*conn, string, error) {
+	dial := s.cfg.Dial
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	s.mu.Lock()
+	addr := s.portal
+	s.mu.Unlock()
+	seen := map[string]bool{addr: true}
+	allPermanent := true
+	for hops := 0; ; hops++ {
+		lctx, cancel := context.WithTimeout(ctx, s.cfg.loginTimeout())
+		nc, err := dial(lctx, "tcp", addr)
+		if err != nil {
+			cancel()
+			return nil, addr, fmt.Errorf("%w: connect to %s: %w", ErrConnLost, addr, err)
+		}
+		lst := *st
+		c, err := login(lctx, nc, &s.cfg, &lst, s.discovery)
+		cancel()
+		if err == nil {
+			*st = lst
+			if hops > 0 && allPermanent {
+				s.mu.Lock()
+				s.portal = addr
+				s.mu.Unlock()
+			}
+			return c, addr, nil
+		}
+		nc.Close()
+		var re *RedirectError
+		if !errors.As(err, &re) {
+			if permanent(err) {
+				return nil, addr, err
+			}
+			return nil, addr, fmt.Errorf("%w: login to %s: %w", ErrConnLost, addr, err)
+		}
+		next, perr := redirectPortal(re.Address)
+		switch {
+		case perr != nil:
+			return nil, addr, fmt.Errorf("%s: %w", addr, perr)
+		case hops >= maxRedirects:
+			return nil, addr, fmt.Errorf("%w: more than %d redirections (the last from %s to %s)", ErrLogin, maxRedirects, addr, next)
+		case seen[next]:
+			return nil, addr, fmt.Errorf("%w: a redirection loop: %s sends the login back to %s", ErrLogin, addr, next)
+		}
+		s.cfg.log().Info("iscsi: login redirected", "from", addr, "to", next, "permanent", re.Permanent, "target", s.cfg.Target)
+		seen[next] = true
+		allPermanent = allPermanent && re.Permanent
+		addr = next
+	}
 }
 
 func (s *Session) keepAlive() time.Duration {

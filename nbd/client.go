@@ -57,6 +57,9 @@ const (
 	TFlagFastZero     = tflagSendFastZero
 )
 
+// ErrNotNBD is a peer whose greeting is not a fixed newstyle NBD server's.
+var ErrNotNBD = errors.New("nbd: not a fixed newstyle NBD server")
+
 // Error is an error reply from an NBD server.
 type Error struct {
 	// Errno is the NBD error value (EINVAL, EPERM, ...); for option
@@ -266,7 +269,7 @@ func (c *Client) greet() (handshakeFlags uint16, err error) {
 		return 0, err
 	}
 	if be.Uint64(b[0:]) != nbdMagic || be.Uint64(b[8:]) != optMagic {
-		return 0, errors.New("nbd: not a fixed newstyle NBD server")
+		return 0, ErrNotNBD
 	}
 	hs := be.Uint16(b[16:])
 	cf := uint32(clientFixedNewstyle)

@@ -90,7 +90,11 @@ func (a *app) create(name, sizeArg, format, backing, backingFmt string, optArgs 
 		}
 	}
 	// Validate the options before printing anything, as qemu-img does.
-	vals, err := driver.ParseOptions(f.Name, f.CreateOptions, iopt.rest)
+	drvOpts, err := vdisk.DriverCreateOptions(f.Name, iopt.rest)
+	if err != nil {
+		return driver.WithFile(err, "create", name)
+	}
+	vals, err := driver.ParseOptions(f.Name, f.CreateOptions, drvOpts)
 	if err != nil {
 		return driver.WithFile(err, "create", name)
 	}

@@ -136,6 +136,9 @@ func imageInfo(st driver.Storage, l *vdisk.Layer, display string) (*jnode, error
 	if inf.ClusterSize > 0 {
 		n.set("cluster-size", jint(inf.ClusterSize))
 	}
+	if inf.Encrypted {
+		n.set("encrypted", jbool(true))
+	}
 	if ref := l.ParentRef(); ref != nil && ref.Name != "" {
 		n.set("backing-filename", jstr(ref.Name))
 		n.set("full-backing-filename", jstr(combinePath(display, ref.Name)))
@@ -251,6 +254,9 @@ func dumpHumanInfo(w io.Writer, n *jnode) {
 	}
 	fmt.Fprintf(w, "image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n",
 		str("filename"), str("format"), driver.FormatSize(vsize), vsize, dsize)
+	if str("encrypted") == "true" {
+		fmt.Fprintf(w, "encrypted: yes\n")
+	}
 	if n.get("cluster-size") != nil {
 		fmt.Fprintf(w, "cluster_size: %d\n", num("cluster-size"))
 	}

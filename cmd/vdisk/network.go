@@ -96,6 +96,9 @@ func (a *app) oo(o vdisk.OpenOptions) *vdisk.OpenOptions {
 	if o.StorageOptions == nil {
 		o.StorageOptions = a.storageOpts
 	}
+	if o.AllowSchemes == nil {
+		o.AllowSchemes = a.allowSchemes
+	}
 	a.applyCache(&o)
 	return &o
 }
@@ -111,6 +114,9 @@ func (a *app) co(o vdisk.CreateOptions) *vdisk.CreateOptions {
 	}
 	if o.StorageOptions == nil {
 		o.StorageOptions = a.storageOpts
+	}
+	if o.AllowSchemes == nil {
+		o.AllowSchemes = a.allowSchemes
 	}
 	return &o
 }
@@ -200,7 +206,9 @@ func (a *app) applyCache(o *vdisk.OpenOptions) {
 		return
 	}
 	o.Cache = a.cacheFile
-	o.CacheOptions.Size = a.cacheBytes
+	if o.CacheOptions.Size == 0 {
+		o.CacheOptions.Size = a.cacheBytes
+	}
 }
 
 // listExports prints what the server of a network URL offers (info --list).

@@ -418,8 +418,8 @@ func TestSnapshotCmd(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"-d", "nosuch", img}, "vdisk snapshot: Could not delete snapshot 'nosuch': " + img + ": snapshot not found (not found)\n"},
-		{[]string{"-a", "nosuch", img}, "vdisk snapshot: Could not apply snapshot 'nosuch': " + img + ": snapshot not found (not found)\n"},
+		{[]string{"-d", "nosuch", img}, "vdisk snapshot: Could not delete snapshot 'nosuch': " + img + ": snapshot not found\n"},
+		{[]string{"-a", "nosuch", img}, "vdisk snapshot: Could not apply snapshot 'nosuch': " + img + ": snapshot not found\n"},
 		{[]string{"-f", "raw", "-c", "a", raw}, "vdisk snapshot: " + raw + ": Could not create snapshot 'a': format raw does not support internal snapshots (unsupported)\n"},
 		{[]string{"-l", "-c", "x", img}, "vdisk snapshot: Cannot mix '-l', '-a', '-c', '-d'\nTry 'vdisk snapshot --help' for more information.\n"},
 	} {

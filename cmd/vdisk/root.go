@@ -15,6 +15,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/storage/cache"
 )
 
 // Main runs the vdisk command line with args (without the program name)
@@ -64,6 +65,9 @@ type app struct {
 	cacheFile  string
 	cacheSize  string
 	cacheBytes int64
+	// allowSchemes (--allow-backing-scheme): URL schemes a backing file
+	// name may use under the strict path policy.
+	allowSchemes []string
 }
 
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, h *hooks) int {
@@ -119,6 +123,13 @@ Its commands take the same names and flags as qemu-img's.`,
 				}
 				a.cacheBytes = n
 			}
+			for i, s := range a.allowSchemes {
+				s = strings.ToLower(strings.TrimSpace(s))
+				if _, ok := driver.LookupScheme(s); !ok {
+					return usageErrorf("--allow-backing-scheme %q: not a scheme vdisk opens (known: %s)", s, strings.Join(driver.Schemes(), ", "))
+				}
+				a.allowSchemes[i] = s
+			}
 			return nil
 		},
 	}
@@ -131,6 +142,7 @@ Its commands take the same names and flags as qemu-img's.`,
 	root.PersistentFlags().BoolVar(&a.untrusted, "untrusted", false, "treat the images as untrusted: follow a file name an image records (backing file, extent, data file) only to a regular file in the image's directory or below, never through a link leading out, to an absolute path or a URL")
 	root.PersistentFlags().StringArrayVar(&a.objects, "object", nil, "define an object, as qemu-img: secret,id=ID,file=PATH[,format=raw|base64] (or data=VALUE, visible to other users) for encrypted images (encrypt.key-secret=ID, key-secret=ID) and network disks (password-secret=ID)")
 	root.PersistentFlags().StringVar(&a.cacheFile, "block-cache", "", "keep blocks read from network images (nbd://, iscsi://, s3://) in this local VCI cache file, reused by later runs (--cache/-t is qemu-img's cache mode)")
+	root.PersistentFlags().StringSliceVar(&a.allowSchemes, "allow-backing-scheme", nil, "under the strict path policy (serve, --untrusted), also follow backing file names that are URLs of these schemes (comma-separated, e.g. s3 or s3,nbd): a local overlay on an s3:// base; local names stay confined to the image's directory")
 	root.PersistentFlags().StringVar(&a.cacheSize, "block-cache-size", "", "bound the --block-cache file to this size (default 1G, e.g. 10G); least recently used blocks are evicted")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(
@@ -305,6 +317,7 @@ func (a *app) imageSpec(arg string, o *vdisk.OpenOptions) (string, error) {
 		return "", err
 	}
 	var name, fileDriver string
+	var cacheKVs []driver.KV
 	network := map[string]string{}
 	for _, kv := range kvs {
 		switch kv.Key {
@@ -333,6 +346,15 @@ func (a *app) imageSpec(arg string, o *vdisk.OpenOptions) (string, error) {
 		case "driver", "file.driver":
 		case "file.filename", "file":
 			name = kv.Value
+		case "cache":
+			// The block cache of a network layer (--block-cache), not
+			// qemu's cache.* modes.
+			if kv.Value == "" {
+				return "", driver.OptionErrorf("--image-opts %q: cache= needs a cache file name", arg)
+			}
+			o.Cache = kv.Value
+		case "cache-size", "cache-block-size", "cache-parallel":
+			cacheKVs = append(cacheKVs, kv)
 		case "file.locking", "file.aio", "cache.direct", "cache.no-flush", "read-only", "force-share":
 			if key == "cache.direct" && kv.Value == "on" {
 				o.Direct = true
@@ -345,7 +367,7 @@ func (a *app) imageSpec(arg string, o *vdisk.OpenOptions) (string, error) {
 				network[key] = kv.Value
 				continue
 			}
-			o.Options = append(o.Options, driver.KV{Key: strings.ReplaceAll(key, "-", "_"), Value: kv.Value})
+			o.Options = append(o.Options, driver.KV{Key: imageOptKey(o.Format, key), Value: kv.Value})
 		}
 	}
 	if proto != "" {
@@ -371,6 +393,25 @@ func (a *app) imageSpec(arg string, o *vdisk.OpenOptions) (string, error) {
 	if name == "" {
 		return "", driver.OptionErrorf("--image-opts %q names no file (file.filename=PATH)", arg)
 	}
+	if len(cacheKVs) > 0 {
+		if o.Cache == "" && a.cacheFile == "" {
+			return "", driver.OptionErrorf("--image-opts %q: %s= needs a block cache (cache=FILE or --block-cache FILE)", arg, cacheKVs[0].Key)
+		}
+		co, err := cache.ParseOptions(cacheKVs)
+		if err != nil {
+			return "", driver.OptionErrorf("--image-opts %q: %v", arg, err)
+		}
+		for _, kv := range cacheKVs {
+			switch kv.Key {
+			case "cache-size":
+				o.CacheOptions.Size = co.Size
+			case "cache-block-size":
+				o.CacheOptions.BlockSize = co.BlockSize
+			case "cache-parallel":
+				o.CacheOptions.Parallel = co.Parallel
+			}
+		}
+	}
 	if o.Format == "" && len(o.Options) > 0 {
 		return "", driver.OptionErrorf("--image-opts %q: open options need driver=FORMAT", arg)
 	}
@@ -387,4 +428,19 @@ func addFormatFlag(cmd *cobra.Command, p *string, usage string) {
 func addForceShareFlag(cmd *cobra.Command) {
 	var ignored bool
 	cmd.Flags().BoolVarP(&ignored, "force-share", "U", false, "open the image in shared mode (always the case for read-only opens)")
+}
+
+// imageOptKey maps an --image-opts key to the driver's option name: qemu
+// spells runtime options with '-' where vdisk's declared names use '_',
+// except names the driver declares with '-' (encrypt.key-secret,
+// key-secret), which stay as they are.
+func imageOptKey(format, key string) string {
+	if f, err := driver.Lookup(format); err == nil {
+		for _, opt := range f.OpenOptions {
+			if opt.Name == key {
+				return key
+			}
+		}
+	}
+	return strings.ReplaceAll(key, "-", "_")
 }

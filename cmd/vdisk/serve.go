@@ -93,6 +93,15 @@ advertised shrinks with a budget below 64 MiB). --allow-from filters TCP
 clients by address; a unix socket (-k) is guarded by its file's
 permissions instead, and the two cannot be combined.
 
+File names the images record are followed under the strict path policy:
+only to regular files in the image's directory or below, never to a URL.
+A local overlay on a network base (a backing file s3://images/base.qcow2)
+is served with the global --allow-backing-scheme s3, which admits backing
+names of that scheme and nothing else (local names stay confined), usually
+with --block-cache FILE to keep the base's blocks locally:
+  vdisk serve --allow-backing-scheme s3 --block-cache base.vci vm1.qcow2
+--allow-unsafe-paths follows every name, as qemu-nbd does.
+
 --control SOCKET also listens on a unix socket (mode 0600) for the
 control protocol: live commit, stream and external snapshots of the
 exports while clients use them ('vdisk commit --server SOCKET', 'vdisk

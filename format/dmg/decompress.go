@@ -20,7 +20,7 @@ func (im *image) decompress(c *chunk) ([]byte, error) {
 	switch c.typ {
 	case typeZlib, typeBzip2, typeADC:
 	case typeLZFSE:
-		return nil, driver.Unsupportedf(im.name, "LZFSE chunk at sector %d: no LZFSE decoder is built in (ULFO images are not supported)", c.sector)
+		return nil, driver.Unsupportedf(im.name, "LZFSE chunks are not supported: no pure-Go LZFSE decoder is available to this build (ULFO image; chunk at sector %d, file offset %d)", c.sector, c.off)
 	default:
 		return nil, driver.Unsupportedf(im.name, "chunk of %s at sector %d", typeName(c.typ), c.sector)
 	}

@@ -24,6 +24,8 @@ var Format = &driver.Format{
 	CreateOptions: []driver.Option{
 		{Name: "subformat", Type: driver.TypeEnum, Default: "UDZO", Values: subformats,
 			Doc: "UDZO (zlib), UDBZ (bzip2), UDRO or UDRW (uncompressed)"},
+		{Name: "zlib-level", Type: driver.TypeInt, Default: "1", Min: 1, Max: 9,
+			Doc: "zlib level of UDZO chunks (hdiutil's -imagekey zlib-level; 1, its default, is fastest)"},
 	},
 	Probe:  probe,
 	Create: create,

@@ -44,14 +44,20 @@
 //     the CRC-32 of the mish checksums' 4-byte big-endian values, in
 //     table order.
 //
-// No pure-Go LZFSE decoder is served to this build, so LZFSE chunks
-// (ULFO images) report ErrUnsupported when read; everything else reads.
+// LZFSE chunks (ULFO images) open (their sectors are Data) and fail to
+// read with ErrUnsupported ("LZFSE chunks are not supported"); everything
+// else reads. No pure-Go LZFSE decoder can be had here: the Go module
+// proxy this build uses refuses every candidate module (pure-Go
+// decoders and cgo bindings alike), and Debian ships no lzfse package to
+// test one against.
 //
 // Writing: Create returns an image that StreamOnly reports true for; the
 // container's convert hands it whole units (1 MiB, 2048 sectors, the
 // chunk size of Apple's and libdmg's writers) in increasing order, skipping
-// all-zero ones. Units are compressed on every core (zlib for UDZO, bzip2
-// for UDBZ; a chunk that does not shrink is stored raw) or stored raw
+// all-zero ones. Units are compressed on every core (zlib for UDZO at
+// zlib-level, default 1 as hdiutil's, the stream framed here with an
+// Adler-32 summed eight bytes at a time; bzip2 for UDBZ; a chunk that does
+// not shrink is stored raw) or stored raw
 // (UDRO, whose all-zero 4 KiB pieces become zero-fill chunks) and written
 // in order from offset 0; gaps become zero-fill chunks. UDRW, Apple's
 // read/write kind, is linear: every sector is stored at its own offset in

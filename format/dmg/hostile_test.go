@@ -175,8 +175,12 @@ func TestUnsupportedChunks(t *testing.T) {
 		if e, _ := im.Status(0, im.Size()); e.State != driver.Data || e.Length != 4096 {
 			t.Fatalf("status %+v", e)
 		}
-		if _, err := im.ReadAt(make([]byte, 512), 0); !errorsIs(err, driver.ErrUnsupported) {
+		_, err = im.ReadAt(make([]byte, 512), 0)
+		if !errorsIs(err, driver.ErrUnsupported) {
 			t.Fatalf("read of %s: %v", typeName(typ), err)
+		}
+		if typ == typeLZFSE && !strings.Contains(err.Error(), "LZFSE chunks are not supported") {
+			t.Fatalf("read of an LZFSE chunk: %v; want an error saying LZFSE chunks are not supported", err)
 		}
 		if _, err := im.ReadAt(make([]byte, 512), 4096); err != nil {
 			t.Fatal(err)

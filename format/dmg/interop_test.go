@@ -3,6 +3,7 @@ package dmg
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
@@ -251,5 +253,43 @@ func TestHugeSparse(t *testing.T) {
 	m, err := parseMish(entries[0].data)
 	if err != nil || m.checksum.value != want {
 		t.Fatalf("blkx checksum %08x, want %08x (%v)", m.checksum.value, want, err)
+	}
+}
+
+// TestZlibLevel: UDZO's zlib-level option (hdiutil's image key) is
+// honoured at both ends of its range: qemu-img reads either image
+// bit-exact and level 9 stores no more bytes than level 1; a level
+// outside 1-9 is refused before anything is written.
+func TestZlibLevel(t *testing.T) {
+	qemutest.Require(t)
+	dir := t.TempDir()
+	data := source("mixed", 4<<20, 11)
+	src := filepath.Join(dir, "src.raw")
+	writeSparse(t, src, data)
+	sizes := map[string]int64{}
+	for _, lvl := range []string{"1", "9"} {
+		dst := filepath.Join(dir, "l"+lvl+".dmg")
+		convertFile(t, src, dst, "subformat=UDZO", "zlib-level="+lvl)
+		if !qemutest.Compare(t, "dmg", dst, "raw", src) {
+			t.Fatalf("zlib-level=%s: qemu-img compare: the DMG differs from the source", lvl)
+		}
+		fi, err := os.Stat(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sizes[lvl] = fi.Size()
+	}
+	if sizes["9"] > sizes["1"] {
+		t.Fatalf("zlib-level=9 stored %d bytes, level 1 %d", sizes["9"], sizes["1"])
+	}
+	for _, bad := range []string{"0", "10", "fast"} {
+		dst := filepath.Join(dir, "bad.dmg")
+		_, err := vdisk.Create(ctx, dst, &vdisk.CreateOptions{Format: "dmg", Size: 1 << 20, Options: disktest.KVs("zlib-level=" + bad)})
+		if !errors.Is(err, driver.ErrInvalidOption) {
+			t.Fatalf("zlib-level=%s: %v, want an invalid-option error", bad, err)
+		}
+		if _, serr := os.Stat(dst); serr == nil {
+			t.Fatalf("zlib-level=%s: the refused create left %s behind", bad, dst)
+		}
 	}
 }

@@ -6,11 +6,12 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"hash/crc32"
+	"io"
 	"runtime"
 	"sync"
 
 	"github.com/dsnet/compress/bzip2"
-	"github.com/klauspost/compress/zlib"
+	"github.com/klauspost/compress/flate"
 
 	"github.com/vdisk/vdisk/driver"
 )
@@ -23,9 +24,11 @@ var unitSize int64 = 1 << 20
 // look for zeros to store as zero-fill chunks.
 const zeroGranule = 4096
 
-// compressLevel is the zlib level of UDZO chunks (klauspost's level 6
-// compresses like zlib's default and several times faster).
-var compressLevel = 6
+// defaultZlibLevel is the zlib level of UDZO chunks unless zlib-level
+// says otherwise: 1, as hdiutil writes UDZO by default (its -imagekey
+// zlib-level). On text-like data klauspost's level 1 takes about half the
+// CPU time of its level 6 for an output a few percent larger.
+const defaultZlibLevel = 1
 
 // bzip2Level is the bzip2 block size (in 100 kB) of UDBZ chunks.
 const bzip2Level = 9
@@ -62,8 +65,12 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		f.Close()
 		return nil, driver.WithFile(err, "create", p.Name)
 	}
+	level := int(p.Options.Int("zlib-level"))
+	if level == 0 {
+		level = defaultZlibLevel
+	}
 	im := &image{f: f, name: p.Name, size: size}
-	im.w = newWriter(im, sub)
+	im.w = newWriter(im, sub, level)
 	return im, nil
 }
 
@@ -71,16 +78,21 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 // core and stored in submission order; finish writes the block map, the
 // property list and the trailer.
 type writer struct {
-	f    driver.File
-	name string
-	size int64
-	unit int64
-	sub  string
+	f     driver.File
+	name  string
+	size  int64
+	unit  int64
+	sub   string
+	level int // zlib level (UDZO)
 
 	jobs  chan *wjob
 	slots chan struct{}
 	wg    sync.WaitGroup
-	bufs  sync.Pool
+	// Free lists of unit-sized buffers: the units being compressed and
+	// their compressed bytes waiting to be stored. At most slots of each
+	// are in use, and they live as long as the writer (a sync.Pool would
+	// drop them at every GC, and fresh megabytes cost page faults).
+	bufs, outs freeList
 
 	mu      sync.Mutex
 	cond    *sync.Cond
@@ -107,6 +119,7 @@ type wjob struct {
 	off  int64
 	data []byte
 	buf  *[]byte // pooled backing of data
+	cbuf *[]byte // pooled backing of the compressed piece, or nil
 	crc  uint32
 	out  []piece
 }
@@ -119,14 +132,15 @@ type piece struct {
 	bytes []byte
 }
 
-func newWriter(im *image, sub string) *writer {
-	w := &writer{f: im.f, name: im.name, size: im.size, unit: unitSize, sub: sub, ready: map[int64]*wjob{}, curU: -1}
+func newWriter(im *image, sub string, level int) *writer {
+	w := &writer{f: im.f, name: im.name, size: im.size, unit: unitSize, sub: sub, level: level, ready: map[int64]*wjob{}, curU: -1}
 	w.cond = sync.NewCond(&w.mu)
-	w.bufs.New = func() any { b := make([]byte, w.unit); return &b }
 	n := runtime.GOMAXPROCS(0)
 	slots := 2*n + 4
 	w.jobs = make(chan *wjob, slots)
 	w.slots = make(chan struct{}, slots)
+	w.bufs = freeList{c: make(chan *[]byte, slots), size: w.unit}
+	w.outs = freeList{c: make(chan *[]byte, slots), size: w.unit}
 	for range n {
 		w.wg.Add(1)
 		go w.worker()
@@ -192,7 +206,7 @@ func (w *writer) submitLocked(off int64, p []byte) error {
 	w.lastEnd = off + int64(len(p))
 	seq := w.next
 	w.next++
-	bp := w.bufs.Get().(*[]byte)
+	bp := w.bufs.get()
 	data := (*bp)[:len(p)]
 	copy(data, p)
 	w.mu.Unlock()
@@ -264,7 +278,7 @@ func (w *writer) writeZeroes(off, n int64) error {
 
 func (w *writer) worker() {
 	defer w.wg.Done()
-	var zw *zlib.Writer
+	var zc *zlibChunker
 	var bw *bzip2.Writer
 	var buf bytes.Buffer
 	for j := range w.jobs {
@@ -276,15 +290,11 @@ func (w *writer) worker() {
 			typ := uint32(typeZlib)
 			var err error
 			if w.sub == "UDZO" {
-				if zw == nil {
-					zw, err = zlib.NewWriterLevel(&buf, compressLevel)
-				} else {
-					zw.Reset(&buf)
+				if zc == nil {
+					zc, err = newZlibChunker(w.level)
 				}
 				if err == nil {
-					if _, err = zw.Write(j.data); err == nil {
-						err = zw.Close()
-					}
+					err = zc.compress(&buf, j.data)
 				}
 			} else {
 				typ = typeBzip2
@@ -300,7 +310,12 @@ func (w *writer) worker() {
 				}
 			}
 			if err == nil && int64(buf.Len()) < n {
-				j.out = []piece{{typ: typ, off: j.off, n: n, bytes: bytes.Clone(buf.Bytes())}}
+				// The compressed bytes go to a pooled buffer (a unit's
+				// worth: they are shorter), handed back once stored.
+				cb := w.outs.get()
+				j.cbuf = cb
+				out := (*cb)[:copy(*cb, buf.Bytes())]
+				j.out = []piece{{typ: typ, off: j.off, n: n, bytes: out}}
 			} else {
 				// Incompressible (or the compressor failed): store raw,
 				// as Apple's tools do.
@@ -365,7 +380,10 @@ func (w *writer) store() {
 		if !failed {
 			err = w.storeJob(j)
 		}
-		w.bufs.Put(j.buf)
+		w.bufs.put(j.buf)
+		if j.cbuf != nil {
+			w.outs.put(j.cbuf)
+		}
 		<-w.slots
 		w.mu.Lock()
 		if err != nil && w.err == nil {
@@ -501,5 +519,58 @@ func (w *writer) writeMetadata() error {
 	if err := w.f.Truncate(w.pos + int64(len(out))); err != nil {
 		return driver.WithFile(err, "truncate", w.name)
 	}
+	return nil
+}
+
+// freeList keeps up to cap(c) buffers of size bytes for reuse.
+type freeList struct {
+	c    chan *[]byte
+	size int64
+}
+
+func (l *freeList) get() *[]byte {
+	select {
+	case b := <-l.c:
+		return b
+	default:
+		b := make([]byte, l.size)
+		return &b
+	}
+}
+
+func (l *freeList) put(b *[]byte) {
+	select {
+	case l.c <- b:
+	default:
+	}
+}
+
+// zlibChunker compresses units into zlib streams (see adler.go).
+type zlibChunker struct {
+	fw  *flate.Writer
+	hdr [2]byte
+}
+
+func newZlibChunker(level int) (*zlibChunker, error) {
+	fw, err := flate.NewWriter(io.Discard, level)
+	if err != nil {
+		return nil, err
+	}
+	return &zlibChunker{fw: fw, hdr: zlibHeader(level)}, nil
+}
+
+// compress appends the zlib stream of data to buf.
+func (z *zlibChunker) compress(buf *bytes.Buffer, data []byte) error {
+	buf.Write(z.hdr[:])
+	z.fw.Reset(buf)
+	if _, err := z.fw.Write(data); err != nil {
+		return err
+	}
+	if err := z.fw.Close(); err != nil {
+		return err
+	}
+	var sum [4]byte
+	binary.BigEndian.PutUint32(sum[:], adler32Update(1, data))
+	buf.Write(sum[:])
 	return nil
 }

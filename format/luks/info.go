@@ -51,5 +51,5 @@ func (im *image) Info() driver.Info {
 		}
 		s.Slots = append(s.Slots, si)
 	}
-	return driver.Info{Format: "luks", VirtualSize: im.Size(), ClusterSize: im.ss, Specific: s}
+	return driver.Info{Format: "luks", VirtualSize: im.Size(), ClusterSize: im.ss, Encrypted: true, EncryptFormat: "luks", Specific: s}
 }

@@ -47,4 +47,11 @@
 // before the BAT entry that points at it. Close cuts the file at the end of
 // the last used cluster and clears the flag. Bundles open read-only, through
 // OpenParams.OpenReferenced, so their file names obey the path policy.
+//
+// Copy offload (extent.go): clusters hold the guest's bytes verbatim, so
+// the image maps its runs to its file (FileExtent, pinned against
+// discards and resizes) and takes runs straight from another file
+// (CopyFrom: copy_file_range or a reflink into allocated clusters or new
+// ones, then the BAT entries). A convert between raw and Parallels on a
+// local file system then passes no data through user space.
 package parallels

@@ -95,6 +95,12 @@ func (im *image) allocRun(c, k, in int64, data []byte) error {
 	if _, err := im.f.WriteAt(data, first+in); err != nil {
 		return driver.WithFile(err, "write", im.name)
 	}
+	return im.pointRun(c, k, first)
+}
+
+// pointRun points the BAT entries of clusters c..c+k-1 at the k file
+// clusters from first (whose data is written).
+func (im *image) pointRun(c, k, first int64) error {
 	raw := make([]byte, 4*k)
 	for j := range k {
 		binary.LittleEndian.PutUint32(raw[4*j:], uint32((first+j*im.l.cs)/im.l.mult))

@@ -721,6 +721,9 @@ func (c *checker) countAll(ctx context.Context) error {
 	if len(im.snaps) > 0 {
 		incRange(h.snapshotsOffset, im.snapTableSize())
 	}
+	if h.hasCrypto {
+		incRange(h.cryptoOff, int64(h.cryptoLen))
+	}
 	// Bitmaps.
 	if b := h.bitmaps; b != nil {
 		incRange(b.dirOffset, int64(b.dirSize))

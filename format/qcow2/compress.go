@@ -69,6 +69,9 @@ func (im *image) WriteCompressed(p []byte, off int64) error {
 	if im.extData {
 		return driver.Unsupportedf(im.name, "compressed clusters are not supported with an external data file")
 	}
+	if im.crypt != nil {
+		return driver.Unsupportedf(im.name, "compression and encryption are not supported at the same time")
+	}
 	size := im.Size()
 	if err := driver.CheckRange(im.name, off, int64(len(p)), size); err != nil {
 		return err

@@ -120,6 +120,10 @@ func runCrashOps(d *vdisk.Disk, ops []crashOp, st *crashState, cur []uint64) err
 				var list []driver.Snapshot
 				if list, err = sn.Snapshots(); err == nil && len(list) > 0 {
 					err = sn.DeleteSnapshot(list[0].ID)
+				} else if err == nil {
+					// Nothing to delete: success below must still
+					// mean flushed.
+					err = d.Flush()
 				}
 			}
 			// Snapshot operations flush first: success means flushed.
@@ -146,7 +150,15 @@ func runCrashOps(d *vdisk.Disk, ops []crashOp, st *crashState, cur []uint64) err
 // all. allowCopied accepts those.
 func verifyCrashed(t *testing.T, label string, stor driver.Storage, name string, size int64, st *crashState, repair, allowCopied bool) {
 	t.Helper()
-	d, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Storage: stor})
+	verifyCrashedWith(t, label, vdisk.OpenOptions{}, stor, name, size, st, repair, allowCopied)
+}
+
+// verifyCrashedWith is verifyCrashed opening the image with oo (secrets,
+// options) on stor.
+func verifyCrashedWith(t *testing.T, label string, oo vdisk.OpenOptions, stor driver.Storage, name string, size int64, st *crashState, repair, allowCopied bool) {
+	t.Helper()
+	oo.Storage = stor
+	d, err := vdisk.Open(ctx, name, &oo)
 	if err != nil {
 		t.Fatalf("%s: the crashed image does not open: %v", label, err)
 	}

@@ -22,6 +22,7 @@ type createOpts struct {
 	backing   string
 	backFmt   string
 	hasBackFm bool
+	encrypt   bool // encrypt.format=luks
 }
 
 func parseCreateOpts(p *driver.CreateParams) (*createOpts, error) {
@@ -94,6 +95,9 @@ func parseCreateOpts(p *driver.CreateParams) (*createOpts, error) {
 	if len(c.dataFile) > maxDataFileNameLen {
 		return nil, driver.OptionErrorf("data file name too long")
 	}
+	if err := checkEncryptCreate(o, c); err != nil {
+		return nil, err
+	}
 	return c, nil
 }
 
@@ -161,6 +165,13 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		return nil, err
 	}
 	im := img.(*image)
+	if c.encrypt {
+		if err := im.setupEncryption(p); err != nil {
+			im.Close()
+			p.Storage.Remove(p.Name)
+			return nil, err
+		}
+	}
 	if c.prealloc != "off" {
 		if err := im.preallocate(ctx, 0, g.size, c.prealloc); err != nil {
 			im.Close()

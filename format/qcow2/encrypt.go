@@ -2,7 +2,11 @@ package qcow2
 
 import (
 	"io"
+	"runtime"
 	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/luks"
@@ -20,7 +24,16 @@ import (
 // needs re-encryption. Compressed clusters are never encrypted: qemu
 // refuses to write them and so do we.
 //
-// This build reads encrypted images; writing them is refused at open.
+// Writes (LUKS only; the legacy scheme stays read-only) encrypt whole
+// 512-byte sectors: a write is widened to the sectors it touches, the old
+// plaintext around it is composed in (decrypted from the cluster, zeros,
+// or the bytes the container filled from the backing chain) and the
+// result encrypted with the sector numbers of the host clusters it lands
+// in. Copy-on-write into a new cluster therefore decrypts with the old
+// host offset and re-encrypts with the new one, as qemu does. Zero
+// clusters and discards change only L2 entries (a zero cluster reads
+// zeros without decryption); preallocation is refused, since a
+// preallocated cluster would decrypt to noise.
 
 const (
 	cryptNone = 0
@@ -66,15 +79,15 @@ func (h *header) checkCrypto(name string, fileSize int64) error {
 }
 
 // loadCrypto unlocks an encrypted image with the encrypt.key-secret
-// option's secret. Writing is refused; an info-only open without a secret
-// shows the image without its data.
+// option's secret. Writing a legacy AES image is refused; an info-only
+// open without a secret shows the image without its data.
 func (im *image) loadCrypto(p *driver.OpenParams, fsize int64) error {
 	h := im.hdr
 	if h.cryptMethod == cryptNone {
 		return nil
 	}
-	if !p.ReadOnly {
-		return driver.Unsupportedf(im.name, "writing encrypted qcow2 images is not supported yet; open it read-only")
+	if !p.ReadOnly && h.cryptMethod == cryptAES {
+		return driver.Unsupportedf(im.name, "images with qcow2's legacy AES encryption are read-only here (the scheme is insecure); convert it to encrypt.format=luks")
 	}
 	if h.incompat&incompatDataFile != 0 {
 		return driver.Unsupportedf(im.name, "encrypted image with an external data file")
@@ -143,20 +156,82 @@ func (im *image) readData(p []byte, host, guest int64) error {
 	// Whole sectors around the request; the IV counts host sectors (LUKS)
 	// or guest sectors (legacy AES), which share their offset in a sector.
 	lead := host & 511
+	sector := (host - lead) / 512
+	if cs.method == cryptAES {
+		sector = (guest - lead) / 512
+	}
+	if lead == 0 && len(p)&511 == 0 {
+		// Whole sectors: decrypt in place.
+		if err := readAtFile(im.df, p, host); err != nil {
+			return err
+		}
+		cs.c.Decrypt(p, uint64(sector))
+		return nil
+	}
 	n := (lead + int64(len(p)) + 511) &^ 511
 	buf := make([]byte, n)
 	if err := readAtFile(im.df, buf, host-lead); err != nil {
 		return err
-	}
-	sector := (host - lead) / 512
-	if cs.method == cryptAES {
-		sector = (guest - lead) / 512
 	}
 	cs.c.Decrypt(buf, uint64(sector))
 	copy(p, buf[lead:])
 	clear(buf)
 	return nil
 }
+
+// cipherForWrite returns the cipher that encrypts written clusters, or an
+// error naming why the image cannot be written encrypted.
+func (im *image) cipherForWrite(off int64) (*luks.SectorCipher, error) {
+	cs := im.crypt
+	if cs.method != cryptLUKS {
+		return nil, driver.Unsupportedf(im.name, "images with qcow2's legacy AES encryption are read-only")
+	}
+	if cs.c == nil {
+		return nil, driver.Errorf(driver.ErrInvalidOption, im.name, off, "the image was opened without its key (encrypt.key-secret)")
+	}
+	return cs.c, nil
+}
+
+// encRun is a host range of whole sectors, plaintext until encrypted.
+type encRun struct {
+	host int64
+	buf  []byte
+}
+
+// encryptRuns encrypts every run in place (LUKS: the IV is the host
+// sector number). Large batches use every core: a run of parallelMin
+// bytes or more is split by the cipher itself; many smaller runs are
+// spread over GOMAXPROCS goroutines.
+func encryptRuns(c *luks.SectorCipher, runs []encRun) {
+	total := 0
+	for _, r := range runs {
+		total += len(r.buf)
+	}
+	procs := runtime.GOMAXPROCS(0)
+	if len(runs) < 2 || total < parallelMin || procs < 2 {
+		for _, r := range runs {
+			c.Encrypt(r.buf, uint64(r.host/512))
+		}
+		return
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(procs, len(runs)) {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(runs) {
+					return
+				}
+				c.Encrypt(runs[i].buf, uint64(runs[i].host/512))
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// parallelMin is the batch size from which encryption uses every core.
+const parallelMin = 256 << 10
 
 // encryptInfo is qemu-img info's "encrypt" object: the format and, for
 // LUKS, the header's fields under qemu's names.
@@ -189,4 +264,139 @@ func (im *image) encryptInfo() map[string]any {
 	}
 	m["slots"] = slots
 	return m
+}
+
+// encryptCreateOptions are qemu's qcow2 create options for encryption.
+var encryptCreateOptions = []driver.Option{
+	{Name: "encrypt.format", Type: driver.TypeEnum, Values: []string{"luks", "aes"},
+		Doc: "encrypt the image: luks (aes is qemu's insecure legacy scheme and cannot be created)"},
+	{Name: "encrypt.key-secret", Type: driver.TypeString,
+		Doc: "id of the secret with the passphrase (--object secret,id=ID,...)"},
+	{Name: "encrypt.cipher-alg", Type: driver.TypeEnum, Default: "aes-256", Values: []string{"aes-128", "aes-192", "aes-256"},
+		Doc: "LUKS cipher algorithm"},
+	{Name: "encrypt.cipher-mode", Type: driver.TypeEnum, Default: "xts", Values: []string{"xts", "cbc", "ecb"},
+		Doc: "LUKS cipher mode"},
+	{Name: "encrypt.ivgen-alg", Type: driver.TypeEnum, Default: "plain64", Values: []string{"plain", "plain64", "plain64be", "essiv"},
+		Doc: "LUKS IV generator"},
+	{Name: "encrypt.ivgen-hash-alg", Type: driver.TypeEnum, Default: "sha256", Values: []string{"sha1", "sha224", "sha256", "sha384", "sha512"},
+		Doc: "hash of the essiv IV generator"},
+	{Name: "encrypt.hash-alg", Type: driver.TypeEnum, Default: "sha256", Values: []string{"sha1", "sha224", "sha256", "sha384", "sha512"},
+		Doc: "LUKS PBKDF2 and anti-forensic hash"},
+	{Name: "encrypt.iter-time", Type: driver.TypeInt, Default: "2000", Min: 0, Max: 1 << 31,
+		Doc: "time to spend on PBKDF2 when unlocking, in milliseconds"},
+}
+
+// encryptSpec builds the LUKS cipher and key length from the create
+// options.
+func encryptSpec(o driver.Values) (luks.Spec, int, error) {
+	kb := map[string]int{"aes-128": 16, "aes-192": 24, "aes-256": 32}[o.String("encrypt.cipher-alg")]
+	s := luks.Spec{Alg: "aes", Mode: o.String("encrypt.cipher-mode"), IVGen: o.String("encrypt.ivgen-alg")}
+	if s.Mode == "ecb" {
+		s.IVGen = ""
+	}
+	if s.IVGen == "essiv" {
+		s.IVHash = o.String("encrypt.ivgen-hash-alg")
+	}
+	if s.Mode == "xts" {
+		kb *= 2
+	}
+	if kb == 0 {
+		return s, 0, driver.OptionErrorf("qcow2: unknown encrypt.cipher-alg %q", o.String("encrypt.cipher-alg"))
+	}
+	if _, err := luks.ParseSpec(s.Alg, s.ModeString()); err != nil {
+		return s, 0, driver.OptionErrorf("qcow2: %v", err)
+	}
+	return s, kb, nil
+}
+
+// checkEncryptCreate validates the encryption create options.
+func checkEncryptCreate(o driver.Values, c *createOpts) error {
+	format := o.String("encrypt.format")
+	if format == "" {
+		if o.String("encrypt.key-secret") != "" {
+			return driver.OptionErrorf("qcow2: encrypt.key-secret needs encrypt.format=luks")
+		}
+		return nil
+	}
+	if format == "aes" {
+		return driver.OptionErrorf("qcow2: encrypt.format=aes (qcow2's legacy AES-CBC scheme) is insecure and cannot be created; use encrypt.format=luks")
+	}
+	if format != "luks" {
+		return driver.OptionErrorf("qcow2: encrypt.format=%s (luks)", format)
+	}
+	if o.String("encrypt.key-secret") == "" {
+		return driver.OptionErrorf("qcow2: encrypt.format=luks needs encrypt.key-secret=ID naming the secret with the passphrase")
+	}
+	if c.dataFile != "" {
+		return driver.OptionErrorf("qcow2: encryption cannot be used with an external data file")
+	}
+	if c.prealloc != "off" {
+		return driver.OptionErrorf("qcow2: preallocation=%s is not supported with encryption (preallocated clusters would not read zeros)", c.prealloc)
+	}
+	if _, _, err := encryptSpec(o); err != nil {
+		return err
+	}
+	c.encrypt = true
+	return nil
+}
+
+// setupEncryption writes a new LUKS header into clusters of a freshly
+// created image (after its initial tables, as qemu does), points the
+// header extension at it and keeps the cipher for writing.
+func (im *image) setupEncryption(p *driver.CreateParams) error {
+	o := p.Options
+	spec, kb, err := encryptSpec(o)
+	if err != nil {
+		return err
+	}
+	pass, err := driver.LookupSecret(p.Secrets, o.String("encrypt.key-secret"))
+	if err != nil {
+		return err
+	}
+	defer driver.Wipe(pass)
+	hlen := luksHeaderLen(kb)
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	n := (hlen + im.cs - 1) >> im.cbits
+	s, err := im.allocContig(n)
+	if err != nil {
+		return err
+	}
+	off := s << im.cbits
+	if sz, err := im.f.Size(); err != nil {
+		return err
+	} else if sz < off+n*im.cs {
+		if err := im.f.Truncate(off + n*im.cs); err != nil {
+			return err
+		}
+	}
+	co := luks.CreateOptions{Version: 1, Cipher: spec, KeyBytes: kb, Hash: o.String("encrypt.hash-alg"),
+		IterTime: time.Duration(o.Int("encrypt.iter-time")) * time.Millisecond}
+	lh, key, err := luks.Create(io.NewOffsetWriter(im.f, off), co, pass)
+	if err != nil {
+		return err
+	}
+	c, err := lh.NewCipher(key)
+	driver.Wipe(key)
+	if err != nil {
+		return driver.Unsupportedf(im.name, "%v", err)
+	}
+	if lh.PayloadOffset > n*im.cs {
+		return driver.Errorf(driver.ErrCorrupt, im.name, off, "internal error: LUKS header of %d bytes exceeds its %d clusters", lh.PayloadOffset, n)
+	}
+	h := im.hdr
+	h.cryptMethod = cryptLUKS
+	h.hasCrypto, h.cryptoOff, h.cryptoLen = true, uint64(off), uint64(lh.PayloadOffset)
+	im.crypt = &cryptState{method: cryptLUKS, hdr: lh, c: c}
+	im.rebuildMeta()
+	if err := im.flushLocked(false); err != nil {
+		return err
+	}
+	return im.writeHeaderSync(false, false)
+}
+
+// luksHeaderLen is the size of a new LUKS1 header for a kb-byte key as
+// qemu lays it out: 4 KiB of header, then eight slot areas of whole 4 KiB.
+func luksHeaderLen(kb int) int64 {
+	return 4096 + 8*((int64(kb)*luks.Stripes+4095)&^4095)
 }

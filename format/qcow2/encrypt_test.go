@@ -60,7 +60,8 @@ func openEncrypted(file, pass string) (*vdisk.Disk, error) {
 
 // TestReadEncrypted: qcow2 images qemu encrypts (LUKS with two ciphers,
 // and the legacy AES scheme) and writes read bit-exact in vdisk with the
-// passphrase, and only with it; writing them is refused for now.
+// passphrase, and only with it; LUKS ones open read-write, legacy AES
+// ones only read-only.
 func TestReadEncrypted(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
@@ -87,16 +88,26 @@ func TestReadEncrypted(t *testing.T) {
 			}
 			disktest.MustClose(t, d)
 			if c.name == "aes" {
-				return // the legacy scheme has no check: a wrong key reads noise
+				// The legacy scheme is read-only, and has no check: a
+				// wrong key reads noise.
+				sm := &driver.SecretMap{}
+				sm.Set("sec0", []byte("qcow pass"))
+				if _, err := vdisk.Open(ctx, f, &vdisk.OpenOptions{Format: "qcow2", Secrets: sm,
+					Options: []driver.KV{{Key: "encrypt.key-secret", Value: "sec0"}}}); !errors.Is(err, driver.ErrUnsupported) {
+					t.Fatalf("read-write open of a legacy AES image: %v", err)
+				}
+				return
 			}
 			if _, err := openEncrypted(f, "wrong"); !errors.Is(err, luks.ErrPassphrase) {
 				t.Fatalf("wrong passphrase: %v", err)
 			}
 			sm := &driver.SecretMap{}
 			sm.Set("sec0", []byte("qcow pass"))
-			if _, err := vdisk.Open(ctx, f, &vdisk.OpenOptions{Format: "qcow2", Secrets: sm,
-				Options: []driver.KV{{Key: "encrypt.key-secret", Value: "sec0"}}}); !errors.Is(err, driver.ErrUnsupported) {
+			if d, err := vdisk.Open(ctx, f, &vdisk.OpenOptions{Format: "qcow2", Secrets: sm,
+				Options: []driver.KV{{Key: "encrypt.key-secret", Value: "sec0"}}}); err != nil {
 				t.Fatalf("read-write open: %v", err)
+			} else {
+				disktest.MustClose(t, d)
 			}
 			if d, err := vdisk.Open(ctx, f, &vdisk.OpenOptions{Format: "qcow2", InfoOnly: true}); err != nil {
 				t.Fatalf("info without a key: %v", err)

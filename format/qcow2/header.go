@@ -411,6 +411,12 @@ func (h *header) encodeTry(cs int64, withFeatures bool) ([]byte, bool) {
 	if h.hasDataFile {
 		ext(extDataFile, []byte(h.dataFile))
 	}
+	if h.hasCrypto {
+		d := make([]byte, 16)
+		binary.BigEndian.PutUint64(d, h.cryptoOff)
+		binary.BigEndian.PutUint64(d[8:], h.cryptoLen)
+		ext(extCrypto, d)
+	}
 	if withFeatures && h.version >= 3 {
 		var ft []byte
 		for _, f := range ourFeatures {

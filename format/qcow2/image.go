@@ -395,6 +395,9 @@ func (im *image) rebuildMeta() {
 	if h.nbSnapshots > 0 {
 		fixed = append(fixed, cl(h.snapshotsOffset, im.snapTableSize()))
 	}
+	if h.hasCrypto {
+		fixed = append(fixed, cl(h.cryptoOff, int64(h.cryptoLen)))
+	}
 	for _, s := range im.snaps {
 		if s.l1Size > 0 {
 			fixed = append(fixed, cl(s.l1Offset, int64(s.l1Size)*8))

@@ -71,13 +71,20 @@ func (im *image) Info() driver.Info {
 			s.Bitmaps = append(s.Bitmaps, bi)
 		}
 	}
-	return driver.Info{
+	inf := driver.Info{
 		Format:      "qcow2",
 		VirtualSize: im.size,
 		ClusterSize: im.cs,
 		Dirty:       im.hdrDirty,
 		Specific:    s,
 	}
+	switch h.cryptMethod {
+	case cryptLUKS:
+		inf.Encrypted, inf.EncryptFormat = true, "luks"
+	case cryptAES:
+		inf.Encrypted, inf.EncryptFormat = true, "aes"
+	}
+	return inf
 }
 
 // SetParent rewrites the recorded backing file (rebase -u, commit); nil

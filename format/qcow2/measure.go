@@ -23,6 +23,14 @@ func measure(p *driver.MeasureParams) (driver.MeasureResult, error) {
 	}
 	aligned := (p.Size + cs - 1) / cs * cs
 	meta := metadataSize(aligned, cs, rbits, l2e)
+	if p.Options.String("encrypt.format") == "luks" {
+		// The LUKS header's clusters, as qemu counts them.
+		_, kb, err := encryptSpec(p.Options)
+		if err != nil {
+			return driver.MeasureResult{}, err
+		}
+		meta += (luksHeaderLen(kb) + cs - 1) / cs * cs
+	}
 	// By size alone nothing is allocated yet, as qemu-img measure --size says.
 	data := int64(0)
 	if p.Allocated != nil {

@@ -3,8 +3,8 @@
 // compressed clusters (deflate and zstd), extended L2 entries with
 // subclusters, refcounts of 1 to 64 bits, lazy refcounts, internal
 // snapshots, external data files (also raw ones) and persistent bitmaps
-// (kept, not updated). Encryption (AES and LUKS) is refused with
-// ErrUnsupported.
+// (kept, not updated), and encryption: LUKS read and write (created with
+// encrypt.format=luks), qemu's legacy AES read-only (see encrypt.go).
 //
 // # Metadata and concurrency
 //
@@ -119,7 +119,7 @@ var Format = &driver.Format{
 	Caps: driver.CapCreateFixed | driver.CapCreateDynamic | driver.CapDiff | driver.CapDiscard |
 		driver.CapZero | driver.CapResize | driver.CapCompress | driver.CapSnapshots | driver.CapCheck |
 		driver.CapWrite,
-	CreateOptions: []driver.Option{
+	CreateOptions: append([]driver.Option{
 		{Name: "compat", Type: driver.TypeEnum, Default: "1.1", Values: []string{"0.10", "1.1", "v2", "v3"},
 			Doc: "compatibility level: 0.10 (version 2) or 1.1 (version 3)"},
 		{Name: "cluster_size", Type: driver.TypeSize, Default: "64K", Min: 512, Max: 2 << 20, PowerOf2: true,
@@ -138,7 +138,7 @@ var Format = &driver.Format{
 			Doc: "the external data file is a consistent raw image"},
 		{Name: "compression_type", Type: driver.TypeEnum, Default: "zlib", Values: []string{"zlib", "zstd"},
 			Doc: "compression method of compressed clusters"},
-	},
+	}, encryptCreateOptions...),
 	OpenOptions: []driver.Option{
 		{Name: "encrypt.key-secret", Type: driver.TypeString,
 			Doc: "id of the secret with the passphrase of an encrypted image (--object secret,id=ID,...)"},

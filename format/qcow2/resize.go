@@ -60,6 +60,9 @@ func (im *image) resizeChecks(size int64, mode string) error {
 	if err := prealloc.Check("", mode, prealloc.Metadata, prealloc.Falloc, prealloc.Full); err != nil {
 		return err
 	}
+	if im.crypt != nil && prealloc.Active(mode) {
+		return driver.Unsupportedf(im.name, "preallocation=%s is not supported with encryption (preallocated clusters would not read zeros)", mode)
+	}
 	if im.hdr.bitmaps != nil && len(im.bitmaps) > 0 {
 		return driver.Unsupportedf(im.name, "cannot resize an image with persistent bitmaps")
 	}

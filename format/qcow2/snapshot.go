@@ -583,7 +583,7 @@ func (im *image) OpenSnapshot(key string) (driver.Image, error) {
 	hdr := *im.hdr
 	v := &image{
 		name: im.name + "@" + sn.name, st: im.st, f: im.f, df: im.df, extData: im.extData, rawData: im.rawData,
-		dfName: im.dfName, ro: true, log: im.log, shared: true,
+		dfName: im.dfName, ro: true, log: im.log, shared: true, crypt: im.crypt,
 		hdr: &hdr, size: size, l1: l1, l1Dirty: map[int64]bool{}, rt: im.rt,
 		l2c: newCache(im.l2c.max), rbc: newCache(4), fileEnd: im.fileEnd, snaps: im.snaps,
 	}

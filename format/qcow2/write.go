@@ -327,6 +327,9 @@ func (im *image) releasePlans(plans []cplan) {
 // writeData writes the data of every plan, merging writes that are
 // contiguous both in the buffer and on the host.
 func (im *image) writeData(plans []cplan, p []byte) error {
+	if im.crypt != nil {
+		return im.writeEncrypted(plans, p)
+	}
 	type wop struct {
 		host int64
 		data []byte
@@ -380,6 +383,49 @@ func (im *image) writeData(plans []cplan, p []byte) error {
 	return nil
 }
 
+// writeEncrypted is writeData for an encrypted image: every plan's range
+// widened to whole sectors, composed in plaintext into one buffer, then
+// encrypted (on every core for large batches) with the host sector numbers
+// and written, merging runs contiguous on the host.
+func (im *image) writeEncrypted(plans []cplan, p []byte) error {
+	c, err := im.cipherForWrite(plans[0].vstart + plans[0].ws)
+	if err != nil {
+		return err
+	}
+	total := int64(0)
+	for i := range plans {
+		pl := &plans[i]
+		pl.a &^= 511
+		pl.b = min((pl.b+511)&^511, im.cs)
+		total += pl.b - pl.a
+	}
+	all := make([]byte, total)
+	defer clear(all)
+	var runs []encRun
+	at := int64(0)
+	for i := range plans {
+		pl := &plans[i]
+		buf := all[at : at+pl.b-pl.a : at+pl.b-pl.a]
+		if err := im.composeInto(buf, pl, p); err != nil {
+			return err
+		}
+		host := pl.host + pl.a
+		if n := len(runs); n > 0 && runs[n-1].host+int64(len(runs[n-1].buf)) == host {
+			runs[n-1].buf = all[at-int64(len(runs[n-1].buf)) : at+pl.b-pl.a]
+		} else {
+			runs = append(runs, encRun{host: host, buf: buf})
+		}
+		at += pl.b - pl.a
+	}
+	encryptRuns(c, runs)
+	for _, r := range runs {
+		if _, err := im.df.WriteAt(r.buf, r.host); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // restIsZero reports whether every byte of [pl.a, pl.b) outside the
 // written range must read zeros (no backing data, no old data).
 func (im *image) restIsZero(pl *cplan) bool {
@@ -408,13 +454,21 @@ func (im *image) restIsZero(pl *cplan) bool {
 // where the write covers it, the unit's old content elsewhere.
 func (im *image) compose(pl *cplan, p []byte) ([]byte, error) {
 	buf := make([]byte, pl.b-pl.a)
+	return buf, im.composeInto(buf, pl, p)
+}
+
+// composeInto is compose into buf (pl.b-pl.a bytes). Old data of an
+// encrypted image is decrypted.
+func (im *image) composeInto(buf []byte, pl *cplan, p []byte) error {
 	var dec []byte
 	unit := im.scSize
 	if !im.ext || pl.oldE&oflagCompressed != 0 {
 		unit = im.cs
 	}
-	for u := pl.a; u < pl.b; u += unit {
-		ue := min(u+unit, pl.b)
+	// Units are walked from their aligned starts: an encrypted write's
+	// range is widened to sectors only, so pl.a may fall inside a unit.
+	for u0 := pl.a &^ (unit - 1); u0 < pl.b; u0 += unit {
+		u, ue := max(u0, pl.a), min(u0+unit, pl.b)
 		// Parts of [u, ue) not covered by [ws, we).
 		var holes [2][2]int64
 		nh := 0
@@ -429,7 +483,7 @@ func (im *image) compose(pl *cplan, p []byte) ([]byte, error) {
 		if nh == 0 {
 			continue
 		}
-		src, hostOff := im.unitSource(pl, u)
+		src, hostOff := im.unitSource(pl, u0)
 		for _, h := range holes[:nh] {
 			dst := buf[h[0]-pl.a : h[1]-pl.a]
 			switch src {
@@ -439,19 +493,19 @@ func (im *image) compose(pl *cplan, p []byte) ([]byte, error) {
 				// Zeros: no backing file, past the end of the disk, or a
 				// unit that stays unallocated (its bytes do not count).
 				// fillRange made the write cover any other one whole.
-				if im.needsChain(pl, u) && pl.vstart+h[0] < im.sizeShared() {
-					return nil, driver.Errorf(errFillMissed, im.name, pl.vstart+h[0], "internal error")
+				if im.needsChain(pl, u0) && pl.vstart+h[0] < im.sizeShared() {
+					return driver.Errorf(errFillMissed, im.name, pl.vstart+h[0], "internal error")
 				}
 				clear(dst)
 			case srcHost:
-				if err := readAtFile(im.df, dst, hostOff+(h[0]-u)); err != nil {
-					return nil, err
+				if err := im.readData(dst, hostOff+(h[0]-u0), pl.vstart+h[0]); err != nil {
+					return err
 				}
 			case srcComp:
 				if dec == nil {
 					dec = make([]byte, im.cs)
 					if err := im.decompressCluster(dec, pl.freeComp); err != nil {
-						return nil, err
+						return err
 					}
 				}
 				copy(dst, dec[h[0]:h[1]])
@@ -459,7 +513,7 @@ func (im *image) compose(pl *cplan, p []byte) ([]byte, error) {
 		}
 	}
 	copy(buf[pl.ws-pl.a:], p[pl.pOff:pl.pOff+pl.we-pl.ws])
-	return buf, nil
+	return nil
 }
 
 // unitSource says where the old content of the unit at in-cluster offset u

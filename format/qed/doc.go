@@ -71,6 +71,16 @@
 //     only the bad ones) and removes leaks by packing. Opening a cleanly
 //     closed image scans nothing (as in qemu); a request that meets a bad
 //     entry fails with ErrCorrupt, and cross-links are found by check.
+//   - Copy offload (extent.go): data clusters hold the guest's bytes
+//     verbatim, so the image maps its runs to its file (FileExtent, pinned
+//     against packing) and takes runs straight from another file
+//     (CopyFrom: copy_file_range or a reflink into allocated clusters, or
+//     into new ones allocated as writes allocate them, the part of a new
+//     cluster the copy does not cover zeroed, then the L2 entries). A
+//     convert between raw and QED on a local file system then passes no
+//     data through user space. A copy into part of an unallocated cluster
+//     over a backing file is refused (ErrUnsupported: it needs a fill),
+//     and the convert reads and writes instead.
 //   - Backing format: QED can record only "raw" (the no-probe feature);
 //     Parent reports Format "raw" then, and "" otherwise (the container
 //     probes the backing file).

@@ -7,6 +7,10 @@
 // 512-byte sector; the missing tail reads as zeros, and writing into it
 // extends the file.
 //
+// A file that knows which of its zero ranges it does not hold at all
+// (driver.AllocationReporter: an NBD export with qemu:allocation-depth)
+// has those reported Unallocated rather than Zero; they read zeros alike.
+//
 // Status asks the file (SEEK_DATA/SEEK_HOLE) once per run and caches the
 // runs per open image (cache.go), so the reads that follow a status walk
 // cost no extra syscall; the image's own writes, discards, zeroes and
@@ -163,11 +167,25 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 			return driver.Extent{}, err
 		}
 	}
-	st := driver.Zero
 	if r.data {
-		st = driver.Data
+		return driver.Extent{State: driver.Data, Length: min(n, r.end-off), Offset: off}, nil
 	}
-	return driver.Extent{State: st, Length: min(n, r.end-off), Offset: off}, nil
+	n = min(n, r.end-off)
+	if ar, ok := im.f.(driver.AllocationReporter); ok {
+		// A zero run the storage does not hold at all (an NBD export
+		// with qemu:allocation-depth) is unallocated; data stays data.
+		held, end, err := ar.Allocation(off)
+		if err != nil {
+			return driver.Extent{}, err
+		}
+		if end > off {
+			n = min(n, end-off)
+		}
+		if !held {
+			return driver.Extent{State: driver.Unallocated, Length: n, Offset: -1}, nil
+		}
+	}
+	return driver.Extent{State: driver.Zero, Length: n, Offset: off}, nil
 }
 
 // seekRun asks the file for the run holding off (below fsize) and caches

@@ -104,7 +104,12 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		items = append(items, metaItem{guidParentLoc, metaIsRequired, loc})
 	}
 
-	flag := driver.ReadWrite | driver.Create | driver.Truncate
+	// No Truncate: cutting a file to zero length makes ext4 write the
+	// whole file back when it is closed (auto_da_alloc), which costs a
+	// convert into a new image as much as a sync. An existing file is cut
+	// to the header section instead, which the write below covers whole;
+	// everything past it reads zeros until written.
+	flag := driver.ReadWrite | driver.Create
 	if !p.Overwrite {
 		flag |= driver.Excl
 	}
@@ -115,6 +120,9 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 	fail := func(err error) (driver.Image, error) {
 		f.Close()
 		return nil, err
+	}
+	if err := f.Truncate(headerArea); err != nil {
+		return fail(err)
 	}
 	head := make([]byte, headerArea)
 	copy(head, ftiSignature)

@@ -89,9 +89,10 @@
 // Reorganising. Resize grows the BAT; when the region cannot hold it, the
 // whole BAT is written into free space and one log entry switches both
 // region tables to it (and writes the new size), after which the old
-// region is free. Shrinking is refused while the image holds non-zero
-// bytes past the new end; blocks and sector bitmaps past it are freed and
-// the file is cut. Compact copies the highest blocks (and sector bitmaps)
+// region is free. Shrinking drops what lies past the new end (the resize
+// command asks for --shrink first, as qemu-img does): blocks and sector
+// bitmaps past it are freed with the new size in one log entry, and the
+// file is cut. Compact copies the highest blocks (and sector bitmaps)
 // into free space below them, commits their new entries through the log,
 // frees the old places, repeats while anything moves, and cuts the file:
 // a crash leaves either layout, reading the same. Cutting the file first
@@ -108,7 +109,21 @@
 // and FULLY_PRESENT); fixed images set leave-blocks-allocated and keep
 // their blocks on discard and zeroes. logical_sector_size and
 // physical_sector_size are vdisk extensions (qemu opens only 512-byte
-// logical sectors).
+// logical sectors). An existing file is cut to the header section, not
+// to zero: ext4 writes a file cut to zero back in full when it is closed
+// (auto_da_alloc), which would cost a convert into it a sync.
+//
+// Convert: data goes into blocks in place as it comes (1 MiB-aligned
+// blocks allocated at the end of the file, never zeroed first: fresh
+// space reads zeros), and the BAT and bitmap changes wait in memory until
+// the flush or close, which writes them through one log entry per
+// log-full of pages. Copy offload (FileExtent, CopyFrom): data runs of
+// present blocks map byte for byte to the file, so a convert from a VHDX
+// copies them file to file inside the kernel (skipping the file's holes
+// inside blocks), and a convert into one copies the source's plain runs
+// straight into its blocks (copy_file_range, or a reflink); a refused
+// copy falls back to reading and writing. A log replayed in memory maps
+// nothing (reads go through it).
 //
 // Identifier: UUID is the page 83 data, the modification UUID the data
 // write GUID, the parent modification UUID the parent_linkage; each can
@@ -126,7 +141,8 @@
 // absolute path, else the base name of a Windows path; no format is
 // recorded, so the container probes the parent. A write of whole logical
 // sectors into a block the image does not hold allocates it partially
-// present (clearing its bits, then setting the written ones); a write
+// present (clearing its bits, then setting the written ones once the
+// bytes are in place, so a failed write leaves the parent showing); a write
 // covering only part of a logical sector the image does not hold returns
 // driver.NeedFill for the request rounded out to that sector. A whole
 // block written becomes fully present; zeroes make whole blocks ZERO.

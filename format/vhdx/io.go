@@ -337,73 +337,107 @@ func (im *image) markBitsLocked(s0, s1 int64, v bool) error {
 // writeBlock writes p at byte in of block b, or zn zero bytes when p is
 // nil.
 func (im *image) writeBlock(p []byte, zn, b, in int64) error {
-	n, zeros := int64(len(p)), p == nil
-	if zeros {
-		n = zn
+	if p == nil {
+		_, err := im.storeBlock(b, in, zn, nil)
+		return err
 	}
+	_, err := im.storeBlock(b, in, int64(len(p)), func(foff int64) (int64, error) {
+		n, err := im.f.WriteAt(p, foff)
+		return int64(n), err
+	})
+	return err
+}
+
+// storeBlock stores n bytes at byte in of block b: put writes them at the
+// file offset it is given and returns how many it stored (a copy may
+// stop short where its source ends); a nil put stores zeros. It returns
+// the bytes stored.
+//
+// A new block is allocated and its BAT entry set under mu, so a
+// concurrent write into another part of the block finds it; the bytes go
+// in outside mu. In a differencing image the sector bitmap bits of the
+// stored sectors are set only once the bytes are in place: a store that
+// fails (or a copy refused) leaves those sectors showing the parent, as
+// they did.
+func (im *image) storeBlock(b, in, n int64, put func(foff int64) (int64, error)) (int64, error) {
+	zeros := put == nil
 	lss := im.p.logicalSector
 	bs := im.p.blockSize
 	diskPos := b*bs + in
-	s0, s1 := diskPos/lss, (diskPos+n+lss-1)/lss
+	s0 := diskPos / lss
 	whole := in == 0 && n >= im.blockLen(b)
 	im.mu.Lock()
 	st, foff, err := im.blockEntryLocked(b)
 	if err != nil {
 		im.mu.Unlock()
-		return err
+		return 0, err
 	}
 	i := im.payloadIndex(b)
+	setBits, fresh := false, false
 	switch {
 	case st == stFull || st == stPartial && !im.p.hasParent:
 	case st == stPartial:
-		if err := im.markBitsLocked(s0, s1, true); err != nil {
-			im.mu.Unlock()
-			return err
-		}
+		setBits = true
 	case st == stZero && foff != 0:
 		// A preallocated zero block (qemu's fixed images): zero what the
-		// write leaves out, then it is fully present.
-		im.mu.Unlock()
-		if err := writeZeros(im.f, foff, in); err != nil {
-			return err
+		// write leaves out, then it is fully present. Under mu, so that a
+		// concurrent write into the same block waits and then finds it
+		// present instead of zeroing over these bytes.
+		err := writeZeros(im.f, foff, in)
+		if err == nil {
+			err = writeZeros(im.f, foff+in+n, bs-in-n)
 		}
-		if err := writeZeros(im.f, foff+in+n, bs-in-n); err != nil {
-			return err
+		if err != nil {
+			im.mu.Unlock()
+			return 0, err
 		}
-		im.mu.Lock()
 		im.setEntryLocked(i, stFull, foff)
 	default:
 		if foff, err = im.allocLocked(bs); err != nil {
 			im.mu.Unlock()
-			return err
+			return 0, err
 		}
+		fresh = true
 		if st == stZero || !im.p.hasParent || whole {
 			im.setEntryLocked(i, stFull, foff)
 		} else {
-			// The rest of the block shows the parent: only the written
-			// sectors are present.
+			// The rest of the block shows the parent: only the stored
+			// sectors are present (set below, once they are).
 			bstart := b * bs / lss
 			if err := im.markBitsLocked(bstart, bstart+im.spb, false); err != nil {
 				im.mu.Unlock()
-				return err
-			}
-			if err := im.markBitsLocked(s0, s1, true); err != nil {
-				im.mu.Unlock()
-				return err
+				return 0, err
 			}
 			im.setEntryLocked(i, stPartial, foff)
+			setBits = true
 		}
-		if zeros {
+		if zeros && !setBits {
 			im.mu.Unlock()
-			return nil // fresh space reads zeros
+			return n, nil // fresh space reads zeros
 		}
 	}
 	im.mu.Unlock()
-	if zeros {
-		return writeZeros(im.f, foff+in, n)
+	var got int64
+	switch {
+	case zeros && fresh:
+		got = n // fresh space reads zeros
+	case zeros:
+		if err = writeZeros(im.f, foff+in, n); err == nil {
+			got = n
+		}
+	default:
+		got, err = put(foff + in)
+		got = max(0, min(got, n))
 	}
-	_, err = im.f.WriteAt(p, foff+in)
-	return err
+	if setBits && got > 0 {
+		im.mu.Lock()
+		berr := im.markBitsLocked(s0, (diskPos+got+lss-1)/lss, true)
+		im.mu.Unlock()
+		if err == nil {
+			err = berr
+		}
+	}
+	return got, err
 }
 
 // writeZeros writes n zero bytes at off.

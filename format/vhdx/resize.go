@@ -16,10 +16,13 @@ import (
 // first and the region tables are switched to it by the commit, after
 // which the old BAT region is free space.
 //
-// Shrinking is refused when the image holds anything but zeros past the
-// new end (data is never dropped silently; discard it first); the blocks
-// and sector bitmaps wholly past the new end are freed, and the file is
-// cut where its last used space ends.
+// Shrinking drops what lies past the new end, as qemu-img resize --shrink
+// does for the formats it shrinks (the resize command asks for --shrink
+// before it gets here): the blocks and sector bitmaps wholly past the new
+// end are freed (their BAT entries NOT_PRESENT, committed with the new
+// size in one log entry), and the file is cut where its last used space
+// ends. The part of a block cut in two past the new end stays in the file
+// and is zeroed by a later grow.
 func (im *image) Resize(ctx context.Context, size int64, prealloc string) error {
 	if im.ro {
 		return im.readOnlyErr(-1)
@@ -44,11 +47,6 @@ func (im *image) Resize(ctx context.Context, size int64, prealloc string) error 
 		return err
 	}
 	shrink := size < im.p.diskSize
-	if shrink {
-		if err := im.checkEmptyLocked(size, im.p.diskSize); err != nil {
-			return err
-		}
-	}
 	if err := im.startSessionLocked(); err != nil {
 		return err
 	}
@@ -81,40 +79,15 @@ func (im *image) metaItemOffLocked(id guid, n uint32) (int64, error) {
 	return 0, im.corrupt(im.metaOff, "the metadata has no %s item", id)
 }
 
-// checkEmptyLocked refuses a shrink when the image itself holds non-zero
-// bytes in [from, to).
-func (im *image) checkEmptyLocked(from, to int64) error {
-	buf := make([]byte, min(to-from, 4*mib))
-	for pos := from; pos < to; {
-		st, foff, l, err := im.runLocked(pos, to-pos)
-		if err != nil {
-			return err
-		}
-		if st == driver.Data {
-			for done := int64(0); done < l; {
-				c := min(l-done, int64(len(buf)))
-				if err := readData(im.r, buf[:c], foff+done); err != nil {
-					return err
-				}
-				if !driver.IsZero(buf[:c]) {
-					return driver.OptionErrorf("cannot shrink %s to %d bytes: it holds data at %d, past the new end (discard it first)", im.name, from, pos+done)
-				}
-				done += c
-			}
-		}
-		pos += l
-	}
-	return nil
-}
-
 // freeEntryLocked makes BAT entry i NOT_PRESENT, freeing its space once
-// committed.
+// committed. The space of an unusable entry (pointing into metadata or
+// another block) is not its own and stays as it is.
 func (im *image) freeEntryLocked(i int64) {
 	e := im.bat[i]
 	if e == 0 {
 		return
 	}
-	if off := int64(e >> 20 << 20); off != 0 {
+	if off := int64(e >> 20 << 20); off != 0 && im.bad[i] == "" {
 		size := im.p.blockSize
 		if im.isBitmapIndex(i) {
 			size = mib

@@ -47,17 +47,24 @@ type Target struct {
 // initiators.
 func Start(t testing.TB, iqn string) *Target {
 	t.Helper()
+	return StartAt(t, iqn, "127.0.0.1")
+}
+
+// StartAt is Start with the portal on another loopback address (such as
+// 127.0.0.2: tgtd redirects only to an address other than the portal's).
+func StartAt(t testing.TB, iqn, host string) *Target {
+	t.Helper()
 	Require(t)
 	dir := t.TempDir()
 	var lastErr error
 	for attempt := 0; attempt < 5; attempt++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 		if err != nil {
 			t.Fatal(err)
 		}
 		port := l.Addr().(*net.TCPAddr).Port
 		l.Close()
-		tg := &Target{t: t, Portal: fmt.Sprintf("127.0.0.1:%d", port), IQN: iqn, Control: 1000 + rand.IntN(19000), Dir: dir}
+		tg := &Target{t: t, Portal: net.JoinHostPort(host, strconv.Itoa(port)), IQN: iqn, Control: 1000 + rand.IntN(19000), Dir: dir}
 		if lastErr = tg.start(); lastErr == nil {
 			t.Cleanup(tg.Kill)
 			tg.Adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
@@ -70,12 +77,12 @@ func Start(t testing.TB, iqn string) *Target {
 }
 
 func (tg *Target) start() error {
-	port := tg.Portal[strings.LastIndexByte(tg.Portal, ':')+1:]
+	host, port, _ := net.SplitHostPort(tg.Portal)
 	log, err := os.Create(filepath.Join(tg.Dir, "tgtd-"+strconv.Itoa(tg.Control)+".log"))
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("tgtd", "-f", "--iscsi", "portal=127.0.0.1:"+port, "-C", strconv.Itoa(tg.Control))
+	cmd := exec.Command("tgtd", "-f", "--iscsi", "portal="+net.JoinHostPort(host, port), "-C", strconv.Itoa(tg.Control))
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -191,6 +198,25 @@ func (tg *Target) AddAccount(user, password string, outgoing bool) {
 		args = append(args, "--outgoing")
 	}
 	tg.Adm(args...)
+}
+
+// Redirect makes the target answer logins with a redirection to portal
+// (host:port, on another address than its own) of the given reason
+// ("Temporary" or "Permanent"); an empty portal stops it.
+func (tg *Target) Redirect(portal, reason string) {
+	tg.t.Helper()
+	if portal == "" {
+		// tgtd redirects while RedirectAddress is not empty.
+		tg.Adm("--mode", "target", "--op", "update", "--tid", "1", "--name", "RedirectAddress", "--value", "")
+		return
+	}
+	host, port, err := net.SplitHostPort(portal)
+	if err != nil {
+		tg.t.Fatal(err)
+	}
+	for _, kv := range [][2]string{{"RedirectAddress", host}, {"RedirectPort", port}, {"RedirectReason", reason}} {
+		tg.Adm("--mode", "target", "--op", "update", "--tid", "1", "--name", kv[0], "--value", kv[1])
+	}
 }
 
 // URL is the iscsi:// name of a LUN.

@@ -8,7 +8,17 @@
 // Options): password-secret=ID names the CHAP secret in env.Secrets instead
 // of a password in the URL; target-user and target-password-secret=ID ask
 // for mutual CHAP; initiator-name; header-digest=crc32c|none (also
-// data-digest); timeout (seconds per command).
+// data-digest); timeout (seconds per command); open-retry (seconds a
+// login that cannot connect, e.g. to a target restarting, is retried with
+// backoff, at open and at a reconnect: default 10, 0 for one attempt;
+// refused credentials, unknown targets and protocol errors are not
+// retried).
+//
+// A login the target redirects (status class 1, TargetAddress) follows
+// up to 4 redirections through the same dialer, never back to an address
+// already tried; a temporary redirection holds for that login only (a
+// reconnect goes back to the URL's portal), a permanent one for the rest
+// of the session.
 //
 // The file reads and writes any byte range: partial blocks are
 // read-modify-written under a range lock of the whole blocks, and long

@@ -159,7 +159,7 @@ func TestTargetKilledMidRead(t *testing.T) {
 	if err := os.WriteFile(file, want, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	st, name, err := iscsistore.Open(context.Background(), url, &driver.SchemeEnv{Options: map[string]string{"timeout": "5"}})
+	st, name, err := iscsistore.Open(context.Background(), url, &driver.SchemeEnv{Options: map[string]string{"timeout": "5", "open-retry": "2"}})
 	if err != nil {
 		t.Fatal(err)
 	}

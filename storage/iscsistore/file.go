@@ -150,6 +150,15 @@ func (f *File) split(p []byte, a int64, op string, do func(q []byte, off int64) 
 		q := p[i:min(int64(len(p)), i+f.chunk)]
 		off := a + i
 		sem <- struct{}{}
+		mu.Lock()
+		failed := first != nil
+		mu.Unlock()
+		if failed {
+			// Do not start more commands after one failed: a lost
+			// target would make each of them wait out the login retries.
+			<-sem
+			break
+		}
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()

@@ -39,7 +39,7 @@ type Storage struct {
 	env *driver.SchemeEnv
 }
 
-var knownOptions = []string{"password-secret", "target-user", "target-password-secret", "initiator-name", "header-digest", "data-digest", "timeout"}
+var knownOptions = []string{"password-secret", "target-user", "target-password-secret", "initiator-name", "header-digest", "data-digest", "timeout", "open-retry"}
 
 func (st *Storage) checkOptions() error {
 	for k, v := range st.env.Options {
@@ -52,6 +52,10 @@ func (st *Storage) checkOptions() error {
 		case "timeout":
 			if n, err := strconv.Atoi(v); err != nil || n <= 0 || n > 3600 {
 				return driver.OptionErrorf("iscsi: timeout=%q: want seconds in 1..3600", v)
+			}
+		case "open-retry":
+			if f, err := strconv.ParseFloat(v, 64); err != nil || f < 0 || f > 3600 {
+				return driver.OptionErrorf("iscsi: open-retry=%q: want seconds in 0..3600", v)
 			}
 		default:
 			return driver.OptionErrorf("iscsi: unknown storage option %q (known: %s)", k, strings.Join(knownOptions, ", "))
@@ -73,6 +77,15 @@ func (st *Storage) config() (iscsi.Config, error) {
 	}
 	if st.env.Dialer != nil {
 		cfg.Dial = st.env.Dialer.Dial
+	}
+	if v := o["open-retry"]; v != "" {
+		// How long a login that cannot connect (the target restarting)
+		// is retried, at open and at a reconnect; 0: one attempt.
+		f, _ := strconv.ParseFloat(v, 64)
+		cfg.Retry = time.Duration(f * float64(time.Second))
+		if cfg.Retry == 0 {
+			cfg.Retry = -1
+		}
 	}
 	if v := o["timeout"]; v != "" {
 		n, _ := strconv.Atoi(v)

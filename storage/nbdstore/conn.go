@@ -2,13 +2,17 @@ package nbdstore
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/backoff"
 	"github.com/vdisk/vdisk/nbd"
 )
 
@@ -16,6 +20,10 @@ import (
 type slot struct {
 	mu sync.Mutex
 	c  *nbd.Client
+	// err is why the last redial gave up, at errAt: requests that waited
+	// for that redial fail with it instead of starting another.
+	err   error
+	errAt time.Time
 }
 
 // setDeadline gives nc ctx's deadline, if any.
@@ -36,9 +44,13 @@ func dial(ctx context.Context, cfg *config, t *target) (*nbd.Client, error) {
 	setDeadline(ctx, nc)
 	// Cancelling ctx ends a negotiation that waits on the server.
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
+	metas := []string{nbd.ContextBaseAllocation}
+	if cfg.allocDepth {
+		metas = append(metas, nbd.ContextAllocationDepth)
+	}
 	cl, err := nbd.NewClient(nc, &nbd.ClientOptions{
 		ExportName:      t.export,
-		MetaContexts:    []string{nbd.ContextBaseAllocation},
+		MetaContexts:    metas,
 		TLSConfig:       cfg.tls,
 		ExtendedHeaders: true, // servers without them refuse; compact headers then
 	})
@@ -52,6 +64,52 @@ func dial(ctx context.Context, cfg *config, t *target) (*nbd.Client, error) {
 	}
 	nc.SetDeadline(time.Time{})
 	return cl, nil
+}
+
+// permanent reports whether a failed connection attempt would fail the
+// same way again: the server answered and refused (anything but
+// NBD_REP_ERR_SHUTDOWN), the peer is not an NBD server, TLS verification
+// failed either way, or the host name does not exist. Refused, reset and
+// cut connections and timeouts are transient.
+func permanent(err error) bool {
+	var ne *nbd.Error
+	if errors.As(err, &ne) {
+		return ne.Errno != nbd.RepErrShutdown
+	}
+	var (
+		cve   *tls.CertificateVerificationError
+		ua    x509.UnknownAuthorityError
+		he    x509.HostnameError
+		ci    x509.CertificateInvalidError
+		alert tls.AlertError
+		dns   *net.DNSError
+	)
+	switch {
+	case errors.Is(err, nbd.ErrNotNBD), errors.Is(err, context.Canceled),
+		errors.As(err, &cve), errors.As(err, &ua), errors.As(err, &he), errors.As(err, &ci), errors.As(err, &alert):
+		return true
+	case errors.As(err, &dns):
+		return dns.IsNotFound
+	}
+	return false
+}
+
+// openPermanent is permanent, and a timeout too: a server that accepts
+// and then says nothing within the open timeout is not restarting, and
+// the open timeout bounds the open.
+func openPermanent(err error) bool {
+	var ne net.Error
+	return permanent(err) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		errors.As(err, &ne) && ne.Timeout()
+}
+
+// retryPolicy is the backoff of a connection that is dialled again for
+// up to total.
+func retryPolicy(total time.Duration) backoff.Policy {
+	if total <= 0 {
+		return backoff.Policy{Attempts: 1}
+	}
+	return backoff.Policy{Initial: 20 * time.Millisecond, Max: time.Second, Attempts: 1 << 20, Total: total}
 }
 
 // openError explains a failed first connection.
@@ -73,6 +131,7 @@ func openError(t *target, err error) error {
 // client returns s's working connection, redialling a dropped one with
 // backoff for up to the reconnect delay.
 func (f *File) client(s *slot) (*nbd.Client, error) {
+	asked := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.c != nil {
@@ -85,38 +144,49 @@ func (f *File) client(s *slot) (*nbd.Client, error) {
 	if f.closed.Load() {
 		return nil, driver.ErrClosed
 	}
-	deadline := time.Now().Add(f.cfg.reconnect)
-	backoff := 20 * time.Millisecond
-	for {
-		c, err := dial(f.ctx, f.cfg, f.t)
-		if err == nil {
-			err = f.sameExport(c)
-			if err != nil {
-				c.Close()
-				return nil, err
-			}
-			s.c = c
-			return c, nil
-		}
-		var ne *nbd.Error
-		if errors.As(err, &ne) && ne.Errno != nbd.RepErrShutdown {
-			// The server answers and refuses: retrying will not help.
-			return nil, err
-		}
+	if s.err != nil && s.errAt.After(asked) {
+		return nil, s.err
+	}
+	var c *nbd.Client
+	notify := func(n int, err error, wait time.Duration) {
+		f.cfg.log.Debug("nbd: redialling", "url", f.t.url, "attempt", n, "err", err, "backoff", wait)
+	}
+	err := backoff.Retry(f.ctx, retryPolicy(f.cfg.reconnect), permanent, notify, func(ctx context.Context, _ int) error {
+		var err error
+		c, err = dial(ctx, f.cfg, f.t)
+		return err
+	})
+	if err != nil {
 		if f.ctx.Err() != nil {
 			return nil, driver.ErrClosed
 		}
-		if time.Now().Add(backoff).After(deadline) {
-			return nil, fmt.Errorf("could not reconnect within %v: %w", f.cfg.reconnect, err)
+		if !permanent(err) {
+			err = fmt.Errorf("could not reconnect within %v: %w", f.cfg.reconnect, err)
 		}
-		f.cfg.log.Debug("nbd: redialling", "url", f.t.url, "err", err, "backoff", backoff)
-		select {
-		case <-time.After(backoff):
-		case <-f.ctx.Done():
-			return nil, driver.ErrClosed
-		}
-		backoff = min(2*backoff, time.Second)
+		s.err, s.errAt = err, time.Now()
+		return nil, err
 	}
+	if err := f.sameExport(c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	s.c = c
+	return c, nil
+}
+
+// dialFirst makes the first connection of an open, retrying transient
+// failures with backoff for up to the open-retry time.
+func dialFirst(ctx context.Context, cfg *config, t *target) (*nbd.Client, error) {
+	var c *nbd.Client
+	notify := func(n int, err error, wait time.Duration) {
+		cfg.log.Info("nbd: open failed, retrying", "url", t.url, "attempt", n, "err", err, "backoff", wait)
+	}
+	err := backoff.Retry(ctx, retryPolicy(cfg.openRetry), openPermanent, notify, func(ctx context.Context, _ int) error {
+		var err error
+		c, err = dial(ctx, cfg, t)
+		return err
+	})
+	return c, err
 }
 
 // sameExport checks that a new connection reaches the export the file

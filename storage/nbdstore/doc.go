@@ -31,8 +31,32 @@
 //
 // Extended headers (NBD_OPT_EXTENDED_HEADERS, an experimental extension)
 // are asked for; servers without them (qemu-nbd 7.2, nbdkit 1.32) refuse
-// and compact headers are used. qemu:allocation-depth is not used: for a
-// raw export it adds nothing to base:allocation.
+// and compact headers are used.
+//
+// qemu:allocation-depth (qemu's docs/interop/nbd.txt; qemu-nbd -A and
+// vdisk serve offer it, nbdkit does not) is negotiated alongside
+// base:allocation and asked for in the same BLOCK_STATUS request. Its
+// extent value is the layer of the server's backing chain that holds the
+// range (1 = the exported image itself), 0 when no layer does. The file
+// reports (driver.AllocationReporter) a range as not held when its depth
+// is 0 and base:allocation says it reads as zeros, and the raw format
+// reports such a zero run as Unallocated instead of Zero: `vdisk map
+// nbd://...` then says "present": false exactly where `qemu-img map` of
+// the served chain does. A range base:allocation calls data stays data
+// whatever its depth, reads are unchanged, and holes stay holes in every
+// copy (convert skips zero and unallocated runs alike). The storage
+// option allocation-depth=off keeps base:allocation alone (every range
+// held, as before). The caching layer (storage/cache) does not pass the
+// allocation through.
+//
+// Opening retries: a first connection that fails for a transient reason
+// (refused, reset or cut during the handshake, a timeout, NBD_REP_ERR_
+// SHUTDOWN: a server restarting) is dialled again with exponential
+// backoff and jitter (internal/backoff) for up to open-retry seconds
+// (default 10); a refusal of the server (unknown export, policy, TLS
+// required), a TLS verification failure, a peer that is not an NBD server
+// or an unknown host name is reported at once. A dropped connection is
+// redialled the same way for up to reconnect-delay.
 //
 // TLS uses x509 credentials in qemu's tls-creds-x509 directory layout
 // (storage option tls-creds=DIR: ca-cert.pem, client-cert.pem,

@@ -19,7 +19,8 @@ const defaultMaxIO = 32 << 20
 const maxZeroLen = 1 << 30
 
 // File is an open NBD export. It implements driver.File,
-// driver.HoleSeeker and driver.ZeroRanger, and is safe for concurrent use.
+// driver.HoleSeeker, driver.AllocationReporter and driver.ZeroRanger, and
+// is safe for concurrent use.
 type File struct {
 	cfg *config
 	t   *target
@@ -31,6 +32,7 @@ type File struct {
 	minBS      int64 // 1 when the server advertised none
 	maxIO      int64
 	allocation bool // base:allocation was negotiated
+	depth      bool // qemu:allocation-depth too (first connection)
 	extended   bool // extended headers were negotiated (first connection)
 
 	slots []*slot
@@ -52,7 +54,7 @@ type File struct {
 func openFile(cfg *config, t *target, rw bool) (*File, error) {
 	f := &File{cfg: cfg, t: t, rw: rw}
 	f.ctx, f.cancel = context.WithCancel(context.Background())
-	c, err := dial(f.ctx, cfg, t)
+	c, err := dialFirst(f.ctx, cfg, t)
 	if err != nil {
 		f.cancel()
 		return nil, openError(t, err)
@@ -78,6 +80,8 @@ func openFile(cfg *config, t *target, rw bool) (*File, error) {
 		f.maxIO = max(int64(maxBS)/f.minBS*f.minBS, f.minBS)
 	}
 	_, f.allocation = contextID(c, nbd.ContextBaseAllocation)
+	_, f.depth = contextID(c, nbd.ContextAllocationDepth)
+	f.depth = f.depth && f.allocation
 	f.extended = c.Extended()
 	n := 1
 	if f.flags&nbd.TFlagCanMultiConn != 0 {
@@ -88,7 +92,7 @@ func openFile(cfg *config, t *target, rw bool) (*File, error) {
 		f.slots[i] = &slot{}
 	}
 	f.slots[0].c = c
-	cfg.log.Debug("nbd: connected", "url", t.url, "size", f.size, "flags", f.flags, "connections", n, "min-block", f.minBS, "max-payload", f.maxIO, "base:allocation", f.allocation, "extended-headers", f.extended)
+	cfg.log.Debug("nbd: connected", "url", t.url, "size", f.size, "flags", f.flags, "connections", n, "min-block", f.minBS, "max-payload", f.maxIO, "base:allocation", f.allocation, "qemu:allocation-depth", f.depth, "extended-headers", f.extended)
 	return f, nil
 }
 
@@ -349,9 +353,10 @@ func (f *File) Close() error {
 }
 
 var (
-	_ driver.File       = (*File)(nil)
-	_ driver.HoleSeeker = (*File)(nil)
-	_ driver.ZeroRanger = (*File)(nil)
-	_ driver.Storage    = (*Storage)(nil)
-	_ driver.Lister     = (*Storage)(nil)
+	_ driver.File               = (*File)(nil)
+	_ driver.HoleSeeker         = (*File)(nil)
+	_ driver.AllocationReporter = (*File)(nil)
+	_ driver.ZeroRanger         = (*File)(nil)
+	_ driver.Storage            = (*Storage)(nil)
+	_ driver.Lister             = (*Storage)(nil)
 )

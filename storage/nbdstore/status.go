@@ -8,10 +8,13 @@ import (
 	"github.com/vdisk/vdisk/nbd"
 )
 
-// run is a stretch of the export that reads as zeros or not.
+// run is a stretch of the export that reads as zeros or not, and that
+// the server's chain holds or not (qemu:allocation-depth 0: only ever
+// for zero runs).
 type run struct {
 	off, end int64
 	zero     bool
+	absent   bool
 }
 
 // statusCache keeps the runs of the last base:allocation reply, so a
@@ -57,11 +60,13 @@ func (f *File) runAt(off int64) (run, error) {
 	}
 	lo := off / f.minBS * f.minBS
 	n := min(f.size-lo, maxZeroLen)
-	var ext []nbd.BlockExtent
+	var ext, depth []nbd.BlockExtent
+	var hasDepth bool
 	err := f.request("block-status", lo, func(ctx context.Context, c *nbd.Client) error {
 		f.statusRequests.Add(1)
 		m, err := c.BlockStatusContext(ctx, lo, uint32(n), 0)
 		ext = m[nbd.ContextBaseAllocation]
+		depth, hasDepth = m[nbd.ContextAllocationDepth]
 		return err
 	})
 	if err != nil {
@@ -70,23 +75,14 @@ func (f *File) runAt(off int64) (run, error) {
 	if len(ext) == 0 {
 		return run{}, driver.Corruptf(f.t.url, lo, "the NBD server answered block status without base:allocation extents")
 	}
-	runs := make([]run, 0, len(ext))
-	pos := lo
-	for _, e := range ext {
-		if e.Length == 0 {
-			return run{}, driver.Corruptf(f.t.url, pos, "the NBD server sent an empty block status extent")
-		}
-		end := min(pos+int64(e.Length), f.size)
-		z := e.Flags&nbd.StateZero != 0
-		if k := len(runs) - 1; k >= 0 && runs[k].zero == z {
-			runs[k].end = end
-		} else {
-			runs = append(runs, run{off: pos, end: end, zero: z})
-		}
-		pos = end
-		if pos >= f.size {
-			break
-		}
+	if !f.depth || !hasDepth || len(depth) == 0 {
+		// Without qemu:allocation-depth (or a reconnect to a server that
+		// stopped offering it), everything is held.
+		depth = nil
+	}
+	runs, err := mergeExtents(f.t.url, lo, f.size, ext, depth)
+	if err != nil {
+		return run{}, err
 	}
 	c := statusCache{gen: gen, runs: runs}
 	r, ok = c.find(off, gen)
@@ -97,6 +93,69 @@ func (f *File) runAt(off int64) (run, error) {
 	f.status = c
 	f.stMu.Unlock()
 	return r, nil
+}
+
+// mergeExtents turns the base:allocation extents ext (and, when not nil,
+// the qemu:allocation-depth extents depth) of a reply for the range
+// starting at lo into runs, up to where both lists reach (and no further
+// than size). A range is absent when its depth is 0 and it reads as
+// zeros: a data range is data whatever its depth says.
+func mergeExtents(url string, lo, size int64, ext, depth []nbd.BlockExtent) ([]run, error) {
+	runs := make([]run, 0, len(ext))
+	pos := lo
+	di, dpos := 0, lo // depth[di] covers [dpos, dpos+depth[di].Length)
+	for _, e := range ext {
+		if e.Length == 0 {
+			return nil, driver.Corruptf(url, pos, "the NBD server sent an empty block status extent")
+		}
+		end := min(pos+int64(e.Length), size)
+		z := e.Flags&nbd.StateZero != 0
+		for pos < end {
+			stop, absent := end, false
+			if depth != nil {
+				for di < len(depth) && depth[di].Length != 0 && dpos+int64(depth[di].Length) <= pos {
+					dpos += int64(depth[di].Length)
+					di++
+				}
+				if di >= len(depth) {
+					return runs, nil // the depth extents end here
+				}
+				if depth[di].Length == 0 {
+					return nil, driver.Corruptf(url, dpos, "the NBD server sent an empty qemu:allocation-depth extent")
+				}
+				stop = min(end, dpos+int64(depth[di].Length))
+				absent = z && depth[di].Flags == 0
+			}
+			if k := len(runs) - 1; k >= 0 && runs[k].zero == z && runs[k].absent == absent {
+				runs[k].end = stop
+			} else {
+				runs = append(runs, run{off: pos, end: stop, zero: z, absent: absent})
+			}
+			pos = stop
+		}
+		if pos >= size {
+			break
+		}
+	}
+	return runs, nil
+}
+
+// Allocation implements driver.AllocationReporter: the run at off is not
+// held when the server's qemu:allocation-depth says no layer of its chain
+// holds it (and it reads as zeros). Without that context everything is
+// held.
+func (f *File) Allocation(off int64) (bool, int64, error) {
+	if off < 0 || off >= f.size {
+		return false, 0, driver.Errorf(driver.ErrOutOfRange, f.t.url, off, "allocation status outside the %d-byte export", f.size)
+	}
+	if !f.depth {
+		return true, f.size, nil
+	}
+	r, err := f.runAt(off)
+	if err != nil {
+		return false, 0, err
+	}
+	return !r.absent, r.end, nil
 }
 
 // SeekData returns the first offset at or after off that does not read

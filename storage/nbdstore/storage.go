@@ -3,6 +3,7 @@ package nbdstore
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/backoff"
 	"github.com/vdisk/vdisk/nbd"
 )
 
@@ -37,8 +39,18 @@ const (
 	OptReconnectDelay = "reconnect-delay"
 	// OptOpenTimeout bounds dialling and negotiating (seconds, default 10).
 	OptOpenTimeout = "open-timeout"
+	// OptOpenRetry is how long (seconds) an open whose first connection
+	// fails for a transient reason (refused, reset, cut during the
+	// handshake: a server restarting) is retried with backoff (default
+	// 10; 0: one attempt).
+	OptOpenRetry = "open-retry"
 	// OptRequestTimeout bounds each request (seconds, default 60; 0: none).
 	OptRequestTimeout = "request-timeout"
+	// OptAllocationDepth ("on", default, or "off") asks for the
+	// qemu:allocation-depth context besides base:allocation, where the
+	// server offers it: zero ranges that no layer of the server's chain
+	// holds are then reported unallocated (driver.AllocationReporter).
+	OptAllocationDepth = "allocation-depth"
 )
 
 // config is what a storage's connections are made with.
@@ -49,8 +61,10 @@ type config struct {
 	log            *slog.Logger
 	multiConn      int
 	reconnect      time.Duration
+	openRetry      time.Duration
 	openTimeout    time.Duration
 	requestTimeout time.Duration
+	allocDepth     bool
 }
 
 func newConfig(name string, env *driver.SchemeEnv) (*config, error) {
@@ -62,14 +76,21 @@ func newConfig(name string, env *driver.SchemeEnv) (*config, error) {
 		return nil, err
 	}
 	c := &config{t: t, dialer: env.Dialer, log: env.Log(), multiConn: 4, reconnect: 5 * time.Second,
-		openTimeout: 10 * time.Second, requestTimeout: 60 * time.Second}
+		openRetry: 10 * time.Second, openTimeout: 10 * time.Second, requestTimeout: 60 * time.Second, allocDepth: true}
 	opts := env.Options
 	for k := range opts {
 		switch k {
-		case OptTLSCreds, OptTLSHostname, OptTLSPSK, OptMultiConn, OptReconnectDelay, OptOpenTimeout, OptRequestTimeout:
+		case OptTLSCreds, OptTLSHostname, OptTLSPSK, OptMultiConn, OptReconnectDelay, OptOpenRetry, OptOpenTimeout, OptRequestTimeout, OptAllocationDepth:
 		default:
 			return nil, driver.Errorf(driver.ErrInvalidOption, name, -1, "unknown NBD storage option %q", k)
 		}
+	}
+	switch v := opts[OptAllocationDepth]; v {
+	case "", "on":
+	case "off":
+		c.allocDepth = false
+	default:
+		return nil, driver.Errorf(driver.ErrInvalidOption, name, -1, "%s=%q: want on or off", OptAllocationDepth, v)
 	}
 	if v, ok := opts[OptMultiConn]; ok {
 		n, err := strconv.Atoi(v)
@@ -81,7 +102,7 @@ func newConfig(name string, env *driver.SchemeEnv) (*config, error) {
 	for _, d := range []struct {
 		key string
 		dst *time.Duration
-	}{{OptReconnectDelay, &c.reconnect}, {OptOpenTimeout, &c.openTimeout}, {OptRequestTimeout, &c.requestTimeout}} {
+	}{{OptReconnectDelay, &c.reconnect}, {OptOpenRetry, &c.openRetry}, {OptOpenTimeout, &c.openTimeout}, {OptRequestTimeout, &c.requestTimeout}} {
 		v, ok := opts[d.key]
 		if !ok {
 			continue
@@ -233,18 +254,27 @@ func (s *Storage) ListExports(ctx context.Context, name string) ([]driver.Export
 			return nil, err
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.openTimeout)
-	defer cancel()
-	nc, err := s.cfg.dialer.Dial(ctx, t.network, t.addr)
-	if err != nil {
-		return nil, &driver.Error{Op: "list", File: t.url, Offset: -1, Err: err}
+	var l []nbd.ExportInfo
+	listOnce := func(ctx context.Context, _ int) error {
+		ctx, cancel := context.WithTimeout(ctx, s.cfg.openTimeout)
+		defer cancel()
+		nc, err := s.cfg.dialer.Dial(ctx, t.network, t.addr)
+		if err != nil {
+			return err
+		}
+		defer nc.Close()
+		setDeadline(ctx, nc)
+		stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
+		defer stop()
+		l, err = nbd.ListExports(nc, s.cfg.tls)
+		if err != nil {
+			return fmt.Errorf("NBD_OPT_LIST: %w", err)
+		}
+		return nil
 	}
-	setDeadline(ctx, nc)
-	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
-	defer stop()
-	l, err := nbd.ListExports(nc, s.cfg.tls)
-	if err != nil {
-		return nil, &driver.Error{Op: "list", File: t.url, Offset: -1, Reason: "NBD_OPT_LIST", Err: err}
+	// A server restarting is waited for as at open.
+	if err := backoff.Retry(ctx, retryPolicy(s.cfg.openRetry), openPermanent, nil, listOnce); err != nil {
+		return nil, &driver.Error{Op: "list", File: t.url, Offset: -1, Err: err}
 	}
 	out := make([]driver.ExportEntry, len(l))
 	for i, e := range l {

@@ -99,8 +99,13 @@ func (f *File) tryClone(sfd, dfd int, srcOff, off, n int64) bool {
 		}
 		return false
 	}
+	f.cloned.Add(n)
 	return true
 }
+
+// ClonedBytes is the number of bytes CopyFrom shared into f by reflink
+// (FICLONERANGE) instead of copying them, since f was opened.
+func (f *File) ClonedBytes() int64 { return f.cloned.Load() }
 
 // copyRange runs copy_file_range(2) until n bytes are copied or the source
 // ends.
@@ -128,4 +133,5 @@ func (f *File) copyRange(sfd, dfd int, srcOff, off, n int64) (int64, error) {
 // cloneState is embedded in File.
 type cloneState struct {
 	noClone atomic.Bool
+	cloned  atomic.Int64
 }

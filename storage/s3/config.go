@@ -268,7 +268,7 @@ func (c *config) setCredentials(opts map[string]string, pick func(string, ...str
 }
 
 // newClient builds the minio client: its transport dials through dial.
-func (c *config) newClient(dial driver.Dialer) (*minio.Client, error) {
+func (c *config) newClient(dial driver.Dialer) (*minio.Client, *http.Transport, error) {
 	tr := &http.Transport{
 		DialContext:           dial.Dial,
 		MaxIdleConns:          64,
@@ -296,7 +296,7 @@ func (c *config) newClient(dial driver.Dialer) (*minio.Client, error) {
 		MaxRetries: 2,
 	})
 	if err != nil {
-		return nil, driver.OptionErrorf("s3: endpoint %s: %v", c.host, err)
+		return nil, nil, driver.OptionErrorf("s3: endpoint %s: %v", c.host, err)
 	}
-	return cl, nil
+	return cl, tr, nil
 }

@@ -55,4 +55,8 @@
 // parts upload at once, each signed with its SHA-256 so the body is sent
 // as it is. ReadAt reads back what is held in memory or spilled; Sync only
 // reports a failed upload, as the object exists only once closed.
+//
+// Each Storage has its own HTTP client; CloseStorage (driver.StorageCloser,
+// called by vdisk when the last image it opened on the storage closes)
+// closes the client's idle connections.
 package s3

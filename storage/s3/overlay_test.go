@@ -43,8 +43,8 @@ func TestOverlayOnS3Base(t *testing.T) {
 		if err := d.Close(); err != nil {
 			return nil, err
 		}
-		// A network backing name is only followed under the trusted path
-		// policy.
+		// A network backing name is followed under the trusted path
+		// policy (or under Strict with AllowSchemes, below).
 		return vdisk.Open(ctx, top, &vdisk.OpenOptions{Paths: driver.PathTrusted, Dialer: s.dial.Dial, StorageOptions: sopts})
 	}
 	ops := 10000
@@ -69,8 +69,14 @@ func TestOverlayOnS3Base(t *testing.T) {
 	if out, code, err := qemutest.RunCode("qemu-img", "check", spec); err != nil || code != 0 {
 		t.Fatalf("qemu-img check of the overlay: exit %d %v\n%s", code, err, out)
 	}
+	// Under the strict policy the S3 base is refused, unless the s3
+	// scheme is allowed for backing files.
+	if d, err := vdisk.Open(ctx, top, &vdisk.OpenOptions{ReadOnly: true, Dialer: s.dial.Dial, StorageOptions: sopts}); err == nil {
+		d.Close()
+		t.Fatal("a strict open followed the s3:// backing file")
+	}
 	// The overlay read by vdisk matches the model byte for byte.
-	d, err = vdisk.Open(ctx, top, &vdisk.OpenOptions{ReadOnly: true, Paths: driver.PathTrusted, Dialer: s.dial.Dial, StorageOptions: sopts})
+	d, err = vdisk.Open(ctx, top, &vdisk.OpenOptions{ReadOnly: true, AllowSchemes: []string{"s3"}, Dialer: s.dial.Dial, StorageOptions: sopts})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -56,16 +56,24 @@ func versitygwBin(t testing.TB) string {
 
 // server is a versitygw on loopback with the POSIX backend on a temp dir.
 type server struct {
-	t        testing.TB
-	bin, dir string
-	addr     string
-	cmd      *exec.Cmd
-	dial     *countingDialer
+	t         testing.TB
+	bin, dir  string
+	addr      string
+	cmd       *exec.Cmd
+	dial      *countingDialer
+	keepAlive bool
 }
 
 func startServer(t testing.TB) *server {
 	t.Helper()
-	s := &server{t: t, bin: versitygwBin(t), dir: t.TempDir(), dial: &countingDialer{}}
+	return startServerKeepAlive(t, false)
+}
+
+// startServerKeepAlive starts a server that keeps connections open
+// between requests when keepAlive (versitygw closes them by default).
+func startServerKeepAlive(t testing.TB, keepAlive bool) *server {
+	t.Helper()
+	s := &server{t: t, bin: versitygwBin(t), dir: t.TempDir(), dial: &countingDialer{}, keepAlive: keepAlive}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +98,11 @@ func (s *server) start() {
 }
 
 func (s *server) startErr() error {
-	cmd := exec.Command(s.bin, "--access", testAccess, "--secret", testSecret, "--port", s.addr, "--quiet", "posix", s.dir)
+	args := []string{"--access", testAccess, "--secret", testSecret, "--port", s.addr, "--quiet"}
+	if s.keepAlive {
+		args = append(args, "--keep-alive")
+	}
+	cmd := exec.Command(s.bin, append(args, "posix", s.dir)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -270,8 +282,27 @@ func (d *countingDialer) closeAll() {
 
 type countingConn struct {
 	net.Conn
-	d    *countingDialer
-	sent atomic.Int64
+	d      *countingDialer
+	sent   atomic.Int64
+	closed atomic.Bool
+}
+
+func (c *countingConn) Close() error {
+	c.closed.Store(true)
+	return c.Conn.Close()
+}
+
+// open counts the connections made and not closed.
+func (d *countingDialer) open() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, c := range d.live {
+		if !c.(*countingConn).closed.Load() {
+			n++
+		}
+	}
+	return n
 }
 
 func (c *countingConn) Read(p []byte) (int, error) {

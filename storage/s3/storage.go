@@ -25,6 +25,7 @@ type Storage struct {
 	bucket string
 	cfg    *config
 	cl     *minio.Client
+	tr     *http.Transport // the client's, for CloseStorage
 	core   minio.Core
 	log    *slog.Logger
 
@@ -33,8 +34,9 @@ type Storage struct {
 }
 
 var (
-	_ driver.Storage = (*Storage)(nil)
-	_ driver.Lister  = (*Storage)(nil)
+	_ driver.Storage       = (*Storage)(nil)
+	_ driver.Lister        = (*Storage)(nil)
+	_ driver.StorageCloser = (*Storage)(nil)
 )
 
 // openScheme is the driver.SchemeOpener of "s3": it builds the client (no
@@ -82,11 +84,20 @@ func New(bucket string, env *driver.SchemeEnv) (*Storage, error) {
 	if err != nil {
 		return nil, err
 	}
-	cl, err := cfg.newClient(env.Dialer)
+	cl, tr, err := cfg.newClient(env.Dialer)
 	if err != nil {
 		return nil, err
 	}
-	return &Storage{bucket: bucket, cfg: cfg, cl: cl, core: minio.Core{Client: cl}, log: env.Log(), writers: map[string]*writeFile{}}, nil
+	return &Storage{bucket: bucket, cfg: cfg, cl: cl, tr: tr, core: minio.Core{Client: cl}, log: env.Log(), writers: map[string]*writeFile{}}, nil
+}
+
+// CloseStorage implements driver.StorageCloser: the client's idle
+// connections are closed (the container calls it when the last image on
+// the storage closes). An upload still in progress is not touched; the
+// storage stays usable and dials again when used.
+func (s *Storage) CloseStorage() error {
+	s.tr.CloseIdleConnections()
+	return nil
 }
 
 // url is the name of key for messages.

@@ -5,10 +5,8 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -19,6 +17,7 @@ import (
 	"github.com/minio/minio-go/v7/pkg/credentials"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/storage/s3/s3test"
 )
 
 const (
@@ -26,33 +25,6 @@ const (
 	testSecret = "vdisksecret1234567890"
 	testBucket = "images"
 )
-
-// versitygwBin finds versitygw on PATH or in $(go env GOPATH)/bin. Without
-// it the test fails under CI and skips on a developer's machine.
-func versitygwBin(t testing.TB) string {
-	t.Helper()
-	if p, err := exec.LookPath("versitygw"); err == nil {
-		return p
-	}
-	gopath := os.Getenv("GOPATH")
-	if gopath == "" {
-		if out, err := exec.Command("go", "env", "GOPATH").Output(); err == nil {
-			gopath = strings.TrimSpace(string(out))
-		}
-	}
-	for _, dir := range filepath.SplitList(gopath) {
-		p := filepath.Join(dir, "bin", "versitygw")
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	msg := "versitygw not found: go install github.com/versity/versitygw/cmd/versitygw@v1.8.0 (./test.sh does)"
-	if os.Getenv("CI") != "" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-	return ""
-}
 
 // server is a versitygw on loopback with the POSIX backend on a temp dir.
 type server struct {
@@ -73,7 +45,7 @@ func startServer(t testing.TB) *server {
 // between requests when keepAlive (versitygw closes them by default).
 func startServerKeepAlive(t testing.TB, keepAlive bool) *server {
 	t.Helper()
-	s := &server{t: t, bin: versitygwBin(t), dir: t.TempDir(), dial: &countingDialer{}, keepAlive: keepAlive}
+	s := &server{t: t, bin: s3test.Bin(t), dir: t.TempDir(), dial: &countingDialer{}, keepAlive: keepAlive}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -86,6 +86,14 @@ type AllocationReporter interface {
 	Allocation(off int64) (held bool, end int64, err error)
 }
 
+// RangeCopier is implemented by files that copy a range from another file
+// inside the kernel (osfs.File: FICLONERANGE, then copy_file_range). It
+// fails with an error wrapping ErrUnsupported, having copied nothing, where
+// it cannot (src on another storage, no kernel or file-system support).
+type RangeCopier interface {
+	CopyFrom(src File, srcOff, off, n int64) (int64, error)
+}
+
 // Allocator is implemented by files that can preallocate space without
 // writing it (fallocate mode 0); the range reads as zeros.
 type Allocator interface {

@@ -9,12 +9,6 @@ import "github.com/vdisk/vdisk/driver"
 // into new clusters, with no pass through user space (qemu-img convert -C;
 // on file systems that share blocks, a reflink).
 
-// fileCopier is a file that copies from another file inside the kernel
-// (osfs.File: FICLONERANGE, then copy_file_range).
-type fileCopier interface {
-	CopyFrom(src driver.File, srcOff, off, n int64) (int64, error)
-}
-
 // PinExtents holds off every operation that frees or moves clusters
 // (discard, write-zeroes with unmap, resize, repair: they take mu
 // exclusively) until unpin is called, so the BAT entries FileExtent read
@@ -68,7 +62,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if err := im.writable(off); err != nil {
 		return 0, err
 	}
-	cp, ok := im.f.(fileCopier)
+	cp, ok := im.f.(driver.RangeCopier)
 	if !ok {
 		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "the storage cannot copy between files")
 	}
@@ -122,7 +116,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 // src at srcOff into them from byte in of cluster c, then points the BAT
 // entries at them. A copy that copied nothing gives the clusters back
 // (they still read zeros).
-func (im *image) copyRun(cp fileCopier, src driver.File, srcOff, c, k, in, m int64) (int64, error) {
+func (im *image) copyRun(cp driver.RangeCopier, src driver.File, srcOff, c, k, in, m int64) (int64, error) {
 	first, err := im.reserve(k)
 	if err != nil {
 		return 0, err

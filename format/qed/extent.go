@@ -9,12 +9,6 @@ import "github.com/vdisk/vdisk/driver"
 // clusters, with no pass through user space (qemu-img convert -C; on
 // file systems that share blocks, a reflink).
 
-// fileCopier is a file that copies from another file inside the kernel
-// (osfs.File: FICLONERANGE, then copy_file_range).
-type fileCopier interface {
-	CopyFrom(src driver.File, srcOff, off, n int64) (int64, error)
-}
-
 // PinExtents holds off every move of data clusters inside the file (the
 // pack on Flush and Close, resize, check and repair, which take mu
 // exclusively) until unpin is called, so the entries FileExtent read stay
@@ -75,7 +69,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if err := im.writable(off); err != nil {
 		return 0, err
 	}
-	cp, ok := im.f.(fileCopier)
+	cp, ok := im.f.(driver.RangeCopier)
 	if !ok {
 		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "the storage cannot copy between files")
 	}
@@ -130,7 +124,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 // run of following non-data clusters of the same L2 table that the copy
 // covers gets new clusters at the end of the file, filled by the copy
 // (zeros around it), then the L2 entries point at them.
-func (im *image) copyNew(cp fileCopier, src driver.File, srcOff, off, n int64) (int64, error) {
+func (im *image) copyNew(cp driver.RangeCopier, src driver.File, srcOff, off, n int64) (int64, error) {
 	c, in := off>>im.shift, off&(im.cs-1)
 	m := min(n, im.clusterLen(c)-in)
 	k := int64(1)

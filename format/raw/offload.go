@@ -2,12 +2,6 @@ package raw
 
 import "github.com/vdisk/vdisk/driver"
 
-// fileCopier is a file that copies from another file inside the kernel
-// (osfs.File: FICLONERANGE, then copy_file_range).
-type fileCopier interface {
-	CopyFrom(src driver.File, srcOff, off, n int64) (int64, error)
-}
-
 // FileExtent maps [off, off+n) to the file: a raw image is its file, byte
 // for byte. Past the end of the file (the sector rounding) nothing is
 // stored. The image's Status shows every hole of the file, so a run Status
@@ -30,7 +24,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if im.readOnly {
 		return 0, driver.Errorf(driver.ErrReadOnly, im.name, off, "image opened read-only")
 	}
-	c, ok := im.f.(fileCopier)
+	c, ok := im.f.(driver.RangeCopier)
 	if !ok {
 		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "the storage cannot copy between files")
 	}

@@ -12,12 +12,6 @@ import "github.com/vdisk/vdisk/driver"
 // repair move or free referenced blocks, and they run with the disk
 // locked exclusively), so no pin is needed.
 
-// fileCopier is a file that copies from another file inside the kernel
-// (osfs.File: FICLONERANGE, then copy_file_range).
-type fileCopier interface {
-	CopyFrom(src driver.File, srcOff, off, n int64) (int64, error)
-}
-
 // FileExtent maps [off, off+n) to the file where the image stores it byte
 // for byte: the data runs of present blocks (and of the sectors a
 // differencing image's bitmap marks present), consecutive blocks
@@ -81,7 +75,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if im.ro {
 		return 0, im.readOnlyErr(off)
 	}
-	cp, ok := im.f.(fileCopier)
+	cp, ok := im.f.(driver.RangeCopier)
 	if !ok {
 		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "the storage cannot copy between files")
 	}

@@ -366,3 +366,8 @@ func TestConvertOffloadFindsFileHoles(t *testing.T) {
 		})
 	}
 }
+
+// These tests check the kernel copy itself, also where the file system
+// (ext4, tmpfs, overlayfs in CI) would copy through the page cache, which
+// CopyFrom leaves to the read/write path by default.
+func init() { osfs.SetCopyRangePolicy(osfs.CopyRangeAlways) }

@@ -110,6 +110,9 @@ func NeedFill(file string, off, end int64) error {
 
 // AsFill reports whether err asks for a copy-on-write fill.
 func AsFill(err error) (*FillError, bool) {
+	if err == nil {
+		return nil, false // without the allocation errors.As's target costs
+	}
 	var fe *FillError
 	if errors.As(err, &fe) {
 		return fe, true

@@ -25,35 +25,40 @@ func classOf(n int) int {
 	return bits.Len(uint(n-1)) - minClassShift
 }
 
-// getBuf returns a buffer of length n (n <= MaxPayload); its content is
-// undefined.
-func getBuf(n int) []byte {
+// getBuf returns a buffer of length n (n <= MaxPayload; nil for 0); its
+// content is undefined. The pointer goes back with putBuf: the pool keeps
+// pointers, so a buffer cycles through it without an allocation.
+func getBuf(n int) *[]byte {
 	if n == 0 {
 		return nil
 	}
 	c := classOf(n)
 	if p, ok := pools[c].Get().(*[]byte); ok {
-		return (*p)[:n]
+		*p = (*p)[:n]
+		return p
 	}
-	return make([]byte, n, 1<<(c+minClassShift))
+	b := make([]byte, n, 1<<(c+minClassShift))
+	return &b
 }
 
-func putBuf(b []byte) {
-	if cap(b) == 0 {
+func putBuf(p *[]byte) {
+	if p == nil || cap(*p) == 0 {
 		return
 	}
-	c := classOf(cap(b))
-	if c < 0 || c >= len(pools) || cap(b) != 1<<(c+minClassShift) {
+	c := classOf(cap(*p))
+	if c < 0 || c >= len(pools) || cap(*p) != 1<<(c+minClassShift) {
 		return
 	}
-	b = b[:cap(b)]
-	pools[c].Put(&b)
+	*p = (*p)[:cap(*p)]
+	pools[c].Put(p)
 }
 
 // replyWriter serialises what the server sends on a connection. Small
 // messages gather in buf; the writer flushes when nobody else is waiting to
-// write (so replies completing together leave in one system call), and
-// large payloads go out with the pending bytes in one writev.
+// write (so replies completing together leave in one system call). Large
+// payloads are not copied: they are queued by reference between the
+// gathered bytes, and the whole reply (every chunk of a structured reply,
+// with what was gathered before) leaves in one writev when it ends.
 type replyWriter struct {
 	mu      sync.Mutex
 	nc      net.Conn
@@ -67,6 +72,12 @@ type replyWriter struct {
 	// a client that does not read its replies is cut off.
 	timeout time.Duration
 	armed   time.Time
+	// iov: the pieces of the next writev, pointing into buf (up to mark)
+	// and at queued payloads; wv is the net.Buffers writev consumes.
+	// Both are kept so that sending allocates nothing.
+	iov  [][]byte
+	mark int
+	wv   net.Buffers
 }
 
 const (
@@ -81,9 +92,10 @@ func (w *replyWriter) lock() {
 }
 
 // unlock flushes unless another writer is waiting or the reader holds
-// replies back (they will flush).
+// replies back (they will flush); queued payloads are always sent, since
+// their buffers go back to the pool after.
 func (w *replyWriter) unlock() error {
-	if (w.waiting.Load() == 0 && !w.hold.Load()) || len(w.buf) >= replyBufFlush {
+	if len(w.iov) > 0 || (w.waiting.Load() == 0 && !w.hold.Load()) || len(w.buf) >= replyBufFlush {
 		w.flushLocked()
 	}
 	err := w.err
@@ -92,12 +104,21 @@ func (w *replyWriter) unlock() error {
 }
 
 func (w *replyWriter) flushLocked() {
-	if len(w.buf) == 0 || w.err != nil {
-		w.buf = w.buf[:0]
-		return
+	switch {
+	case w.err != nil:
+	case len(w.iov) > 0:
+		if w.mark < len(w.buf) {
+			w.iov = append(w.iov, w.buf[w.mark:])
+		}
+		w.wv = w.iov
+		w.arm()
+		_, w.err = w.wv.WriteTo(w.nc)
+	case len(w.buf) > 0:
+		w.arm()
+		_, w.err = w.nc.Write(w.buf)
 	}
-	w.arm()
-	_, w.err = w.nc.Write(w.buf)
+	clear(w.iov) // drop the references to payloads
+	w.iov, w.wv, w.mark = w.iov[:0], nil, 0
 	w.buf = w.buf[:0]
 }
 
@@ -115,8 +136,9 @@ func (w *replyWriter) arm() {
 	w.armed = now
 }
 
-// payload queues p after what is gathered, writing both now when p is
-// large.
+// payload queues p after what is gathered: a small one is copied, a large
+// one referenced until the flush that ends the reply (p must stay
+// unchanged until unlock).
 func (w *replyWriter) payload(p []byte) {
 	if w.err != nil {
 		return
@@ -125,10 +147,11 @@ func (w *replyWriter) payload(p []byte) {
 		w.buf = append(w.buf, p...)
 		return
 	}
-	bufs := net.Buffers{w.buf, p}
-	w.arm()
-	_, w.err = bufs.WriteTo(w.nc)
-	w.buf = w.buf[:0]
+	if w.mark < len(w.buf) {
+		w.iov = append(w.iov, w.buf[w.mark:])
+	}
+	w.iov = append(w.iov, p)
+	w.mark = len(w.buf)
 }
 
 func isNoSpace(err error) bool {

@@ -53,8 +53,11 @@ type conn struct {
 	// transmission state
 	exp      *export
 	size     int64
-	slots    chan struct{}
-	budget   *pool // this connection's data buffers (ConnBuffer)
+	free     chan *request // the requests not in use (Workers of them)
+	work     chan *request // hands requests to idle workers
+	workers  int           // worker goroutines started (reader only)
+	idlers   atomic.Int32  // workers waiting for work and not yet handed any
+	budget   *pool         // this connection's data buffers (ConnBuffer)
 	wg       sync.WaitGroup
 	inflight atomic.Int64 // requests started and not yet answered
 	lastDone atomic.Int64 // when a request last ended (UnixNano)
@@ -68,6 +71,9 @@ func newConn(s *Server, nc net.Conn) *conn {
 	return c
 }
 
+// unixSendBuffer is the send buffer asked for on unix socket connections.
+const unixSendBuffer = 4 << 20
+
 // errDisconnect is a clean end requested by the client.
 var errDisconnect = errors.New("client disconnected")
 
@@ -75,6 +81,13 @@ func (c *conn) serve(ctx context.Context) error {
 	if tc, ok := c.raw.(*net.TCPConn); ok {
 		tc.SetNoDelay(true)
 		tc.SetKeepAlive(true)
+	}
+	if uc, ok := c.raw.(*net.UnixConn); ok {
+		// A unix socket's send buffer (208 KiB by default) takes a
+		// fraction of a large READ reply: the writev then returns
+		// partway and waits in the poller several times per reply.
+		// The kernel caps the size at net.core.wmem_max.
+		uc.SetWriteBuffer(unixSendBuffer)
 	}
 	done := make(chan struct{})
 	defer close(done)
@@ -174,7 +187,12 @@ func (c *conn) startTransmission(e *export) {
 		// Contexts set for another export do not apply.
 		c.metaSet, c.ctxBase, c.ctxDepth = false, false, false
 	}
-	c.slots = make(chan struct{}, c.s.Workers)
+	c.free = make(chan *request, c.s.Workers)
+	reqs := make([]request, c.s.Workers)
+	for i := range reqs {
+		c.free <- &reqs[i]
+	}
+	c.work = make(chan *request)
 	c.budget = newPool(c.s.ConnBuffer)
 	c.log = c.log.With("export", e.Name)
 	c.log.Debug("transmission phase", "size", c.size, "structured", c.structured,

@@ -6,9 +6,9 @@
 // The server speaks fixed newstyle negotiation only (no oldstyle), with
 // NBD_FLAG_NO_ZEROES, the options EXPORT_NAME, ABORT, LIST, STARTTLS, INFO,
 // GO, STRUCTURED_REPLY, EXTENDED_HEADERS (the experimental extension:
-// 32-byte headers, 64-bit effect lengths, BLOCK_STATUS_EXT; effect lengths
-// of 4 GiB and more are taken by BLOCK_STATUS only, which answers for
-// less), LIST_META_CONTEXT and SET_META_CONTEXT, and the
+// 32-byte headers, 64-bit effect lengths, BLOCK_STATUS_EXT with 64-bit
+// extent lengths; effect lengths of 4 GiB and more are taken by
+// BLOCK_STATUS only), LIST_META_CONTEXT and SET_META_CONTEXT, and the
 // metadata contexts base:allocation and qemu:allocation-depth. In the
 // transmission phase it handles READ (sparse structured replies when
 // negotiated), WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE and

@@ -8,18 +8,37 @@ import (
 	"time"
 )
 
-// request is one transmission request.
-type request struct {
+// header is what a request header says.
+type header struct {
 	flags  uint16
 	typ    uint16
 	cookie uint64
 	off    uint64
 	length uint32
-	long   bool   // an extended effect length beyond 32 bits (length is cut)
-	buf    []byte // WRITE payload, or READ buffer
-	held   int64  // bytes of the connection budget held
-	shared int64  // bytes of the server's budget held
+	// long: an extended effect length beyond 32 bits; length is cut and
+	// BLOCK_STATUS answers for up to length64.
+	long     bool
+	length64 uint64
 }
+
+// request is one transmission request. A connection owns Workers of them
+// (its free list, which also bounds the requests it runs at once) and
+// reuses them, with their scratch lists, so that a request costs no
+// allocation.
+type request struct {
+	header
+	buf    []byte  // WRITE payload
+	bufp   *[]byte // buf's pool pointer
+	held   int64   // bytes of the connection budget held
+	shared int64   // bytes of the server's budget held
+	// scratch lists of sparse reads and block status, kept between
+	// requests up to scratchKeep entries.
+	segs        []segment
+	base, depth []extent
+}
+
+// scratchKeep bounds the scratch lists a request keeps for the next one.
+const scratchKeep = 256
 
 // sparseReadMin: structured READs at least this long look for holes and
 // send them as NBD_REPLY_TYPE_OFFSET_HOLE chunks; shorter ones are read
@@ -44,6 +63,10 @@ const (
 	inlineMax   = 64 << 10
 	inlineSlow  = time.Millisecond
 	inlinePause = 200 * time.Millisecond
+	// inlineSlowRun: this many slow inline requests in a row turn inline
+	// execution off (one alone is more often the machine than the
+	// request: a preempted thread).
+	inlineSlowRun = 2
 )
 
 // transmit reads requests and runs them until the client disconnects or
@@ -52,8 +75,13 @@ const (
 func (c *conn) transmit() error {
 	defer c.wg.Wait()
 	defer c.releaseHold()
+	// Deferred last, run first: no more dispatches; the workers end once
+	// their requests are answered (wg.Wait above waits for those).
+	defer close(c.work)
 	var hdrBuf [extendedHeaderSize]byte
+	var h header
 	var inlineOffUntil time.Time
+	slow := 0 // inline requests in a row slower than inlineSlow
 	for {
 		// Replies wait while more requests are already here, so that a
 		// burst of them leaves in one write.
@@ -61,48 +89,50 @@ func (c *conn) transmit() error {
 		if err := c.awaitRequest(); err != nil {
 			return err
 		}
-		req, err := c.readHeader(hdrBuf[:])
-		if err != nil {
+		if err := c.readHeader(hdrBuf[:], &h); err != nil {
 			return err
 		}
 		var data int64 // bytes of data buffers, charged to both budgets
-		switch req.typ {
+		switch h.typ {
 		case cmdDisc:
 			return errDisconnect
 		case cmdWrite:
-			if req.length > c.s.maxPayload {
-				if err := c.refuseWrite(req); err != nil {
+			if h.length > c.s.maxPayload {
+				if err := c.refuseWrite(&h); err != nil {
 					return err
 				}
 				continue
 			}
-			data = int64(req.length)
+			data = int64(h.length)
 		case cmdRead:
-			if req.length <= c.s.maxPayload {
-				data = int64(req.length)
+			if h.length <= c.s.maxPayload {
+				data = int64(h.length)
 			}
 		case cmdCache:
-			data = min(int64(req.length), cacheChunk)
+			data = min(int64(h.length), cacheChunk)
 		case cmdBlockStatus:
 			data = statusCharge
 		}
-		req.held = data
-		// Send held replies before waiting for a worker or for buffer
-		// space: the wait may be long.
+		// Send held replies before waiting for a free request or for
+		// buffer space: the wait may be long.
+		var req *request
 		select {
-		case c.slots <- struct{}{}:
+		case req = <-c.free:
 		default:
 			c.releaseHold()
 			select {
-			case c.slots <- struct{}{}:
+			case req = <-c.free:
 			case <-c.quit:
 				return errBroken
 			}
 		}
+		req.header = h
+		req.held = data
 		if !c.budget.tryAcquire(data) {
 			c.releaseHold()
 			if !c.budget.acquire(data, c.quit) {
-				<-c.slots
+				req.held = 0
+				c.free <- req
 				return errBroken
 			}
 		}
@@ -120,7 +150,10 @@ func (c *conn) transmit() error {
 			return errBroken
 		}
 		if req.typ == cmdWrite {
-			req.buf = getBuf(int(req.length))
+			req.bufp = getBuf(int(req.length))
+			if req.bufp != nil {
+				req.buf = *req.bufp
+			}
 			c.holdIfBuffered(len(req.buf))
 			c.armRead()
 			if err := c.readFull(req.buf); err != nil {
@@ -137,70 +170,109 @@ func (c *conn) transmit() error {
 			(inlineOffUntil.IsZero() || time.Now().After(inlineOffUntil)) {
 			t0 := time.Now()
 			c.handle(req)
-			if d := time.Since(t0); d > inlineSlow {
-				inlineOffUntil = time.Now().Add(inlinePause)
-			} else {
+			if d := time.Since(t0); d <= inlineSlow {
+				slow = 0
 				inlineOffUntil = time.Time{}
+			} else if slow++; slow >= inlineSlowRun {
+				slow = 0
+				inlineOffUntil = time.Now().Add(inlinePause)
 			}
 			continue
 		}
-		go c.handle(req)
+		c.dispatch(req)
+	}
+}
+
+// dispatch hands req to an idle worker goroutine, or starts one when none
+// is idle. Workers stay for the connection's life (a goroutine per request
+// would start with a small stack and grow it every time, and allocate);
+// there are at most Workers. A worker counts itself idle before it waits
+// for work and the reader (the only one to dispatch) takes one off the
+// count before sending, so the send finds a receiver at once. With Workers
+// running and none idle, one of them is about to be: the free list holds
+// as many requests as there are workers, and the reader holds one.
+func (c *conn) dispatch(req *request) {
+	if c.idlers.Load() > 0 {
+		c.idlers.Add(-1)
+		c.work <- req
+		return
+	}
+	if c.workers < c.s.Workers {
+		c.workers++
+		go c.worker(req)
+		return
+	}
+	c.work <- req
+}
+
+// worker runs requests until the connection's work channel closes.
+func (c *conn) worker(req *request) {
+	for {
+		c.handle(req)
+		c.idlers.Add(1)
+		var ok bool
+		if req, ok = <-c.work; !ok {
+			return
+		}
 	}
 }
 
 // readHeader reads one request header, compact or extended as
-// negotiated. Extended effect lengths beyond 32 bits are cut to the
-// largest 4 KiB multiple below 4 GiB: BLOCK_STATUS may answer for less,
-// and every other command then fails the range check (a read) or gets
-// EOVERFLOW from validate.
-func (c *conn) readHeader(buf []byte) (*request, error) {
+// negotiated. An extended effect length beyond 32 bits is kept whole in
+// length64 (BLOCK_STATUS answers for all of it) and cut in length to the
+// largest 4 KiB multiple below 4 GiB: every other command then fails the
+// range check (a read) or gets EOVERFLOW from validate.
+func (c *conn) readHeader(buf []byte, req *header) error {
 	if !c.extended {
 		hdr := buf[:requestHeaderSize]
 		if err := c.readFull(hdr); err != nil {
-			return nil, err
+			return err
 		}
 		if m := be.Uint32(hdr[0:]); m != requestMagic {
-			return nil, protoErrorf("bad request magic %#x", m)
+			return protoErrorf("bad request magic %#x", m)
 		}
-		return &request{
+		*req = header{
 			flags:  be.Uint16(hdr[4:]),
 			typ:    be.Uint16(hdr[6:]),
 			cookie: be.Uint64(hdr[8:]),
 			off:    be.Uint64(hdr[16:]),
 			length: be.Uint32(hdr[24:]),
-		}, nil
+		}
+		req.length64 = uint64(req.length)
+		return nil
 	}
 	hdr := buf[:extendedHeaderSize]
 	if err := c.readFull(hdr); err != nil {
-		return nil, err
+		return err
 	}
 	if m := be.Uint32(hdr[0:]); m != extendedRequestMagic {
-		return nil, protoErrorf("bad extended request magic %#x", m)
+		return protoErrorf("bad extended request magic %#x", m)
 	}
-	req := &request{
+	*req = header{
 		flags:  be.Uint16(hdr[4:]),
 		typ:    be.Uint16(hdr[6:]),
 		cookie: be.Uint64(hdr[8:]),
 		off:    be.Uint64(hdr[16:]),
 	}
 	n := be.Uint64(hdr[24:])
+	req.length64 = n
 	payload := req.flags&cmdFlagPayloadLen != 0
 	req.flags &^= cmdFlagPayloadLen
 	switch {
 	case req.typ == cmdWrite && !payload:
-		return nil, protoErrorf("extended WRITE without NBD_CMD_FLAG_PAYLOAD_LEN")
+		return protoErrorf("extended WRITE without NBD_CMD_FLAG_PAYLOAD_LEN")
 	case req.typ != cmdWrite && payload:
 		// No other command here takes a payload; its length cannot be
 		// trusted to resynchronise the stream.
-		return nil, protoErrorf("NBD_CMD_FLAG_PAYLOAD_LEN on a %s request", cmdName(req.typ))
+		return protoErrorf("NBD_CMD_FLAG_PAYLOAD_LEN on a %s request", cmdName(req.typ))
 	case payload && n > MaxPayload:
-		return nil, protoErrorf("extended write payload of %d bytes", n)
+		return protoErrorf("extended write payload of %d bytes", n)
 	case n > 1<<32-1:
 		req.length, req.long = 1<<32-4096, true
 	default:
 		req.length = uint32(n)
 	}
-	return req, nil
+	return nil
 }
 
 // awaitRequest returns once a request header has begun to arrive. The
@@ -249,7 +321,7 @@ func (c *conn) awaitRequest() error {
 // Payloads up to MaxPayload are read and dropped (in small pieces: no
 // buffer of their size is needed) and the connection goes on; a longer
 // one ends the connection rather than read gigabytes into nothing.
-func (c *conn) refuseWrite(req *request) error {
+func (c *conn) refuseWrite(req *header) error {
 	c.releaseHold()
 	if req.length > MaxPayload {
 		c.sendError(req, EINVAL, "write payload exceeds the maximum payload size")
@@ -290,12 +362,20 @@ func (c *conn) releaseHold() {
 	c.done()
 }
 
+// release gives back what req holds and returns it to the free list.
 func (c *conn) release(req *request) {
-	putBuf(req.buf)
-	req.buf = nil
+	putBuf(req.bufp)
+	req.buf, req.bufp = nil, nil
 	c.s.mem.release(req.shared)
 	c.budget.release(req.held)
-	<-c.slots
+	req.shared, req.held = 0, 0
+	if cap(req.segs) > scratchKeep {
+		req.segs = nil
+	}
+	if cap(req.base) > scratchKeep || cap(req.depth) > scratchKeep {
+		req.base, req.depth = nil, nil
+	}
+	c.free <- req
 }
 
 func (c *conn) handle(req *request) {
@@ -312,17 +392,11 @@ func (c *conn) handle(req *request) {
 	}
 	errno, msg := c.validate(req)
 	if errno != 0 {
-		c.sendError(req, errno, msg)
+		c.sendError(&req.header, errno, msg)
 		return
 	}
 	d := c.exp.Disk
 	off, n := int64(req.off), int64(req.length)
-	fua := func(err error) error {
-		if err == nil && req.flags&cmdFlagFUA != 0 {
-			err = d.Flush()
-		}
-		return err
-	}
 	var err error
 	switch req.typ {
 	case cmdRead:
@@ -333,26 +407,25 @@ func (c *conn) handle(req *request) {
 		return
 	case cmdWrite:
 		_, err = d.WriteAt(req.buf, off)
-		err = fua(err)
 	case cmdFlush:
 		err = d.Flush()
-	case cmdTrim:
-		err = fua(c.pieces(off, n, d.Discard))
-	case cmdWriteZeroes:
-		if req.flags&cmdFlagFastZero != 0 && !c.exp.Disk.FastZero() {
-			c.sendError(req, ENOTSUP, "the image format cannot write zeroes faster than data")
+	case cmdTrim, cmdWriteZeroes:
+		if req.typ == cmdWriteZeroes && req.flags&cmdFlagFastZero != 0 && !d.FastZero() {
+			c.sendError(&req.header, ENOTSUP, "the image format cannot write zeroes faster than data")
 			return
 		}
-		unmap := req.flags&cmdFlagNoHole == 0
-		err = fua(c.pieces(off, n, func(off, n int64) error { return d.WriteZeroes(off, n, unmap) }))
+		err = c.pieces(req.typ, off, n, req.flags&cmdFlagNoHole == 0)
 	case cmdCache:
 		err = c.cache(off, n)
 	}
+	if err == nil && req.flags&cmdFlagFUA != 0 && req.typ != cmdFlush && req.typ != cmdCache {
+		err = d.Flush()
+	}
 	if err != nil {
-		c.fail(req, err)
+		c.fail(&req.header, err)
 		return
 	}
-	c.sendOK(req)
+	c.sendOK(&req.header)
 }
 
 // allowedFlags returns the command flags a command accepts.
@@ -417,7 +490,7 @@ func (c *conn) validate(req *request) (uint32, string) {
 }
 
 // fail answers req with the NBD error for err and logs unexpected errors.
-func (c *conn) fail(req *request, err error) {
+func (c *conn) fail(req *header, err error) {
 	e := errnoOf(err)
 	if e == EIO {
 		c.log.Warn("request failed", "cmd", cmdName(req.typ), "offset", req.off, "length", req.length, "err", err)
@@ -446,17 +519,24 @@ func errnoText(e uint32) string {
 // errGone ends a long request of a connection that can no longer answer.
 var errGone = errors.New("connection gone")
 
-// pieces runs f over [off, off+n) in pieces of at most chunkLen split at
-// multiples of chunkLen, so that one request holds the Disk's range lock
-// for one piece at a time; it stops early when the reply can no longer be
-// sent.
-func (c *conn) pieces(off, n int64, f func(off, n int64) error) error {
+// pieces runs a TRIM (typ cmdTrim) or WRITE_ZEROES over [off, off+n) in
+// pieces of at most chunkLen split at multiples of chunkLen, so that one
+// request holds the Disk's range lock for one piece at a time; it stops
+// early when the reply can no longer be sent.
+func (c *conn) pieces(typ uint16, off, n int64, unmap bool) error {
+	d := c.exp.Disk
 	for n > 0 {
 		if c.broken.Load() {
 			return errGone
 		}
 		m := min(n, chunkLen-off%chunkLen)
-		if err := f(off, m); err != nil {
+		var err error
+		if typ == cmdTrim {
+			err = d.Discard(off, m)
+		} else {
+			err = d.WriteZeroes(off, m, unmap)
+		}
+		if err != nil {
 			return err
 		}
 		off += m
@@ -466,35 +546,38 @@ func (c *conn) pieces(off, n int64, f func(off, n int64) error) error {
 }
 
 // cache reads the data of the range to warm the caches below (the data is
-// dropped; holes are skipped, they have nothing to warm).
+// dropped; holes are skipped, they have nothing to warm), in pieces as
+// pieces does.
 func (c *conn) cache(off, n int64) error {
 	d := c.exp.Disk
-	buf := getBuf(int(min(n, cacheChunk)))
-	defer putBuf(buf)
-	return c.pieces(off, n, func(off, n int64) error {
-		for n > 0 {
-			if c.broken.Load() {
-				return errGone
-			}
-			e, err := d.Status(off, n)
-			if err != nil {
-				return err
-			}
-			m := min(n, max(e.Length, 1))
-			if e.IsData() {
-				for p, end := off, off+m; p < end; {
-					k := min(end-p, int64(len(buf)))
-					if _, err := d.ReadAt(buf[:k], p); err != nil && !errors.Is(err, io.EOF) {
-						return err
-					}
-					p += k
-				}
-			}
-			off += m
-			n -= m
+	bp := getBuf(int(min(n, cacheChunk)))
+	defer putBuf(bp)
+	var buf []byte
+	if bp != nil {
+		buf = *bp
+	}
+	for n > 0 {
+		if c.broken.Load() {
+			return errGone
 		}
-		return nil
-	})
+		e, err := d.Status(off, min(n, chunkLen-off%chunkLen))
+		if err != nil {
+			return err
+		}
+		m := min(n, max(e.Length, 1))
+		if e.IsData() {
+			for p, end := off, off+m; p < end; {
+				k := min(end-p, int64(len(buf)))
+				if _, err := d.ReadAt(buf[:k], p); err != nil && !errors.Is(err, io.EOF) {
+					return err
+				}
+				p += k
+			}
+		}
+		off += m
+		n -= m
+	}
+	return nil
 }
 
 // --- replies ---
@@ -507,7 +590,7 @@ func (c *conn) simpleHeader(cookie uint64, errno uint32) {
 	c.w.buf = append(c.w.buf, h[:]...)
 }
 
-func (c *conn) chunkHeader(req *request, flags, typ uint16, length uint32) {
+func (c *conn) chunkHeader(req *header, flags, typ uint16, length uint32) {
 	if c.extended {
 		var h [extendedHeaderSize]byte
 		be.PutUint32(h[0:], extendedReplyMagic)
@@ -544,7 +627,7 @@ func (c *conn) done() {
 // errBroken ends a connection whose replies can no longer be sent.
 var errBroken = errors.New("connection lost while sending a reply")
 
-func (c *conn) sendOK(req *request) {
+func (c *conn) sendOK(req *header) {
 	c.w.lock()
 	if c.extended {
 		// No simple replies with extended headers.
@@ -557,13 +640,13 @@ func (c *conn) sendOK(req *request) {
 
 // sendError answers with an error: an error chunk with a message when
 // structured replies are on, else a simple reply.
-func (c *conn) sendError(req *request, errno uint32, msg string) {
+func (c *conn) sendError(req *header, errno uint32, msg string) {
 	c.w.lock()
 	c.errorLocked(req, errno, msg)
 	c.done()
 }
 
-func (c *conn) errorLocked(req *request, errno uint32, msg string) {
+func (c *conn) errorLocked(req *header, errno uint32, msg string) {
 	if !c.structured {
 		c.simpleHeader(req.cookie, errno)
 		return
@@ -588,12 +671,16 @@ type segment struct {
 func (c *conn) read(req *request) {
 	d := c.exp.Disk
 	off, n := int64(req.off), int64(req.length)
-	buf := getBuf(int(n))
-	defer putBuf(buf)
+	bp := getBuf(int(n))
+	defer putBuf(bp)
+	var buf []byte
+	if bp != nil {
+		buf = *bp
+	}
 	if !c.structured {
 		_, err := d.ReadAt(buf, off)
 		if err != nil && !errors.Is(err, io.EOF) {
-			c.fail(req, err)
+			c.fail(&req.header, err)
 			return
 		}
 		c.w.lock()
@@ -602,14 +689,16 @@ func (c *conn) read(req *request) {
 		c.done()
 		return
 	}
+	var whole [1]segment
 	var segs []segment
 	if n > 0 {
-		segs = []segment{{0, n, false}}
+		whole[0] = segment{0, n, false}
+		segs = whole[:]
 	}
 	if req.flags&cmdFlagDF == 0 && n >= sparseReadMin {
 		var err error
-		if segs, err = c.segments(off, n); err != nil {
-			c.fail(req, err)
+		if segs, err = c.segments(req, off, n); err != nil {
+			c.fail(&req.header, err)
 			return
 		}
 	}
@@ -618,7 +707,7 @@ func (c *conn) read(req *request) {
 			continue
 		}
 		if _, err := d.ReadAt(buf[s.off:s.off+s.n], off+s.off); err != nil && !errors.Is(err, io.EOF) {
-			c.fail(req, err)
+			c.fail(&req.header, err)
 			return
 		}
 	}
@@ -632,37 +721,31 @@ func (c *conn) read(req *request) {
 		be.PutUint64(b[0:], uint64(off+s.off))
 		if s.hole {
 			be.PutUint32(b[8:], uint32(s.n))
-			c.chunkHeader(req, flags, replyTypeOffsetHole, 12)
+			c.chunkHeader(&req.header, flags, replyTypeOffsetHole, 12)
 			c.w.buf = append(c.w.buf, b[:12]...)
 			continue
 		}
-		c.chunkHeader(req, flags, replyTypeOffsetData, uint32(8+s.n))
+		c.chunkHeader(&req.header, flags, replyTypeOffsetData, uint32(8+s.n))
 		c.w.buf = append(c.w.buf, b[:8]...)
 		c.w.payload(buf[s.off : s.off+s.n])
 	}
 	if len(segs) == 0 { // zero-length read
-		c.chunkHeader(req, replyFlagDone, replyTypeNone, 0)
+		c.chunkHeader(&req.header, replyFlagDone, replyTypeNone, 0)
 	}
 	c.done()
 }
 
 // segments splits [off, off+n) into data and hole pieces by the disk's
-// status; holes shorter than minHoleChunk become data.
-func (c *conn) segments(off, n int64) ([]segment, error) {
+// status; holes shorter than minHoleChunk become data. The list is built
+// in req's scratch list.
+func (c *conn) segments(req *request, off, n int64) ([]segment, error) {
 	d := c.exp.Disk
-	var segs []segment
-	add := func(s segment) {
-		if k := len(segs); k > 0 && segs[k-1].hole == s.hole {
-			segs[k-1].n += s.n
-			return
-		}
-		segs = append(segs, s)
-	}
+	segs := addSegment(req.segs[:0], segment{})[:0] // room for one at least
 	for pos := int64(0); pos < n; {
 		if len(segs) >= maxSegments {
 			// A finely fragmented range: send the rest as data rather
 			// than build an unbounded list.
-			add(segment{pos, n - pos, false})
+			segs = addSegment(segs, segment{pos, n - pos, false})
 			break
 		}
 		e, err := d.Status(off+pos, n-pos)
@@ -670,45 +753,64 @@ func (c *conn) segments(off, n int64) ([]segment, error) {
 			return nil, err
 		}
 		if e.Length <= 0 {
-			return []segment{{0, n, false}}, nil
+			segs = append(segs[:0], segment{0, n, false})
+			break
 		}
-		add(segment{pos, e.Length, e.ReadsZero()})
+		segs = addSegment(segs, segment{pos, e.Length, e.ReadsZero()})
 		pos += e.Length
 	}
-	// Fold short holes into data.
-	var out []segment
+	req.segs = segs
+	// Fold short holes into data, in place.
+	out := segs[:0]
 	for _, s := range segs {
 		if s.hole && s.n < minHoleChunk {
 			s.hole = false
 		}
-		if k := len(out); k > 0 && out[k-1].hole == s.hole {
-			out[k-1].n += s.n
-			continue
-		}
-		out = append(out, s)
+		out = addSegment(out, s)
 	}
 	return out, nil
 }
 
+// addSegment appends s to list, merging it into the last one of the same
+// kind.
+func addSegment(list []segment, s segment) []segment {
+	if k := len(list); k > 0 && list[k-1].hole == s.hole {
+		list[k-1].n += s.n
+		return list
+	}
+	return append(list, s)
+}
+
 // extent is one block status descriptor.
 type extent struct {
-	length uint32
+	length uint64
 	flags  uint32
 }
 
-func appendExtent(list []extent, n uint32, flags uint32) []extent {
-	if k := len(list); k > 0 && list[k-1].flags == flags && uint64(list[k-1].length)+uint64(n) <= 0xffffffff {
+// appendExtent adds n bytes of flags to list, merging them into the last
+// extent while it stays at most limit long.
+func appendExtent(list []extent, n uint64, flags uint32, limit uint64) []extent {
+	if k := len(list); k > 0 && list[k-1].flags == flags && list[k-1].length+n <= limit {
 		list[k-1].length += n
 		return list
 	}
 	return append(list, extent{n, flags})
 }
 
+// blockStatus answers NBD_CMD_BLOCK_STATUS. With extended headers the
+// effect length and the extents are 64-bit: a request for more than 4 GiB
+// is answered for all of it (up to maxExtents descriptors), and a hole of
+// any size is one descriptor.
 func (c *conn) blockStatus(req *request) {
 	d := c.exp.Disk
-	off, end := int64(req.off), int64(req.off)+int64(req.length)
+	length, limit := uint64(req.length), uint64(1<<32-1)
+	if c.extended {
+		length, limit = req.length64, 1<<63-1
+	}
+	off := int64(req.off)
+	end := off + int64(min(length, uint64(c.size)-req.off))
 	reqOne := req.flags&cmdFlagReqOne != 0
-	var base, depth []extent
+	base, depth := req.base[:0], req.depth[:0]
 	maxExtents := int(maxExtents.Load())
 	for pos, steps := off, 0; pos < end && steps < 2*maxExtents; steps++ {
 		e, err := d.Status(pos, end-pos)
@@ -717,7 +819,7 @@ func (c *conn) blockStatus(req *request) {
 		}
 		if err != nil {
 			if pos == off {
-				c.fail(req, err)
+				c.fail(&req.header, err)
 				return
 			}
 			break // report what is known
@@ -732,13 +834,19 @@ func (c *conn) blockStatus(req *request) {
 		if e.Present() {
 			df = uint32(e.Depth) + 1
 		}
-		base = appendExtent(base, uint32(e.Length), bf)
-		depth = appendExtent(depth, uint32(e.Length), df)
+		for n := uint64(e.Length); n > 0; {
+			// A compact descriptor holds 32 bits of length.
+			k := min(n, limit)
+			base = appendExtent(base, k, bf, limit)
+			depth = appendExtent(depth, k, df, limit)
+			n -= k
+		}
 		pos += e.Length
 		if reqOne || len(base) > maxExtents || len(depth) > maxExtents {
 			break
 		}
 	}
+	req.base, req.depth = base, depth
 	if len(base) > maxExtents {
 		base = base[:maxExtents]
 	}
@@ -749,33 +857,36 @@ func (c *conn) blockStatus(req *request) {
 		base, depth = base[:1], depth[:1]
 	}
 	c.w.lock()
-	send := func(id uint32, list []extent, last bool) {
-		var flags uint16
-		if last {
-			flags = replyFlagDone
-		}
-		if c.extended {
-			c.chunkHeader(req, flags, replyTypeBlockStatusExt, uint32(8+16*len(list)))
-			c.w.buf = be.AppendUint32(c.w.buf, id)
-			c.w.buf = be.AppendUint32(c.w.buf, uint32(len(list)))
-			for _, x := range list {
-				c.w.buf = be.AppendUint64(c.w.buf, uint64(x.length))
-				c.w.buf = be.AppendUint64(c.w.buf, uint64(x.flags))
-			}
-			return
-		}
-		c.chunkHeader(req, flags, replyTypeBlockStatus, uint32(4+8*len(list)))
-		c.w.buf = be.AppendUint32(c.w.buf, id)
-		for _, x := range list {
-			c.w.buf = be.AppendUint32(c.w.buf, x.length)
-			c.w.buf = be.AppendUint32(c.w.buf, x.flags)
-		}
-	}
 	if c.ctxBase {
-		send(ctxIDBaseAllocation, base, !c.ctxDepth)
+		c.extentsChunk(req, ctxIDBaseAllocation, base, !c.ctxDepth)
 	}
 	if c.ctxDepth {
-		send(ctxIDAllocationDepth, depth, true)
+		c.extentsChunk(req, ctxIDAllocationDepth, depth, true)
 	}
 	c.done()
+}
+
+// extentsChunk queues one block status chunk of context id. Callers hold
+// the writer.
+func (c *conn) extentsChunk(req *request, id uint32, list []extent, last bool) {
+	var flags uint16
+	if last {
+		flags = replyFlagDone
+	}
+	if c.extended {
+		c.chunkHeader(&req.header, flags, replyTypeBlockStatusExt, uint32(8+16*len(list)))
+		c.w.buf = be.AppendUint32(c.w.buf, id)
+		c.w.buf = be.AppendUint32(c.w.buf, uint32(len(list)))
+		for _, x := range list {
+			c.w.buf = be.AppendUint64(c.w.buf, x.length)
+			c.w.buf = be.AppendUint64(c.w.buf, uint64(x.flags))
+		}
+		return
+	}
+	c.chunkHeader(&req.header, flags, replyTypeBlockStatus, uint32(4+8*len(list)))
+	c.w.buf = be.AppendUint32(c.w.buf, id)
+	for _, x := range list {
+		c.w.buf = be.AppendUint32(c.w.buf, uint32(x.length))
+		c.w.buf = be.AppendUint32(c.w.buf, x.flags)
+	}
 }

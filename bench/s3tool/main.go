@@ -6,6 +6,7 @@
 //
 //	s3tool mb BUCKET
 //	s3tool presign BUCKET KEY
+//	s3tool rm BUCKET KEY          (missing keys are not an error)
 //	s3tool headproxy LISTEN-ADDR
 //
 // The server and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
@@ -36,7 +37,7 @@ func main() {
 
 func run(args []string) error {
 	if len(args) < 2 {
-		return fmt.Errorf("usage: s3tool mb BUCKET | presign BUCKET KEY | headproxy LISTEN-ADDR")
+		return fmt.Errorf("usage: s3tool mb BUCKET | presign BUCKET KEY | rm BUCKET KEY | headproxy LISTEN-ADDR")
 	}
 	if args[0] == "headproxy" {
 		return headProxy(args[1])
@@ -56,6 +57,8 @@ func run(args []string) error {
 		}
 		fmt.Println(u.String())
 		return nil
+	case args[0] == "rm" && len(args) == 3:
+		return cl.RemoveObject(ctx, args[1], args[2], minio.RemoveObjectOptions{})
 	}
 	return fmt.Errorf("unknown command %q", strings.Join(args, " "))
 }

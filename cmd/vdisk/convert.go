@@ -11,6 +11,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/storage/osfs"
 )
 
 type convertFlags struct {
@@ -28,12 +29,13 @@ type convertFlags struct {
 	cache, sourceCache string
 	output             string
 	noOffload          bool
+	copyRange          bool
 }
 
 func (a *app) newConvertCmd() *cobra.Command {
 	var fl convertFlags
 	cmd := &cobra.Command{
-		Use:   "convert [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING [-F BFMT]] [-p] [-q] [-m N] [-W] [-S SIZE] [-n] [-c] [-l SNAPSHOT] [-U] [--no-offload] [--output human|json] SRC DST",
+		Use:   "convert [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING [-F BFMT]] [-p] [-q] [-m N] [-W] [-S SIZE] [-n] [-c] [-l SNAPSHOT] [-U] [-C] [--no-offload] [--output human|json] SRC DST",
 		Short: "Convert an image to another format",
 		Long: `Copy the content of SRC (its whole backing chain, flattened) into a new image
 DST of format FMT (raw when not given). Holes and zero runs stay sparse.
@@ -44,8 +46,13 @@ Copy offload: where a run of SRC is stored byte for byte in a local file
 (raw, fixed VHD and VDI data areas and allocated VDI blocks, VHD blocks,
 flat and uncompressed sparse VMDK extents, uncompressed unencrypted qcow2
 clusters) and DST is a raw file on the same local storage, the kernel
-copies it (FICLONERANGE reflinks on btrfs/XFS, else copy_file_range):
-qemu-img's -C, done by default. Unallocated and zero runs and holes of
+copies it (FICLONERANGE reflinks on btrfs/XFS, else copy_file_range on
+file systems that copy on their own: NFS, SMB, Ceph, OpenZFS, ...):
+qemu-img's -C, done by default where it pays. On ext4, tmpfs and the like,
+copy_file_range is the kernel's page-cache copy, which runs each range's
+read and write in turn: reading and writing on every core is faster
+there, so vdisk does that unless -C asks for copy_file_range anyway.
+Unallocated and zero runs and holes of
 the source file stay holes; zeros a format stores as data (a block's
 padding) are copied as stored. --no-offload reads and writes every byte
 instead (zero detection then applies inside data, as -S says).
@@ -86,6 +93,7 @@ written + offloaded + zero + skipped is the virtual size of SRC.`,
 	f.StringVarP(&fl.snapshot, "snapshot", "l", "", "convert an internal snapshot: snapshot.name=NAME, snapshot.id=ID or ID_OR_NAME")
 	f.StringVarP(&fl.cache, "cache", "t", "unsafe", "target cache mode: unsafe (qemu-img's default: no final sync, the kernel writes back) or writeback, writethrough, none, directsync (sync the target before exiting)")
 	f.StringVarP(&fl.sourceCache, "source-cache", "T", "", "source cache mode (accepted for compatibility, ignored)")
+	f.BoolVarP(&fl.copyRange, "copy-range-offloading", "C", false, "use copy_file_range wherever the kernel takes it, also where it copies through the page cache (ext4, tmpfs)")
 	f.BoolVar(&fl.noOffload, "no-offload", false, "never let the kernel copy file to file (copy_file_range, reflinks): read and write every byte")
 	f.StringVar(&fl.output, "output", "human", "output format: human (nothing) or json (copy statistics)")
 	addForceShareFlag(cmd)
@@ -161,6 +169,9 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 		a.hooks.afterCreate()
 	}
 
+	if fl.copyRange {
+		defer osfs.SetCopyRangePolicy(osfs.SetCopyRangePolicy(osfs.CopyRangeAlways))
+	}
 	prog := a.newProgress(fl.progress && !fl.quiet)
 	var stats vdisk.ConvertStats
 	err = vdisk.Convert(a.ctx, d, s, &vdisk.ConvertOptions{

@@ -6,12 +6,16 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"github.com/vdisk/vdisk/storage/osfs"
 )
 
 // TestConvertOutputJSON: convert --output json prints one object of copy
 // statistics with the documented names; the data (64 KiB) of a raw or
-// dynamic VHD source is offloaded to a raw target, read and written with
-// --no-offload, and read and written to a non-raw target; the byte counts
+// dynamic VHD source is offloaded to a raw target with -C (and without it
+// where the file system copies on its own), read and written with
+// --no-offload or, without -C, on a file system whose copy_file_range is
+// a page-cache copy, and read and written to a non-raw target; the byte counts
 // add up to the virtual size.
 func TestConvertOutputJSON(t *testing.T) {
 	dir := t.TempDir()
@@ -19,6 +23,10 @@ func TestConvertOutputJSON(t *testing.T) {
 	vhd := filepath.Join(dir, "ref.vhd")
 	mustQemu(t, "qemu-img", "convert", "-q", "-f", "raw", "-O", "vpc", ref, vhd)
 	const data = 64 << 10
+	fsCopies, err := osfs.FileSystemCopies(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
 	keys := []string{"copy-file-range-bytes", "elapsed-seconds", "offloaded-bytes", "read-bytes", "reflinked-bytes",
 		"skipped-bytes", "written-bytes", "zero-bytes"}
 	for _, c := range []struct {
@@ -26,8 +34,12 @@ func TestConvertOutputJSON(t *testing.T) {
 		extra                     []string
 		offload                   bool
 	}{
-		{"raw", ref, "raw", "raw", nil, true},
-		{"vpc", vhd, "vpc", "raw", nil, true},
+		{"raw", ref, "raw", "raw", []string{"-C"}, true},
+		{"vpc", vhd, "vpc", "raw", []string{"-C"}, true},
+		// Without -C the kernel copies only on a file system that copies
+		// on its own (reflinks, server-side copies).
+		{"raw-auto", ref, "raw", "raw", nil, fsCopies},
+		{"vpc-auto", vhd, "vpc", "raw", nil, fsCopies},
 		{"raw-no-offload", ref, "raw", "raw", []string{"--no-offload"}, false},
 		{"vpc-no-offload", vhd, "vpc", "raw", []string{"--no-offload"}, false},
 		{"raw-to-qcow2", ref, "raw", "qcow2", nil, false},

@@ -45,6 +45,12 @@ func TestImageOpts(t *testing.T) {
 		{[]string{"info", "--image-opts", "driver=nbd,server.host=127.0.0.1,bogus=1"}, `no key "bogus"`},
 		{[]string{"info", "--image-opts", "driver=iscsi,portal=127.0.0.1,target=iqn.x,password=pw"}, "password-secret=ID"},
 		{[]string{"info", "--image-opts", "driver=iscsi,target=iqn.x"}, "needs portal="},
+		// The storage options reach the storage, which checks them.
+		{[]string{"info", "--image-opts", "driver=nbd,server.host=127.0.0.1,open-retry=soon"}, `open-retry="soon"`},
+		{[]string{"info", "--image-opts", "driver=nbd,server.host=127.0.0.1,allocation-depth=maybe"}, `allocation-depth="maybe"`},
+		{[]string{"info", "--image-opts", "driver=nbd,server.host=127.0.0.1,reconnect-delay=-1"}, `reconnect-delay="-1"`},
+		{[]string{"info", "--image-opts", "driver=raw,file.driver=nbd,file.filename=nbd://127.0.0.1/x,file.open-timeout=x"}, `open-timeout="x"`},
+		{[]string{"info", "--image-opts", "driver=iscsi,portal=127.0.0.1,target=iqn.x,open-retry=soon"}, `open-retry="soon"`},
 	} {
 		r := vdiskRun(t, tc.args...)
 		oneErrorLine(t, r, "vdisk "+tc.args[0])

@@ -130,6 +130,17 @@ func networkSpec(drv string, kvs map[string]string, extra map[string]string) (st
 		delete(kvs, k)
 		return v
 	}
+	// Storage options that are not part of the URL, with either form.
+	storageKeys := map[string][]string{
+		"nbd":   {"reconnect-delay", "open-timeout", "open-retry", "allocation-depth"},
+		"iscsi": {"open-retry"},
+	}
+	for _, k := range storageKeys[drv] {
+		if v, ok := kvs[k]; ok {
+			extra[k] = v
+			delete(kvs, k)
+		}
+	}
 	if f := take("filename"); f != "" {
 		// qemu also takes the URL itself: file.driver=nbd,file.filename=nbd://...
 		if s := driver.SchemeOf(f); s != drv && !strings.HasPrefix(s, drv+"+") && s != drv+"s" && !strings.HasPrefix(s, drv+"s+") {

@@ -66,6 +66,11 @@ func TestNetworkSpec(t *testing.T) {
 		{"nbd", map[string]string{"filename": "nbd+unix:///x?socket=/s"}, "nbd+unix:///x?socket=/s", nil},
 		{"iscsi", map[string]string{"transport": "tcp", "portal": "127.0.0.1:3261", "target": "iqn.2026-12.org.vdisk:t", "lun": "1", "user": "u", "password-secret": "pw"}, "iscsi://u@127.0.0.1:3261/iqn.2026-12.org.vdisk:t/1", map[string]string{"password-secret": "pw"}},
 		{"iscsi", map[string]string{"portal": "h", "target": "iqn.x"}, "iscsi://h/iqn.x/0", nil},
+		{"nbd", map[string]string{"server.host": "h", "export": "x", "open-retry": "0", "allocation-depth": "off", "reconnect-delay": "2.5", "open-timeout": "3"}, "nbd://h/x",
+			map[string]string{"open-retry": "0", "allocation-depth": "off", "reconnect-delay": "2.5", "open-timeout": "3"}},
+		{"nbd", map[string]string{"filename": "nbd://h/x", "open-retry": "5", "reconnect-delay": "0"}, "nbd://h/x", map[string]string{"open-retry": "5", "reconnect-delay": "0"}},
+		{"iscsi", map[string]string{"portal": "h", "target": "iqn.x", "open-retry": "7"}, "iscsi://h/iqn.x/0", map[string]string{"open-retry": "7"}},
+		{"iscsi", map[string]string{"filename": "iscsi://h/iqn.x/1", "open-retry": "0"}, "iscsi://h/iqn.x/1", map[string]string{"open-retry": "0"}},
 	} {
 		extra := map[string]string{}
 		got, err := networkSpec(c.drv, c.kvs, extra)

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime/debug"
 	"strconv"
@@ -16,6 +18,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/control"
@@ -41,6 +44,7 @@ type serveOptions struct {
 	bind, socket                    string
 	port                            int
 	pidFile                         string
+	fork                            bool
 	tlsCert, tlsKey                 string
 	tlsRequired                     bool
 	tlsCA, tlsCreds                 string
@@ -70,7 +74,9 @@ another address with -b (0.0.0.0 for every interface) and restrict clients
 with --allow-from. It serves -e clients at once (default 1, like qemu-nbd;
 0 means no limit; further clients wait) and, without -t, exits once the
 last client has disconnected. SIGINT and SIGTERM stop it after in-flight
-requests finish; every image is flushed and closed.
+requests finish; every image is flushed and closed. With --fork the
+command returns once the server listens and leaves it in the background
+(--pid-file records its PID).
 
 Every connection to an export shares one open image, so with -e other than
 1 the server advertises multi-connection support. -s serves a throw-away
@@ -130,6 +136,7 @@ jobs are cancelled (the images read the same) before the images close.`,
 	fl.IntVarP(&o.port, "port", "p", 10809, "listen on this TCP port")
 	fl.StringVarP(&o.socket, "socket", "k", "", "listen on this unix socket instead of TCP")
 	fl.StringVar(&o.pidFile, "pid-file", "", "write the process ID to this file while serving")
+	fl.BoolVar(&o.fork, "fork", false, "serve in the background: the command returns once the server listens (like qemu-nbd --fork; stop it by the PID of --pid-file)")
 	fl.StringVar(&o.tlsCert, "tls-cert", "", "TLS certificate (PEM) offered with NBD_OPT_STARTTLS")
 	fl.StringVar(&o.tlsKey, "tls-key", "", "private key (PEM) of --tls-cert")
 	fl.BoolVar(&o.tlsRequired, "tls-required", false, "refuse clients that do not start TLS")
@@ -195,6 +202,9 @@ func (a *app) serve(image string, o *serveOptions) (err error) {
 	srv, err := a.newNBDServer(o)
 	if err != nil {
 		return err
+	}
+	if o.fork && os.Getenv(serveReadyEnv) == "" {
+		return forkServe()
 	}
 	if os.Getenv("GOMEMLIMIT") == "" {
 		// The budget bounds the buffers in use; a soft limit on the
@@ -272,6 +282,9 @@ func (a *app) serve(image string, o *serveOptions) (err error) {
 			return fmt.Errorf("writing the pid file: %w", err)
 		}
 		defer os.Remove(o.pidFile)
+	}
+	if o.fork {
+		serveReady()
 	}
 	a.log.Debug("serving", "address", l.Addr().String(), "exports", len(srv.Exports))
 	return srv.Serve(a.ctx, l)
@@ -523,4 +536,76 @@ func parseAllowFrom(list []string) (func(net.Addr) bool, error) {
 		}
 		return false
 	}, nil
+}
+
+// serveReadyEnv tells a `serve --fork` child that it is the background
+// server and which descriptor reports its readiness.
+const serveReadyEnv = "VDISK_SERVE_READY_FD"
+
+// forkServe runs the same command again as a background process in a new
+// session and returns once it listens. What the child prints until then
+// (its errors) is passed on; if it exits instead, its failure is the
+// command's. Go cannot fork a running process, so the child is a new
+// execution of this binary.
+func forkServe() error {
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("--fork: %w", err)
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("--fork: %w", err)
+	}
+	defer readyR.Close()
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		readyW.Close()
+		return fmt.Errorf("--fork: %w", err)
+	}
+	defer errR.Close()
+	cmd := exec.Command(exe, os.Args[1:]...)
+	cmd.Env = append(os.Environ(), serveReadyEnv+"=3")
+	cmd.ExtraFiles = []*os.File{readyW}
+	cmd.Stderr = errW
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	readyW.Close()
+	errW.Close()
+	if err != nil {
+		return fmt.Errorf("--fork: starting the server: %w", err)
+	}
+	copied := make(chan struct{})
+	go func() {
+		io.Copy(os.Stderr, errR)
+		close(copied)
+	}()
+	var b [1]byte
+	if n, _ := readyR.Read(b[:]); n == 1 {
+		// The child has put /dev/null in place of its standard error.
+		<-copied
+		cmd.Process.Release()
+		return nil
+	}
+	werr := cmd.Wait()
+	<-copied
+	if werr == nil {
+		werr = errors.New("it exited")
+	}
+	return &exitError{code: 1, err: fmt.Errorf("the background server did not start: %w", werr)}
+}
+
+// serveReady tells the parent of a --fork child that the server listens,
+// and detaches the child's standard error from it.
+func serveReady() {
+	if os.Getenv(serveReadyEnv) != "3" {
+		return
+	}
+	os.Unsetenv(serveReadyEnv)
+	if null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0); err == nil {
+		unix.Dup3(int(null.Fd()), 2, 0)
+		null.Close()
+	}
+	ready := os.NewFile(3, "ready")
+	ready.Write([]byte{1})
+	ready.Close()
 }

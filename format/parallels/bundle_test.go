@@ -68,9 +68,9 @@ func TestBundle(t *testing.T) {
 	hds := "disk.hdd.0." + guidBase + ".hds"
 	qemutest.Create(t, "parallels", filepath.Join(dir, hds), "8M", "cluster_size=64k")
 	qemutest.IO(t, "parallels", filepath.Join(dir, hds), "write -P 0x3c 1M 100k", "write -P 0x3d 7M 4k")
-	want := qemuRaw(t, filepath.Join(dir, hds))
+	want := qemutest.Raw(t, "parallels", filepath.Join(dir, hds))
 	desc := filepath.Join(dir, descriptorName)
-	writeRaw(t, desc, []byte(descriptorXML(8<<11, [3]string{guidBase, "Compressed", hds})))
+	disktest.WriteFile(t, desc, []byte(descriptorXML(8<<11, [3]string{guidBase, "Compressed", hds})))
 
 	for _, o := range []struct {
 		name, format string
@@ -95,7 +95,7 @@ func TestBundle(t *testing.T) {
 	top := "disk.hdd.0." + guidTop + ".hds"
 	qemutest.Create(t, "parallels", filepath.Join(dir, top), "8M")
 	qemutest.IO(t, "parallels", filepath.Join(dir, top), "write -P 0x77 0 1M")
-	writeRaw(t, desc, []byte(descriptorXML(8<<11, [3]string{guidBase, "Compressed", hds}, [3]string{guidTop, "Compressed", top})))
+	disktest.WriteFile(t, desc, []byte(descriptorXML(8<<11, [3]string{guidBase, "Compressed", hds}, [3]string{guidTop, "Compressed", top})))
 	d, err := vdisk.Open(ctx, dir, &vdisk.OpenOptions{Format: "parallels", ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
@@ -107,8 +107,8 @@ func TestBundle(t *testing.T) {
 
 	// A Plain image: a flat file of Disk_size sectors.
 	flat := bytes.Repeat([]byte{1, 2, 3, 4}, 1<<18)
-	writeRaw(t, filepath.Join(dir, "flat.hds"), flat)
-	writeRaw(t, desc, []byte(descriptorXML(int64(len(flat))/512, [3]string{guidBase, "Plain", "flat.hds"})))
+	disktest.WriteFile(t, filepath.Join(dir, "flat.hds"), flat)
+	disktest.WriteFile(t, desc, []byte(descriptorXML(int64(len(flat))/512, [3]string{guidBase, "Plain", "flat.hds"})))
 	d, err = vdisk.Open(ctx, dir, &vdisk.OpenOptions{Format: "parallels", ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
@@ -126,7 +126,7 @@ func TestHostileBundles(t *testing.T) {
 	os.Mkdir(dir, 0o755)
 	desc := filepath.Join(dir, descriptorName)
 	outside := filepath.Join(filepath.Dir(dir), "outside.hds")
-	writeRaw(t, outside, tinyImages(t)["ext"])
+	disktest.WriteFile(t, outside, tinyImages(t)["ext"])
 	deep := strings.Repeat("<a>", 200000) + strings.Repeat("</a>", 200000)
 	bomb := `<?xml version="1.0"?>
 <!DOCTYPE Parallels_disk_image [
@@ -152,8 +152,8 @@ func TestHostileBundles(t *testing.T) {
 		{"unknown type", descriptorXML(16, [3]string{guidBase, "Sparkly", "x.hds"}), driver.ErrUnsupported, "Sparkly"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			writeRaw(t, desc, []byte(c.xml))
-			writeRaw(t, filepath.Join(dir, "x.hds"), nil)
+			disktest.WriteFile(t, desc, []byte(c.xml))
+			disktest.WriteFile(t, filepath.Join(dir, "x.hds"), nil)
 			_, err := vdisk.Open(ctx, dir, &vdisk.OpenOptions{Format: "parallels", ReadOnly: true})
 			if !errors.Is(err, c.want) || !strings.Contains(err.Error(), c.msg) {
 				t.Fatalf("got %v, want %v mentioning %q", err, c.want, c.msg)

@@ -69,9 +69,9 @@ func qemuAgrees(t *testing.T, st driver.Storage, name string, want []byte, dir s
 	f.ReadAt(b, 0)
 	f.Close()
 	mem.WriteFile(name, b)
-	img := saveTo(t, mem, name, dir)
+	img := disktest.SaveTo(t, mem, name, dir)
 	ref := filepath.Join(dir, "want.raw")
-	writeRaw(t, ref, want)
+	disktest.WriteFile(t, ref, want)
 	qemutest.Check(t, "parallels", img)
 	if !qemutest.Compare(t, "parallels", img, "raw", ref) {
 		t.Fatal("qemu-img compare: the repaired image differs from what was flushed")

@@ -2,14 +2,11 @@ package parallels
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	_ "github.com/vdisk/vdisk/format/raw"
-	"github.com/vdisk/vdisk/storage/memfs"
 )
 
 var ctx = context.Background()
@@ -41,23 +38,4 @@ func topImage(d *vdisk.Disk) *image {
 		panic("the top layer is not a Parallels image")
 	}
 	return im
-}
-
-func writeRaw(t testing.TB, path string, data []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// saveTo copies a memfs file out to dir for qemu.
-func saveTo(t testing.TB, st *memfs.FS, name, dir string) string {
-	t.Helper()
-	b, err := st.ReadFile(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, filepath.Base(name))
-	writeRaw(t, p, b)
-	return p
 }

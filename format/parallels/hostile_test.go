@@ -142,10 +142,10 @@ func TestRepair(t *testing.T) {
 	disktest.MustWrite(t, d, nil, disktest.Fill(10, 0x11), 2*4096)
 	copy(want[2*4096:], disktest.Fill(10, 0x11))
 	disktest.MustClose(t, d)
-	img := saveTo(t, st, "/d.hds", t.TempDir())
+	img := disktest.SaveTo(t, st, "/d.hds", t.TempDir())
 	qemutest.Check(t, "parallels", img)
 	ref := filepath.Join(filepath.Dir(img), "want.raw")
-	writeRaw(t, ref, want)
+	disktest.WriteFile(t, ref, want)
 	if !qemutest.Compare(t, "parallels", img, "raw", ref) {
 		t.Fatal("qemu-img compare after the repair")
 	}
@@ -170,5 +170,5 @@ func TestRepair(t *testing.T) {
 		t.Fatalf("check after the repair: %+v %v %q", res, err, res.Messages)
 	}
 	disktest.MustClose(t, d)
-	qemutest.Check(t, "parallels", saveTo(t, st, "/u.hds", t.TempDir()))
+	qemutest.Check(t, "parallels", disktest.SaveTo(t, st, "/u.hds", t.TempDir()))
 }

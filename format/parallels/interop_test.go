@@ -15,19 +15,6 @@ import (
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
-// qemuRaw converts an image to raw with qemu-img and returns the bytes.
-func qemuRaw(t *testing.T, f string) []byte {
-	t.Helper()
-	out := f + ".qemu.raw"
-	qemutest.Img(t, "convert", "-f", "parallels", "-O", "raw", f, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Remove(out)
-	return b
-}
-
 // compareWithQemu opens f (probed) and checks size, content and status
 // runs against qemu-img's view of it.
 func compareWithQemu(t *testing.T, f string) {
@@ -45,7 +32,7 @@ func compareWithQemu(t *testing.T, f string) {
 		t.Fatalf("size %d, qemu-img says %d", got, want)
 	}
 	if d.Size() <= 256<<20 {
-		if got, want := disktest.ReadAll(t, d), qemuRaw(t, f); !bytes.Equal(got, want) {
+		if got, want := disktest.ReadAll(t, d), qemutest.Raw(t, "parallels", f); !bytes.Equal(got, want) {
 			t.Fatal("content differs from qemu-img convert's")
 		}
 	} else {
@@ -147,7 +134,7 @@ func TestReadsOldMagic(t *testing.T) {
 	for name, img := range map[string][]byte{"old": oldMagicImage(), "ext-unaligned": unalignedExtImage()} {
 		t.Run(name, func(t *testing.T) {
 			f := filepath.Join(t.TempDir(), name+".hds")
-			writeRaw(t, f, img)
+			disktest.WriteFile(t, f, img)
 			compareWithQemu(t, f)
 			// We write into it (sector- or cluster-unit entries) and qemu
 			// reads that.
@@ -201,9 +188,9 @@ func TestWritesPassQemu(t *testing.T) {
 				}}
 			d = h.Run(t, d, m)
 			disktest.MustClose(t, d)
-			img := saveTo(t, st, name, dir)
+			img := disktest.SaveTo(t, st, name, dir)
 			ref := filepath.Join(dir, c.name+".raw")
-			writeRaw(t, ref, m.Data)
+			disktest.WriteFile(t, ref, m.Data)
 			qemutest.Check(t, "parallels", img)
 			if !qemutest.Compare(t, "parallels", img, "raw", ref) {
 				t.Fatal("qemu-img compare: the image differs from the model")

@@ -31,46 +31,6 @@ var offloadRuns = [][2]int64{
 	{offloadSize - 5*512, 5 * 512},
 }
 
-// offloadSource writes a sparse raw file holding offloadRuns of random
-// bytes and returns its path, content and data byte count.
-func offloadSource(t *testing.T, dir string) (string, []byte, int64) {
-	t.Helper()
-	data := make([]byte, offloadSize)
-	rng := rand.New(rand.NewPCG(17, 5))
-	f, err := os.Create(filepath.Join(dir, "src.raw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(offloadSize); err != nil {
-		t.Fatal(err)
-	}
-	var total int64
-	for _, r := range offloadRuns {
-		for i := r[0]; i < r[0]+r[1]; i++ {
-			data[i] = byte(rng.Uint32()) | 1
-		}
-		if _, err := f.WriteAt(data[r[0]:r[0]+r[1]], r[0]); err != nil {
-			t.Fatal(err)
-		}
-		total += r[1]
-	}
-	return f.Name(), data, total
-}
-
-func convertStats(t *testing.T, dst, src *vdisk.Disk, o vdisk.ConvertOptions) vdisk.ConvertStats {
-	t.Helper()
-	var st vdisk.ConvertStats
-	o.Stats = &st
-	if err := vdisk.Convert(ctx, dst, src, &o); err != nil {
-		t.Fatal(err)
-	}
-	if st.Written+st.Offloaded+st.Zero+st.Skipped != src.Size() {
-		t.Fatalf("stats %+v do not add up to the size %d", st, src.Size())
-	}
-	return st
-}
-
 // TestOffloadConvert: converts between raw and Parallels (qemu's default
 // 1 MiB clusters preallocated with fallocate, 64 KiB clusters grown by
 // truncate) copy every data byte inside the kernel (nothing read or
@@ -80,7 +40,7 @@ func convertStats(t *testing.T, dst, src *vdisk.Disk, o vdisk.ConvertOptions) vd
 func TestOffloadConvert(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
-	rawName, want, data := offloadSource(t, dir)
+	rawName, want, data := disktest.SparseSource(t, dir, offloadSize, offloadRuns, 17)
 	for _, opts := range [][]string{nil, {"cluster_size=64k", "prealloc-mode=truncate", "prealloc-size=0"}} {
 		for _, seq := range []bool{true, false} {
 			name := fmt.Sprintf("%v-seq=%v", opts, seq)
@@ -93,7 +53,7 @@ func TestOffloadConvert(t *testing.T) {
 				out := filepath.Join(dir, fmt.Sprintf("out-%d.prl", len(opts)))
 				os.Remove(out)
 				d := createPrl(t, nil, out, src.Size(), disktest.KVs(opts...)...)
-				st := convertStats(t, d, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
+				st := disktest.ConvertStats(t, ctx, d, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
 				if st.Offloaded < data || st.Read != 0 || st.Written != 0 {
 					t.Fatalf("stats %+v; want at least %d offloaded, nothing read or written", st, data)
 				}
@@ -129,7 +89,7 @@ func TestOffloadConvert(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				st := convertStats(t, dst, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
+				st := disktest.ConvertStats(t, ctx, dst, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
 				disktest.MustClose(t, dst)
 				if st.Offloaded < data || st.Read != 0 || st.Written != 0 {
 					t.Fatalf("stats %+v; want at least %d offloaded, nothing read or written", st, data)
@@ -158,7 +118,7 @@ func TestCopyFrom(t *testing.T) {
 	for i := range srcData {
 		srcData[i] = byte(rng.Uint32())
 	}
-	writeRaw(t, srcName, srcData)
+	disktest.WriteFile(t, srcName, srcData)
 	sf, err := osfs.New().Open(srcName, driver.ReadOnly)
 	if err != nil {
 		t.Fatal(err)
@@ -206,7 +166,7 @@ func TestCopyFrom(t *testing.T) {
 			}
 			disktest.MustClose(t, d)
 			qemutest.Check(t, "parallels", name)
-			if got := qemuRaw(t, name); !bytes.Equal(got, model) {
+			if got := qemutest.Raw(t, "parallels", name); !bytes.Equal(got, model) {
 				t.Fatal("qemu reads the image differently from the model")
 			}
 		})
@@ -220,7 +180,7 @@ func TestCopyFrom(t *testing.T) {
 func TestCopyFromRefused(t *testing.T) {
 	dir := t.TempDir()
 	srcName := filepath.Join(dir, "src.bin")
-	writeRaw(t, srcName, disktest.Fill(1<<20, 7))
+	disktest.WriteFile(t, srcName, disktest.Fill(1<<20, 7))
 	sf, err := osfs.New().Open(srcName, driver.ReadOnly)
 	if err != nil {
 		t.Fatal(err)
@@ -273,3 +233,8 @@ type refusingFile struct{ driver.File }
 func (f refusingFile) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) {
 	return 0, driver.Errorf(driver.ErrUnsupported, f.Name(), off, "copy refused")
 }
+
+// These tests check the kernel copy itself, also where the file system
+// (ext4, tmpfs, overlayfs in CI) would copy through the page cache, which
+// CopyFrom leaves to the read/write path by default.
+func init() { osfs.SetCopyRangePolicy(osfs.CopyRangeAlways) }

@@ -3,6 +3,7 @@ package qcow
 import (
 	"errors"
 	"fmt"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"os"
 	"path/filepath"
 	"testing"
@@ -42,7 +43,7 @@ func qemuSeeds(t *testing.T) map[string][]byte {
 	for i := range data {
 		data[i] = byte(i / 100)
 	}
-	writeFile(t, src, data)
+	disktest.WriteFile(t, src, data)
 	c := filepath.Join(dir, "c.qcow")
 	qemuCompress(t, src, c)
 	qemuIO(t, c, "write -P 0x66 4096 512")
@@ -69,7 +70,7 @@ func TestFuzzSeeds(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, b := range qemuSeeds(t) {
-		writeFile(t, filepath.Join(dir, name), []byte(fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)))
+		disktest.WriteFile(t, filepath.Join(dir, name), []byte(fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)))
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -13,7 +12,6 @@ import (
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
-	"github.com/vdisk/vdisk/storage/memfs"
 
 	_ "github.com/vdisk/vdisk/format/raw"
 )
@@ -56,38 +54,6 @@ func topImage(d *vdisk.Disk) *image {
 	return im
 }
 
-func writeFile(t testing.TB, path string, data []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// saveTo copies a memfs file out to dir for qemu.
-func saveTo(t testing.TB, st *memfs.FS, name, dir string) string {
-	t.Helper()
-	b, err := st.ReadFile(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, filepath.Base(name))
-	writeFile(t, p, b)
-	return p
-}
-
-// qemuRaw converts an image to raw with qemu-img and returns the bytes.
-func qemuRaw(t *testing.T, format, f string) []byte {
-	t.Helper()
-	out := f + ".qemu.raw"
-	qemutest.Img(t, "convert", "-f", format, "-O", "raw", f, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Remove(out)
-	return b
-}
-
 // checkAgainstQemu opens file (probed, with its chain) and checks that it
 // reads what qemu-img convert reads, has qemu's virtual size, and that
 // its status walk matches qemu-img map: every byte at the depth qemu
@@ -117,7 +83,7 @@ func checkAgainstQemu(t *testing.T, file string, parentFormats ...string) {
 	if got, want := d.Top().Info().ClusterSize, int64(info["cluster-size"].(float64)); got != want {
 		t.Fatalf("cluster size %d, qemu-img says %d", got, want)
 	}
-	want := qemuRaw(t, "qcow", file)
+	want := qemutest.Raw(t, "qcow", file)
 	if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 		t.Fatal("content differs from qemu-img convert's")
 	}

@@ -37,7 +37,7 @@ func rawSource(t *testing.T, path string, size int64) []byte {
 			copy(b[off:], bytes.Repeat([]byte{byte(off >> 16)}, int(min(size-off, 5000))))
 		}
 	}
-	writeFile(t, path, b)
+	disktest.WriteFile(t, path, b)
 	return b
 }
 
@@ -208,12 +208,12 @@ func TestWritesPassQemu(t *testing.T) {
 			h := &model.Harness{Seed: 11, Ops: c.ops, MaxIO: 512 << 10, Reopen: g.Reopen}
 			d = h.Run(t, d, m)
 			disktest.MustClose(t, d)
-			img := saveTo(t, st, name, dir)
+			img := disktest.SaveTo(t, st, name, dir)
 			if c.diff {
-				saveTo(t, st, "/base.qcow", dir)
+				disktest.SaveTo(t, st, "/base.qcow", dir)
 			}
 			ref := filepath.Join(dir, c.name+".raw")
-			writeFile(t, ref, m.Data)
+			disktest.WriteFile(t, ref, m.Data)
 			if !qemutest.Compare(t, "qcow", img, "raw", ref) {
 				t.Fatal("qemu-img compare: the image differs from the model")
 			}
@@ -311,7 +311,7 @@ func TestCompressedConvert(t *testing.T) {
 				copy(want[w[0]:], p)
 			}
 			disktest.MustClose(t, d)
-			writeFile(t, src, want)
+			disktest.WriteFile(t, src, want)
 			if !qemutest.Compare(t, "qcow", dst, "raw", src) {
 				t.Fatal("qemu-img compare: vdisk's writes into compressed clusters read wrong in qemu")
 			}

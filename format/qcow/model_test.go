@@ -80,7 +80,7 @@ func TestModelChain(t *testing.T) {
 			if err := im.MakeEmpty(); err != nil {
 				t.Fatal(err)
 			}
-			if got := fileSize(t, st, g.Top); got != im.lo.metaEnd {
+			if got := disktest.FileSize(t, st, g.Top); got != im.lo.metaEnd {
 				t.Fatalf("after make-empty the file is %d bytes, want %d", got, im.lo.metaEnd)
 			}
 			got := disktest.ReadAll(t, d)
@@ -133,13 +133,4 @@ func TestModelCompressedBase(t *testing.T) {
 		}}
 	d = h.Run(t, d, m)
 	disktest.MustClose(t, d)
-}
-
-func fileSize(t testing.TB, st driver.Storage, name string) int64 {
-	t.Helper()
-	fi, err := st.Stat(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fi.Size
 }

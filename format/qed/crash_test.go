@@ -59,12 +59,12 @@ func checkCrashed(t *testing.T, st *memfs.FS, top string, want, also []byte, wha
 	if dir == "" {
 		return
 	}
-	saveTo(t, st, "/base.qed", dir)
-	qemutest.Check(t, "qed", saveTo(t, st, top, dir))
+	disktest.SaveTo(t, st, "/base.qed", dir)
+	qemutest.Check(t, "qed", disktest.SaveTo(t, st, top, dir))
 	// qemu's own handling of the crashed image: opening it read-write
 	// checks and repairs it when the need-check flag is set.
 	p := filepath.Join(dir, "crashed.qed")
-	writeRaw(t, p, raw)
+	disktest.WriteFile(t, p, raw)
 	qemutest.IO(t, "qed", p, "read 0 512")
 	out, code, err := qemutest.RunCode("qemu-img", "check", "-f", "qed", p)
 	if err != nil || (code != 0 && code != 3) {

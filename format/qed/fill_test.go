@@ -170,30 +170,7 @@ func ownContent() []byte {
 // driver alone shows no backing file.
 func checkFillContent(t *testing.T, im *image, p []byte, off int64, view []byte, fillOff, fillEnd int64) {
 	t.Helper()
-	want := ownContent()
-	for _, c := range []int64{0, 3} {
-		lo, hi := c*fcs, min((c+1)*fcs, fillSize)
-		if view != nil && lo >= fillOff && hi <= fillEnd {
-			copy(want[lo:hi], view[lo:hi])
-		}
-	}
-	copy(want[off:], p)
-	got := make([]byte, fillSize)
-	for pos := int64(0); pos < fillSize; {
-		e, err := im.Status(pos, fillSize-pos)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if e.State == driver.Data {
-			if _, err := im.ReadAt(got[pos:pos+e.Length], pos); err != nil {
-				t.Fatal(err)
-			}
-		}
-		pos += e.Length
-	}
-	if !bytes.Equal(got, want) {
-		t.Fatal("content after the write differs")
-	}
+	disktest.CheckImage(t, im, disktest.FillWant(ownContent(), fcs, []int64{0, 3}, p, off, view, fillOff, fillEnd), fcs)
 	// Freed clusters are packed away by the flush.
 	if err := im.Flush(); err != nil {
 		t.Fatal(err)

@@ -53,7 +53,7 @@ func qemuSeeds(t testing.TB) map[string][]byte {
 	b, _ = os.ReadFile(f)
 	out["qemu-written"] = b
 	raw := filepath.Join(dir, "base.raw")
-	writeRaw(t, raw, make([]byte, 64<<10))
+	disktest.WriteFile(t, raw, make([]byte, 64<<10))
 	mk("qemu-diff-raw", []string{"-o", "cluster_size=4k,table_size=2", "-b", "base.raw", "-F", "raw"}, "write -P 0x33 4k 4k")
 	// qemu clears the need-check flag when its requests drain, so even an
 	// aborted qemu-io leaves a clean image: set the flag by hand on a
@@ -75,7 +75,7 @@ func TestFuzzSeeds(t *testing.T) {
 			t.Fatal(err)
 		}
 		for name, b := range qemuSeeds(t) {
-			writeRaw(t, filepath.Join(dir, name), []byte(fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)))
+			disktest.WriteFile(t, filepath.Join(dir, name), []byte(fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)))
 		}
 	}
 	seeds := readSeeds(t)

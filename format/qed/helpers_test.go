@@ -2,14 +2,11 @@ package qed
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	_ "github.com/vdisk/vdisk/format/raw"
-	"github.com/vdisk/vdisk/storage/memfs"
 )
 
 var ctx = context.Background()
@@ -40,32 +37,4 @@ func topImage(d *vdisk.Disk) *image {
 		panic("the top layer is not a QED image")
 	}
 	return im
-}
-
-func fileSize(t testing.TB, st driver.Storage, name string) int64 {
-	t.Helper()
-	fi, err := st.Stat(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fi.Size
-}
-
-func writeRaw(t testing.TB, path string, data []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// saveTo copies a memfs file out to dir for qemu.
-func saveTo(t testing.TB, st *memfs.FS, name, dir string) string {
-	t.Helper()
-	b, err := st.ReadFile(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, filepath.Base(name))
-	writeRaw(t, p, b)
-	return p
 }

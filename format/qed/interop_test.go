@@ -3,7 +3,6 @@ package qed
 import (
 	"bytes"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -15,19 +14,6 @@ import (
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
-
-// qemuRaw converts an image (with its chain) to raw with qemu-img.
-func qemuRaw(t *testing.T, f string) []byte {
-	t.Helper()
-	out := f + ".qemu.raw"
-	qemutest.Img(t, "convert", "-f", "qed", "-O", "raw", f, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Remove(out)
-	return b
-}
 
 // checkAgainstQemu compares vdisk's view of f (read bit-exact, size, and
 // the chain status with qemu-img map's) with qemu's.
@@ -45,7 +31,7 @@ func checkAgainstQemu(t *testing.T, f string) {
 	if got, want := d.Size(), int64(info["virtual-size"].(float64)); got != want {
 		t.Fatalf("size %d, qemu-img says %d", got, want)
 	}
-	if got := disktest.ReadAll(t, d); !bytes.Equal(got, qemuRaw(t, f)) {
+	if got := disktest.ReadAll(t, d); !bytes.Equal(got, qemutest.Raw(t, "qed", f)) {
 		t.Fatal("content differs from qemu-img convert's")
 	}
 	for _, e := range qemutest.Map(t, "qed", f) {
@@ -224,12 +210,12 @@ func TestWritesPassQemu(t *testing.T) {
 				}}
 			d = h.Run(t, d, m)
 			disktest.MustClose(t, d)
-			img := saveTo(t, st, name, dir)
+			img := disktest.SaveTo(t, st, name, dir)
 			if c.diff {
-				saveTo(t, st, "/"+base, dir)
+				disktest.SaveTo(t, st, "/"+base, dir)
 			}
 			ref := filepath.Join(dir, c.name+".raw")
-			writeRaw(t, ref, m.Data)
+			disktest.WriteFile(t, ref, m.Data)
 			qemutest.Check(t, "qed", img)
 			if !qemutest.Compare(t, "qed", img, "raw", ref) {
 				t.Fatal("qemu-img compare: the QED image differs from the model")
@@ -250,7 +236,7 @@ func TestWritesPassQemu(t *testing.T) {
 			if !c.diff && !bytes.Equal(got, m.Data) {
 				t.Fatal("vdisk does not read what qemu-io wrote")
 			}
-			if !bytes.Equal(got, qemuRaw(t, img)) {
+			if !bytes.Equal(got, qemutest.Raw(t, "qed", img)) {
 				t.Fatal("vdisk does not read what qemu reads after qemu-io's writes")
 			}
 			disktest.MustClose(t, d)

@@ -30,46 +30,6 @@ var offloadRuns = [][2]int64{
 
 const offloadSize = 8<<20 + 3*512
 
-// offloadSource writes a sparse raw file holding offloadRuns of random
-// bytes and returns its path, content and data byte count.
-func offloadSource(t *testing.T, dir string) (string, []byte, int64) {
-	t.Helper()
-	data := make([]byte, offloadSize)
-	rng := rand.New(rand.NewPCG(17, 4))
-	f, err := os.Create(filepath.Join(dir, "src.raw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(offloadSize); err != nil {
-		t.Fatal(err)
-	}
-	var total int64
-	for _, r := range offloadRuns {
-		for i := r[0]; i < r[0]+r[1]; i++ {
-			data[i] = byte(rng.Uint32()) | 1
-		}
-		if _, err := f.WriteAt(data[r[0]:r[0]+r[1]], r[0]); err != nil {
-			t.Fatal(err)
-		}
-		total += r[1]
-	}
-	return f.Name(), data, total
-}
-
-func convertStats(t *testing.T, dst, src *vdisk.Disk, o vdisk.ConvertOptions) vdisk.ConvertStats {
-	t.Helper()
-	var st vdisk.ConvertStats
-	o.Stats = &st
-	if err := vdisk.Convert(ctx, dst, src, &o); err != nil {
-		t.Fatal(err)
-	}
-	if st.Written+st.Offloaded+st.Zero+st.Skipped != src.Size() {
-		t.Fatalf("stats %+v do not add up to the size %d", st, src.Size())
-	}
-	return st
-}
-
 // TestOffloadConvert: converts between raw and QED (cluster sizes 64 KiB
 // and 4 KiB) copy every data byte inside the kernel (nothing read or
 // written by vdisk), sequentially and in parallel; qemu-img finds the
@@ -79,7 +39,7 @@ func convertStats(t *testing.T, dst, src *vdisk.Disk, o vdisk.ConvertOptions) vd
 func TestOffloadConvert(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
-	rawName, want, data := offloadSource(t, dir)
+	rawName, want, data := disktest.SparseSource(t, dir, offloadSize, offloadRuns, 17)
 	for _, opts := range [][]string{nil, {"cluster_size=4k", "table_size=2"}} {
 		for _, seq := range []bool{true, false} {
 			name := fmt.Sprintf("%v-seq=%v", opts, seq)
@@ -92,7 +52,7 @@ func TestOffloadConvert(t *testing.T) {
 				out := filepath.Join(dir, fmt.Sprintf("out-%d.qed", len(opts)))
 				os.Remove(out)
 				d := createQED(t, nil, out, src.Size(), "", "", disktest.KVs(opts...)...)
-				st := convertStats(t, d, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
+				st := disktest.ConvertStats(t, ctx, d, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
 				if st.Offloaded < data || st.Read != 0 || st.Written != 0 {
 					t.Fatalf("stats %+v; want at least %d offloaded, nothing read or written", st, data)
 				}
@@ -127,7 +87,7 @@ func TestOffloadConvert(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				st := convertStats(t, dst, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
+				st := disktest.ConvertStats(t, ctx, dst, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
 				disktest.MustClose(t, dst)
 				if st.Offloaded < data-65536 || st.Read != 0 || st.Written != 0 {
 					t.Fatalf("stats %+v; want at least %d offloaded, nothing read or written", st, data-65536)
@@ -229,7 +189,7 @@ func TestCopyFrom(t *testing.T) {
 	}
 	disktest.MustClose(t, d)
 	qemutest.Check(t, "qed", name)
-	if got := qemuRaw(t, name); !bytes.Equal(got, model) {
+	if got := qemutest.Raw(t, "qed", name); !bytes.Equal(got, model) {
 		t.Fatal("qemu reads the image differently from the model")
 	}
 }
@@ -263,7 +223,7 @@ func TestCopyFromTables(t *testing.T) {
 	}
 	disktest.MustClose(t, d)
 	qemutest.Check(t, "qed", name)
-	if got := qemuRaw(t, name); !bytes.Equal(got, model) {
+	if got := qemutest.Raw(t, "qed", name); !bytes.Equal(got, model) {
 		t.Fatal("qemu reads the image differently from the model")
 	}
 }
@@ -341,3 +301,8 @@ type refusingFile struct{ driver.File }
 func (f refusingFile) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) {
 	return 0, driver.Errorf(driver.ErrUnsupported, f.Name(), off, "copy refused")
 }
+
+// These tests check the kernel copy itself, also where the file system
+// (ext4, tmpfs, overlayfs in CI) would copy through the page cache, which
+// CopyFrom leaves to the read/write path by default.
+func init() { osfs.SetCopyRangePolicy(osfs.CopyRangeAlways) }

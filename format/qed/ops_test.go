@@ -93,11 +93,11 @@ func TestNeedCheck(t *testing.T) {
 		t.Fatal("content after the open-time repair")
 	}
 	disktest.MustClose(t, d)
-	qemutest.Check(t, "qed", saveTo(t, st, "/c.qed", dir))
+	qemutest.Check(t, "qed", disktest.SaveTo(t, st, "/c.qed", dir))
 
 	// qemu's own repair of the same image.
 	q := filepath.Join(dir, "q.qed")
-	writeRaw(t, q, crashed)
+	disktest.WriteFile(t, q, crashed)
 	qemutest.IO(t, "qed", q, "read 0 512")
 	out, code, err := qemutest.RunCode("qemu-img", "check", "-f", "qed", q)
 	if err != nil || (code != 0 && code != 3) {
@@ -145,13 +145,13 @@ func TestResize(t *testing.T) {
 		t.Fatalf("shrinking: %v", err)
 	}
 	disktest.MustClose(t, d)
-	img := saveTo(t, st, "/r.qed", dir)
+	img := disktest.SaveTo(t, st, "/r.qed", dir)
 	qemutest.Check(t, "qed", img)
 	if sz := int64(qemutest.Info(t, "qed", img)["virtual-size"].(float64)); sz != 10<<20 {
 		t.Fatalf("qemu sees %d bytes", sz)
 	}
 	ref := filepath.Join(dir, "r.raw")
-	writeRaw(t, ref, want)
+	disktest.WriteFile(t, ref, want)
 	if !qemutest.Compare(t, "qed", img, "raw", ref) {
 		t.Fatal("qemu-img compare after growing")
 	}
@@ -173,7 +173,7 @@ func TestDiscardShrinks(t *testing.T) {
 	if err := d.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	full := fileSize(t, st, "/d.qed")
+	full := disktest.FileSize(t, st, "/d.qed")
 	want := disktest.Fill(size, 0x0d)
 	// Discard 1 MiB + a partial cluster: the backing file shows again.
 	if err := d.Discard(1<<20, 1<<20+1000); err != nil {
@@ -191,18 +191,18 @@ func TestDiscardShrinks(t *testing.T) {
 	if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 		t.Fatal("content after discard and zero")
 	}
-	if got, wantSize := fileSize(t, st, "/d.qed"), full-(1<<20+512<<10); got != wantSize {
+	if got, wantSize := disktest.FileSize(t, st, "/d.qed"), full-(1<<20+512<<10); got != wantSize {
 		t.Fatalf("file %d bytes after freeing 1.5 MiB of %d, want %d", got, full, wantSize)
 	}
 	if e, err := d.Status(4<<20, 512<<10); err != nil || e.State != driver.Zero || e.Depth != 0 {
 		t.Fatalf("zeroed range: %+v %v", e, err)
 	}
 	disktest.MustClose(t, d)
-	saveTo(t, st, "/b.qed", dir)
-	img := saveTo(t, st, "/d.qed", dir)
+	disktest.SaveTo(t, st, "/b.qed", dir)
+	img := disktest.SaveTo(t, st, "/d.qed", dir)
 	qemutest.Check(t, "qed", img)
 	ref := filepath.Join(dir, "d.raw")
-	writeRaw(t, ref, want)
+	disktest.WriteFile(t, ref, want)
 	if !qemutest.Compare(t, "qed", img, "raw", ref) {
 		t.Fatal("qemu-img compare after discard")
 	}
@@ -245,8 +245,8 @@ func TestParentInfo(t *testing.T) {
 		t.Fatal(err)
 	}
 	disktest.MustClose(t, d)
-	saveTo(t, st, "/other.raw", dir)
-	img := saveTo(t, st, "/top.qed", dir)
+	disktest.SaveTo(t, st, "/other.raw", dir)
+	img := disktest.SaveTo(t, st, "/top.qed", dir)
 	qemutest.Check(t, "qed", img)
 	info := qemutest.Info(t, "qed", img)
 	if info["backing-filename"] != "other.raw" || info["backing-filename-format"] != "raw" {

@@ -123,7 +123,8 @@ func (c *extentCache) invalidate(off, end int64) {
 		return
 	}
 	// Keep the parts of the first and last runs outside the range.
-	var keep []run
+	var keepBuf [2]run // on the stack: an NBD trim allocates nothing
+	keep := keepBuf[:0]
 	if r := c.runs[i]; r.start < off {
 		keep = append(keep, run{r.start, off, r.data})
 	}

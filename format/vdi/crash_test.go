@@ -38,7 +38,7 @@ func checkCrashed(t *testing.T, st driver.Storage, top string, want []byte, what
 	if im.broken != "" {
 		t.Fatalf("%s: the crash left an image that refuses writes: %s", what, im.broken)
 	}
-	sc := im.scan(fileSize(t, st, top), true)
+	sc := im.scan(disktest.FileSize(t, st, top), true)
 	if len(sc.pastEOF)+len(sc.partial)+len(sc.dups)+len(sc.tooLarge) != 0 {
 		t.Fatalf("%s: the crash left a damaged block map: %+v", what, sc)
 	}

@@ -156,34 +156,7 @@ func ownContent() []byte {
 // zeros here: the driver alone shows no parent.
 func checkFillContent(t *testing.T, im *image, p []byte, off int64, view []byte, fillOff, fillEnd int64) {
 	t.Helper()
-	want := ownContent()
-	for _, b := range []int64{0, 3} {
-		lo, hi := b*fbs, min((b+1)*fbs, fillSize)
-		if view != nil && lo >= fillOff && hi <= fillEnd {
-			copy(want[lo:hi], view[lo:hi])
-		}
-	}
-	copy(want[off:], p)
-	got := make([]byte, fillSize)
-	for pos := int64(0); pos < fillSize; {
-		e, err := im.Status(pos, fillSize-pos)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if e.State == driver.Data {
-			if _, err := im.ReadAt(got[pos:pos+e.Length], pos); err != nil {
-				t.Fatal(err)
-			}
-		}
-		pos += e.Length
-	}
-	if !bytes.Equal(got, want) {
-		for i := range got {
-			if got[i] != want[i] {
-				t.Fatalf("content differs first at byte %d (block %d): %#x, want %#x", i, i/fbs, got[i], want[i])
-			}
-		}
-	}
+	disktest.CheckImage(t, im, disktest.FillWant(ownContent(), fbs, []int64{0, 3}, p, off, view, fillOff, fillEnd), fbs)
 }
 
 // TestFillWriteZeroes: WriteZeroes follows the same rule as WriteAt: a

@@ -114,7 +114,7 @@ func TestFuzzSeeds(t *testing.T) {
 		return
 	}
 	for name, b := range tinyImages(t) {
-		writeRaw(t, filepath.Join(dir, name), []byte(fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)))
+		disktest.WriteFile(t, filepath.Join(dir, name), []byte(fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)))
 	}
 }
 

@@ -15,19 +15,6 @@ import (
 	"github.com/vdisk/vdisk/storage/memfs"
 )
 
-// qemuRaw converts a VDI to raw with qemu-img and returns the bytes.
-func qemuRaw(t *testing.T, f string) []byte {
-	t.Helper()
-	out := f + ".qemu.raw"
-	qemutest.Img(t, "convert", "-f", "vdi", "-O", "raw", f, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Remove(out)
-	return b
-}
-
 // TestReadsQemuImages: images made by qemu-img create and written by
 // qemu-io read bit-exact, with the size qemu reports and data runs where
 // qemu-img map has them.
@@ -67,7 +54,7 @@ func TestReadsQemuImages(t *testing.T) {
 			if got, want := d.Size(), int64(info["virtual-size"].(float64)); got != want {
 				t.Fatalf("size %d, qemu-img says %d", got, want)
 			}
-			want := qemuRaw(t, f)
+			want := qemutest.Raw(t, "vdi", f)
 			if got := disktest.ReadAll(t, d); !bytes.Equal(got, want) {
 				t.Fatal("content differs from qemu-img convert's")
 			}
@@ -127,9 +114,9 @@ func TestWritesPassQemu(t *testing.T) {
 				}}
 			d = h.Run(t, d, m)
 			disktest.MustClose(t, d)
-			img := saveTo(t, st, name, dir)
+			img := disktest.SaveTo(t, st, name, dir)
 			ref := filepath.Join(dir, c.name+".raw")
-			writeRaw(t, ref, m.Data)
+			disktest.WriteFile(t, ref, m.Data)
 			qemutest.Check(t, "vdi", img)
 			if !qemutest.Compare(t, "vdi", img, "raw", ref) {
 				t.Fatal("qemu-img compare: the VDI differs from the model")
@@ -178,7 +165,7 @@ func TestCompactDiscardShrink(t *testing.T) {
 	}
 	m.Zero(10<<20+100, 5000)
 	disktest.MustClose(t, d)
-	writeRaw(t, ref, m.Data)
+	disktest.WriteFile(t, ref, m.Data)
 	before := fileSizeOS(t, img)
 	d, err = vdisk.Open(ctx, img, nil)
 	if err != nil {
@@ -218,7 +205,7 @@ func TestCompactDiscardShrink(t *testing.T) {
 		}
 	}
 	disktest.MustClose(t, d)
-	writeRaw(t, ref, m.Data)
+	disktest.WriteFile(t, ref, m.Data)
 	if got := fileSizeOS(t, img); got != after-3<<20 {
 		t.Fatalf("discard: file %d -> %d bytes, want 3 MiB fewer", after, got)
 	}

@@ -100,7 +100,7 @@ func TestKillEveryWrite(t *testing.T) {
 				}
 				disktest.MustClose(t, d)
 				if k%10 == 1 || k == total {
-					p := saveTo(t, mem, "/k.vdi", dir)
+					p := disktest.SaveTo(t, mem, "/k.vdi", dir)
 					if out, code, err := qemutest.RunCode("qemu-img", "check", "-f", "vdi", p); err != nil || code != 0 {
 						t.Fatalf("killed after write %d of %d: qemu-img check exit %d: %v\n%s", k, total, code, err, out)
 					}

@@ -68,12 +68,12 @@ func TestModelChain(t *testing.T) {
 			}
 
 			// Compact keeps the content and never grows the file.
-			before := fileSize(t, st, g.Top)
+			before := disktest.FileSize(t, st, g.Top)
 			if err := d.Compact(ctx, nil); err != nil {
 				t.Fatal(err)
 			}
 			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
-			if after := fileSize(t, st, g.Top); after > before {
+			if after := disktest.FileSize(t, st, g.Top); after > before {
 				t.Fatalf("compact grew the file from %d to %d", before, after)
 			}
 			// A reopen after compaction still finds the chain and reads the same.
@@ -89,7 +89,7 @@ func TestModelChain(t *testing.T) {
 			m.Zero(0, c.size)
 			(&model.Harness{Seed: c.seed}).Verify(t, d, m)
 			im := topImage(d)
-			if got, want := fileSize(t, st, g.Top), im.offData; got != want {
+			if got, want := disktest.FileSize(t, st, g.Top), im.offData; got != want {
 				t.Fatalf("after zeroing everything the file is %d bytes, want %d (no data blocks)", got, want)
 			}
 			res, err = d.Check(ctx, driver.RepairNone)

@@ -25,7 +25,7 @@ func TestResize(t *testing.T) {
 	f := filepath.Join(dir, "r.vdi")
 	qemutest.Create(t, "vdi", f, "3M")
 	qemutest.IO(t, "vdi", f, "write -P 0x21 0 1M", "write -P 0x22 2M 512", "write -P 0x23 1M 4096")
-	want := qemuRaw(t, f)
+	want := qemutest.Raw(t, "vdi", f)
 	d, err := vdisk.Open(ctx, f, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -88,14 +88,14 @@ func TestResize(t *testing.T) {
 		t.Fatal(err)
 	}
 	m2.Zero(63<<20, 1000)
-	before := fileSize(t, st, "/g.vdi")
+	before := disktest.FileSize(t, st, "/g.vdi")
 	if err := d.Resize(ctx, 3<<20+512, ""); !errors.Is(err, driver.ErrInvalidOption) {
 		t.Fatalf("shrink into data: %v", err)
 	}
 	if err := d.Resize(ctx, 4<<20, ""); err != nil {
 		t.Fatal(err)
 	}
-	if after := fileSize(t, st, "/g.vdi"); after != before-1<<20 {
+	if after := disktest.FileSize(t, st, "/g.vdi"); after != before-1<<20 {
 		t.Fatalf("shrink left the file at %d bytes (was %d)", after, before)
 	}
 	disktest.MustClose(t, d)
@@ -234,7 +234,7 @@ func TestCheckRepair(t *testing.T) {
 				}
 			}
 			dir := t.TempDir()
-			qemutest.Check(t, "vdi", saveTo(t, st, "/c.vdi", dir))
+			qemutest.Check(t, "vdi", disktest.SaveTo(t, st, "/c.vdi", dir))
 		})
 	}
 }
@@ -272,8 +272,8 @@ func TestDiffCompactDropsParentBlocks(t *testing.T) {
 	}
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "before.raw")
-	writeRaw(t, raw, disktest.ReadAll(t, top))
-	before := fileSize(t, st, "/top.vdi")
+	disktest.WriteFile(t, raw, disktest.ReadAll(t, top))
+	before := disktest.FileSize(t, st, "/top.vdi")
 	if err := top.Compact(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -286,7 +286,7 @@ func TestDiffCompactDropsParentBlocks(t *testing.T) {
 	if e := im.entry(9); e != entFree {
 		t.Fatalf("zeros over parent zeros became %#x, want a free block", e)
 	}
-	if after := fileSize(t, st, "/top.vdi"); after != before-5<<20 {
+	if after := disktest.FileSize(t, st, "/top.vdi"); after != before-5<<20 {
 		t.Fatalf("file %d -> %d bytes, want 5 MiB fewer", before, after)
 	}
 	(&model.Harness{Seed: -1}).Verify(t, top, m)
@@ -294,7 +294,7 @@ func TestDiffCompactDropsParentBlocks(t *testing.T) {
 	// Flatten through vdisk, compare with qemu.
 	d := openVDI(t, st, "/top.vdi", true)
 	flat := filepath.Join(dir, "after.raw")
-	writeRaw(t, flat, disktest.ReadAll(t, d))
+	disktest.WriteFile(t, flat, disktest.ReadAll(t, d))
 	disktest.MustClose(t, d)
 	if !qemutest.Compare(t, "raw", raw, "raw", flat) {
 		t.Fatal("compaction changed the content")

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/vdisk/vdisk"
@@ -52,19 +50,6 @@ func ident(t testing.TB, d *vdisk.Disk) driver.Identifier {
 		t.Fatal("the VHD image is not a driver.Identifier")
 	}
 	return id
-}
-
-// qemuRaw converts a qemu-readable image to raw with qemu-img and returns
-// its content.
-func qemuRaw(t testing.TB, format, file string) []byte {
-	t.Helper()
-	out := filepath.Join(t.TempDir(), "conv.raw")
-	qemutest.Img(t, "convert", "-f", format, "-O", "raw", file, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 func firstDiff(a, b []byte) string {

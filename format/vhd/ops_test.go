@@ -21,15 +21,6 @@ import (
 	"github.com/vdisk/vdisk/storage/osfs"
 )
 
-func fileSize(t testing.TB, st driver.Storage, name string) int64 {
-	t.Helper()
-	fi, err := st.Stat(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fi.Size
-}
-
 // TestDiscardAndZero: whole blocks are unmapped (a dynamic block then
 // reads zeros, a differencing one the parent); zeroing a differencing
 // block reads zeros over the parent (whatever the parent holds: the driver
@@ -131,7 +122,7 @@ func TestCompact(t *testing.T) {
 	}
 	d.Discard(4*bs, bs)
 	m.Zero(4*bs, bs)
-	before := fileSize(t, st, f)
+	before := disktest.FileSize(t, st, f)
 	var last int64
 	if err := d.Compact(ctx, func(done, total int64) { last = done }); err != nil {
 		t.Fatal(err)
@@ -139,7 +130,7 @@ func TestCompact(t *testing.T) {
 	if last == 0 {
 		t.Error("no progress reported")
 	}
-	after := fileSize(t, st, f)
+	after := disktest.FileSize(t, st, f)
 	if want := int64(1536+512+512) + 9*(bs+512); after != want {
 		t.Errorf("file %d bytes after compact (was %d), want %d", after, before, want)
 	}

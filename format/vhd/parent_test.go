@@ -235,7 +235,7 @@ func TestSetParent(t *testing.T) {
 			if qs := qemuSize(t, child); qs != parentSize {
 				t.Fatalf("qemu-img info: size %d", qs)
 			}
-			mustEqual(t, "qemu-img convert", qemuRaw(t, "vpc", child), held)
+			mustEqual(t, "qemu-img convert", qemutest.Raw(t, "vpc", child), held)
 		})
 	}
 }
@@ -259,7 +259,7 @@ func TestSetParentReusesSpace(t *testing.T) {
 		// A new block after the locators.
 		disktest.MustWrite(t, d, nil, disktest.Fill(64<<10, byte(i+1)), int64(i+20)<<16)
 		disktest.MustClose(t, d)
-		sizes = append(sizes, fileSize(t, st, "/vm/child.vhd"))
+		sizes = append(sizes, disktest.FileSize(t, st, "/vm/child.vhd"))
 		vdiskCheck(t, st, "/vm/child.vhd")
 		r := openDisk(t, st, "/vm/child.vhd", true)
 		if ref := r.Top().ParentRef(); ref.Name != refs[i%2].Name || ref.UUID != refs[i%2].UUID {
@@ -365,7 +365,7 @@ func TestMakeEmpty(t *testing.T) {
 	makeParentSet(t, st, "/vm")
 	// A new differencing image of base1 is all metadata.
 	c := create(t, st, "/vm/empty.vhd", 0, "base1.vhd", "block_size=64K")
-	meta := fileSize(t, st, "/vm/empty.vhd")
+	meta := disktest.FileSize(t, st, "/vm/empty.vhd")
 	c.Close()
 	for _, name := range []string{"/vm/child.vhd", "/vm/base2.vhd"} {
 		d := openDisk(t, st, name, false)
@@ -382,7 +382,7 @@ func TestMakeEmpty(t *testing.T) {
 		want := make([]byte, parentSize)
 		if name == "/vm/child.vhd" {
 			want, _ = readChain(t, st, "/vm/base1.vhd", true)
-			if sz := fileSize(t, st, name); sz != meta {
+			if sz := disktest.FileSize(t, st, name); sz != meta {
 				t.Errorf("emptied differencing image is %d bytes, want %d", sz, meta)
 			}
 		}

@@ -104,7 +104,7 @@ func TestReadsQemuImages(t *testing.T) {
 			f := filepath.Join(dir, c.name+".vhd")
 			qemutest.Create(t, "vpc", f, "13M", c.opts...)
 			qemutest.IO(t, "vpc", f, cmds...)
-			want := qemuRaw(t, "vpc", f)
+			want := qemutest.Raw(t, "vpc", f)
 			d := openDisk(t, nil, f, true)
 			if d.Size() != int64(len(want)) {
 				t.Fatalf("size %d, qemu %d", d.Size(), len(want))
@@ -129,7 +129,7 @@ func TestReadsQemuImages(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			mustEqual(t, "after a read-write open", qemuRaw(t, "vpc", f), want)
+			mustEqual(t, "after a read-write open", qemutest.Raw(t, "vpc", f), want)
 		})
 	}
 }
@@ -224,7 +224,7 @@ func TestQemuOpensDiff(t *testing.T) {
 	if !strings.Contains(out, "file format: vpc") || !strings.Contains(out, "(4194304 bytes)") {
 		t.Fatalf("qemu-img info on a differencing VHD:\n%s", out)
 	}
-	got := qemuRaw(t, "vpc", top)
+	got := qemutest.Raw(t, "vpc", top)
 	if len(got) != 4<<20 {
 		t.Fatalf("qemu size %d", len(got))
 	}

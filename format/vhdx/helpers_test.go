@@ -2,14 +2,11 @@ package vhdx
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	_ "github.com/vdisk/vdisk/format/raw"
-	"github.com/vdisk/vdisk/storage/memfs"
 )
 
 var ctx = context.Background()
@@ -43,31 +40,4 @@ func topImage(d *vdisk.Disk) *image {
 		panic("the top layer is not a VHDX image")
 	}
 	return im
-}
-
-// saveTo copies a memfs file out to dir for qemu.
-func saveTo(t testing.TB, st *memfs.FS, name, dir string) string {
-	t.Helper()
-	b, err := st.ReadFile(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, filepath.Base(name))
-	if err := os.WriteFile(p, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
-// qemuRaw converts an image to raw with qemu-img and returns the bytes.
-func qemuRaw(t testing.TB, f string) []byte {
-	t.Helper()
-	out := f + ".qemu.raw"
-	qemutestImg(t, "convert", "-f", "vhdx", "-O", "raw", f, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Remove(out)
-	return b
 }

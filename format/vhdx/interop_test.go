@@ -61,7 +61,7 @@ func TestReadsQemuImages(t *testing.T) {
 			if got, want := d.Top().Info().ClusterSize, int64(info["cluster-size"].(float64)); got != want {
 				t.Fatalf("cluster size %d, qemu-img says %d", got, want)
 			}
-			want := qemuRaw(t, f)
+			want := qemutest.Raw(t, "vhdx", f)
 			got := disktest.ReadAll(t, d)
 			if !bytes.Equal(got, want) {
 				t.Fatal("content differs from qemu-img convert's")

@@ -32,46 +32,6 @@ var offloadRuns = [][2]int64{
 
 const offloadSize = 9<<20 + 3*512
 
-// offloadSource writes a sparse raw file holding offloadRuns of random
-// bytes and returns its path, content and data byte count.
-func offloadSource(t *testing.T, dir string) (string, []byte, int64) {
-	t.Helper()
-	data := make([]byte, offloadSize)
-	rng := rand.New(rand.NewPCG(16, 5))
-	f, err := os.Create(filepath.Join(dir, "src.raw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(offloadSize); err != nil {
-		t.Fatal(err)
-	}
-	var total int64
-	for _, r := range offloadRuns {
-		for i := r[0]; i < r[0]+r[1]; i++ {
-			data[i] = byte(rng.Uint32()) | 1
-		}
-		if _, err := f.WriteAt(data[r[0]:r[0]+r[1]], r[0]); err != nil {
-			t.Fatal(err)
-		}
-		total += r[1]
-	}
-	return f.Name(), data, total
-}
-
-func convertStats(t *testing.T, dst, src *vdisk.Disk, o vdisk.ConvertOptions) vdisk.ConvertStats {
-	t.Helper()
-	var st vdisk.ConvertStats
-	o.Stats = &st
-	if err := vdisk.Convert(ctx, dst, src, &o); err != nil {
-		t.Fatal(err)
-	}
-	if st.Written+st.Offloaded+st.Zero+st.Skipped != src.Size() {
-		t.Fatalf("stats %+v do not add up to the size %d", st, src.Size())
-	}
-	return st
-}
-
 // createRaw makes a raw target of size bytes.
 func createRaw(t *testing.T, name string, size int64) *vdisk.Disk {
 	t.Helper()
@@ -92,7 +52,7 @@ func createRaw(t *testing.T, name string, size int64) *vdisk.Disk {
 func TestOffloadConvert(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
-	rawName, want, data := offloadSource(t, dir)
+	rawName, want, data := disktest.SparseSource(t, dir, offloadSize, offloadRuns, 17)
 	// Every run rounded out to 4 KiB: what a copy of the file's data
 	// extents may cover at most.
 	var rounded int64
@@ -112,7 +72,7 @@ func TestOffloadConvert(t *testing.T) {
 				out := filepath.Join(dir, "out.vhdx")
 				os.Remove(out)
 				d := createVHDX(t, nil, out, src.Size(), "", disktest.KVs(opts...)...)
-				st := convertStats(t, d, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
+				st := disktest.ConvertStats(t, ctx, d, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
 				if st.Offloaded < data || st.Read != 0 || st.Written != 0 {
 					t.Fatalf("stats %+v; want at least %d offloaded, nothing read or written", st, data)
 				}
@@ -147,7 +107,7 @@ func TestOffloadConvert(t *testing.T) {
 				defer src.Close()
 				out := filepath.Join(dir, "out.raw")
 				dst := createRaw(t, out, src.Size())
-				st := convertStats(t, dst, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
+				st := disktest.ConvertStats(t, ctx, dst, src, vdisk.ConvertOptions{Sequential: seq, Workers: 4, ChunkSize: 1 << 20})
 				disktest.MustClose(t, dst)
 				if st.Offloaded < data || st.Offloaded > rounded || st.Read != 0 || st.Written != 0 {
 					t.Fatalf("stats %+v; want %d to %d offloaded (the file's holes skipped), nothing read or written", st, data, rounded)
@@ -183,7 +143,7 @@ func TestOffloadDiffChain(t *testing.T) {
 	defer src.Close()
 	out := filepath.Join(dir, "out.raw")
 	dst := createRaw(t, out, size)
-	st := convertStats(t, dst, src, vdisk.ConvertOptions{Workers: 3, ChunkSize: 1 << 20})
+	st := disktest.ConvertStats(t, ctx, dst, src, vdisk.ConvertOptions{Workers: 3, ChunkSize: 1 << 20})
 	disktest.MustClose(t, dst)
 	if st.Offloaded < 3<<20+1<<20 || st.Read != 0 || st.Written != 0 {
 		t.Fatalf("stats %+v; want the chain's data offloaded, nothing read or written", st)
@@ -219,7 +179,7 @@ func TestOffloadLogInMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	qemutest.Run(t, "qemu-io", "-f", "vhdx", "-c", "flush", cp) // qemu replays the copy
-	want := qemuRaw(t, cp)
+	want := qemutest.Raw(t, "vhdx", cp)
 	src := openVHDX(t, nil, f, true)
 	defer src.Close()
 	if !topImage(src).replayedInMemory {
@@ -230,7 +190,7 @@ func TestOffloadLogInMemory(t *testing.T) {
 	}
 	rawOut := filepath.Join(dir, "out.raw")
 	dst := createRaw(t, rawOut, src.Size())
-	convertStats(t, dst, src, vdisk.ConvertOptions{Workers: 2, ChunkSize: 1 << 20})
+	disktest.ConvertStats(t, ctx, dst, src, vdisk.ConvertOptions{Workers: 2, ChunkSize: 1 << 20})
 	disktest.MustClose(t, dst)
 	got, err := os.ReadFile(rawOut)
 	if err != nil {
@@ -399,3 +359,8 @@ func TestCreateOverwrites(t *testing.T) {
 		})
 	}
 }
+
+// These tests check the kernel copy itself, also where the file system
+// (ext4, tmpfs, overlayfs in CI) would copy through the page cache, which
+// CopyFrom leaves to the read/write path by default.
+func init() { osfs.SetCopyRangePolicy(osfs.CopyRangeAlways) }

@@ -62,7 +62,7 @@ func TestReadsQemuLogs(t *testing.T) {
 			os.WriteFile(cp, before, 0o644)
 			qemutest.Run(t, "qemu-io", "-f", "vhdx", "-c", "flush", cp)
 			qemutest.Check(t, "vhdx", cp)
-			want := qemuRaw(t, cp)
+			want := qemutest.Raw(t, "vhdx", cp)
 
 			d, err := vdisk.Open(ctx, f, &vdisk.OpenOptions{ReadOnly: true})
 			if err != nil {

@@ -3,10 +3,11 @@ package vmdk
 import (
 	"os"
 
-	"github.com/vdisk/vdisk/internal/disktest"
-	"github.com/vdisk/vdisk/internal/qemutest"
 	"path/filepath"
 	"testing"
+
+	"github.com/vdisk/vdisk/internal/disktest"
+	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
 // FuzzOpen opens arbitrary bytes as a VMDK (sparse header, embedded or
@@ -56,26 +57,9 @@ func TestFuzzSeeds(t *testing.T) {
 		"flatdsc": []byte(flatDesc),
 	}
 	for name, b := range seeds {
-		content := "go test fuzz v1\n[]byte(" + quoteBytes(b) + ")\n"
+		content := qemutest.CorpusEntry(b)
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
-}
-
-func quoteBytes(b []byte) string {
-	const hex = "0123456789abcdef"
-	out := make([]byte, 0, len(b)*4+2)
-	out = append(out, '"')
-	for _, c := range b {
-		switch {
-		case c == '"' || c == '\\':
-			out = append(out, '\\', c)
-		case c >= 0x20 && c < 0x7f:
-			out = append(out, c)
-		default:
-			out = append(out, '\\', 'x', hex[c>>4], hex[c&15])
-		}
-	}
-	return string(append(out, '"'))
 }

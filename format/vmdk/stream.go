@@ -92,7 +92,9 @@ func createStream(p *driver.CreateParams, f driver.File, size int64, desc []byte
 		ready: map[int64]*sjob{}, lastG: -1, curG: -1, pos: int64(len(head))}
 	sw.cond = sync.NewCond(&sw.mu)
 	n := runtime.GOMAXPROCS(0)
-	slots := min(max(int(32<<20/sw.grain), 2*n+2), 4*n+64)
+	// About 2 MiB of grains in flight, enough to keep every core busy:
+	// more only raises the heap (and peak RSS) of a convert.
+	slots := min(max(int(2<<20/sw.grain), 2*n+2), 4*n+16)
 	sw.jobs = make(chan *sjob, slots)
 	sw.slots = make(chan struct{}, slots)
 	for range n {

@@ -4,11 +4,16 @@ package disktest
 
 import (
 	"bytes"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/model"
+	"github.com/vdisk/vdisk/storage/memfs"
 )
 
 // KVs turns "key=value" strings (each may hold several, comma-separated,
@@ -62,3 +67,42 @@ func MustClose(t testing.TB, d *vdisk.Disk) {
 
 // Fill returns n bytes of c.
 func Fill(n int, c byte) []byte { return bytes.Repeat([]byte{c}, n) }
+
+// WriteFile writes data to the host file path.
+func WriteFile(t testing.TB, path string, data []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// SaveTo copies the memfs file name out to the host directory dir, for
+// qemu to read, and returns the host path.
+func SaveTo(t testing.TB, st *memfs.FS, name, dir string) string {
+	t.Helper()
+	b, err := st.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, filepath.Base(name))
+	WriteFile(t, p, b)
+	return p
+}
+
+// FileSize returns the size of the file name in st.
+func FileSize(t testing.TB, st driver.Storage, name string) int64 {
+	t.Helper()
+	fi, err := st.Stat(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Size
+}
+
+// Narrowed reports whether -run picks subtests (a pattern with a '/'): a
+// test that counts its subtests (crash points, say) then sees only some
+// of them and must not hold the count against the code.
+func Narrowed() bool {
+	f := flag.Lookup("test.run")
+	return f != nil && strings.Contains(f.Value.String(), "/")
+}

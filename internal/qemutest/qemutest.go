@@ -8,7 +8,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -156,4 +158,18 @@ func Map(t testing.TB, format, file string) []MapEntry {
 		t.Fatal(err)
 	}
 	return m
+}
+
+// Raw converts file (of format) to raw with qemu-img and returns its
+// content: what qemu reads from the image.
+func Raw(t testing.TB, format, file string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "qemu.raw")
+	Img(t, "convert", "-f", format, "-O", "raw", file, out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(out)
+	return b
 }

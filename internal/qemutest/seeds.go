@@ -75,3 +75,22 @@ func Seeds(t testing.TB, format string, seeds ...Seed) map[string][]byte {
 	}
 	return out
 }
+
+// CorpusEntry is the content of a file of a Go fuzz corpus (testdata/fuzz/
+// FuzzX/NAME) holding the one []byte argument b.
+func CorpusEntry(b []byte) string {
+	const hex = "0123456789abcdef"
+	out := make([]byte, 0, len(b)*4+32)
+	out = append(out, "go test fuzz v1\n[]byte(\""...)
+	for _, c := range b {
+		switch {
+		case c == '"' || c == '\\':
+			out = append(out, '\\', c)
+		case c >= 0x20 && c < 0x7f:
+			out = append(out, c)
+		default:
+			out = append(out, '\\', 'x', hex[c>>4], hex[c&15])
+		}
+	}
+	return string(append(out, "\")\n"...))
+}

@@ -10,7 +10,13 @@ type Locker struct {
 	cond    *sync.Cond
 	held    map[*Range]struct{}
 	waiting int
+	// free: released Ranges for reuse, so that a lock costs no
+	// allocation (a Range must not be used after its Unlock).
+	free []*Range
 }
+
+// maxFree bounds the released Ranges a Locker keeps.
+const maxFree = 64
 
 // Range is a held lock; release it with Unlock.
 type Range struct {
@@ -36,8 +42,15 @@ func (l *Locker) conflicts(r *Range) bool {
 
 // Lock acquires [off, off+n) for reading (write=false) or writing.
 func (l *Locker) Lock(off, n int64, write bool) *Range {
-	r := &Range{off: off, end: off + n, write: write}
 	l.mu.Lock()
+	var r *Range
+	if k := len(l.free); k > 0 {
+		r = l.free[k-1]
+		l.free = l.free[:k-1]
+		*r = Range{off: off, end: off + n, write: write}
+	} else {
+		r = &Range{off: off, end: off + n, write: write}
+	}
 	l.init()
 	for l.conflicts(r) {
 		l.waiting++
@@ -52,7 +65,12 @@ func (l *Locker) Lock(off, n int64, write bool) *Range {
 // Unlock releases r.
 func (l *Locker) Unlock(r *Range) {
 	l.mu.Lock()
-	delete(l.held, r)
+	if _, ok := l.held[r]; ok {
+		delete(l.held, r)
+		if len(l.free) < maxFree {
+			l.free = append(l.free, r)
+		}
+	}
 	if l.waiting > 0 {
 		l.cond.Broadcast()
 	}
@@ -67,7 +85,7 @@ func (r *Range) Covers(off, n int64) bool { return r.off <= off && off+n <= r.en
 // widening holders would otherwise wait for each other), so what r
 // protected may change in between: callers re-read after widening.
 func (l *Locker) Widen(r *Range, off, n int64) *Range {
-	start, end := min(r.off, off), max(r.end, off+n)
+	start, end, write := min(r.off, off), max(r.end, off+n), r.write
 	l.Unlock(r)
-	return l.Lock(start, end-start, r.write)
+	return l.Lock(start, end-start, write)
 }

@@ -2,7 +2,9 @@
 // an NBD export, an iSCSI LUN): reads are served from the cache when it
 // holds the block and fill it on a miss (copy-on-read); concurrent misses
 // of one block fetch it once; a read of many blocks fetches them in
-// parallel; Prefetch pulls the whole source in. The cache is bounded
+// parallel, the missing blocks it covers whole straight into the caller's
+// buffer in runs of up to 1 MiB (one source read each, then written to the
+// cache from there); Prefetch pulls the whole source in. The cache is bounded
 // (cache-size) and evicts the least recently used blocks, reusing their
 // space. It lives in memory or in a VCI file, VirtualBox's cache image
 // format, that survives restarts.

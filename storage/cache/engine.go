@@ -72,6 +72,46 @@ type engine struct {
 
 	hits, misses, fetched, evictions atomic.Int64
 	discarded                        string
+	zeroCRC                          uint32 // CRC-32C of a block of zeros
+
+	// Background flushes of filled blocks (persistent mode): see
+	// flushAhead.
+	unflushed atomic.Int64 // bytes stored since the last flush started
+	flushing  atomic.Bool
+	flushes   sync.WaitGroup
+}
+
+// flushAheadBytes is how many bytes of filled blocks start a background
+// flush of the cache file (a variable for tests).
+var flushAheadBytes int64 = 128 << 20
+
+// flushAhead starts a flush of the cache file in the background once
+// flushAheadBytes were stored since the last one, so that the blocks a
+// cold read fills reach the disk while it goes on, instead of all in the
+// flush of the metadata commit at close. It changes nothing durable: the
+// metadata naming the blocks is written after its own flush, as before.
+func (e *engine) flushAhead(n int64) {
+	if !e.persistent || e.unflushed.Add(n) < flushAheadBytes || e.flushing.Swap(true) {
+		return
+	}
+	e.unflushed.Store(0)
+	e.mu.Lock()
+	closed := e.closed
+	if !closed {
+		e.flushes.Add(1)
+	}
+	e.mu.Unlock()
+	if closed {
+		e.flushing.Store(false)
+		return
+	}
+	go func() {
+		defer e.flushes.Done()
+		defer e.flushing.Store(false)
+		if err := e.f.Sync(); err != nil {
+			e.log.Debug("cache: background flush failed", "cache", e.name, "err", err)
+		}
+	}()
 }
 
 var errNoSlot = errors.New("cache: no block can be evicted")
@@ -87,7 +127,8 @@ func newEngine(src driver.File, st driver.Storage, name string, o Options) (*eng
 	}
 	l, _ := newLayout(o.Size, o.BlockSize)
 	e := &engine{src: src, name: name, l: l, o: o, log: o.Logger, size: size,
-		byBlock: map[int64]*entry{}, inflight: map[int64]*call{}}
+		byBlock: map[int64]*entry{}, inflight: map[int64]*call{},
+		zeroCRC: crc32.Checksum(make([]byte, l.bs), castagnoli)}
 	if name == "" {
 		f, err := memfs.New().Open("/cache", driver.ReadWrite|driver.Create)
 		if err != nil {
@@ -482,7 +523,8 @@ func (e *engine) store(b int64, buf []byte) {
 		}
 		return
 	}
-	if _, err := e.f.WriteAt(buf, e.slotOff(slot)); err != nil {
+	zero := driver.IsZero(buf)
+	if err := e.writeSlot(slot, buf, zero); err != nil {
 		e.log.Warn("cache: cannot write a block", "cache", e.name, "err", err)
 		e.mu.Lock()
 		// Never named by durable metadata: free at once.
@@ -490,15 +532,50 @@ func (e *engine) store(b int64, buf []byte) {
 		e.mu.Unlock()
 		return
 	}
+	sum := e.zeroCRC
+	if !zero {
+		sum = crc32.Checksum(buf, castagnoli)
+		e.flushAhead(int64(len(buf)))
+	}
 	e.mu.Lock()
 	if old := e.byBlock[b]; old != nil {
 		e.dropLocked(old)
 	}
-	en := &entry{blk: b, slot: slot, crc: crc32.Checksum(buf, castagnoli), verified: true}
+	en := &entry{blk: b, slot: slot, crc: sum, verified: true}
 	e.byBlock[b] = en
 	e.pushFront(en)
 	e.dirty = true
 	e.mu.Unlock()
+}
+
+// writeSlot puts a fetched block into its slot. A block of zeros is not
+// written: a slot wholly past the end of the cache file becomes a hole
+// by writing its last byte, one inside the file is punched (a slot may
+// hold an older block's bytes). Cold reads of sparse sources thus cost
+// no cache writes for their zeros, nor their flush at close.
+func (e *engine) writeSlot(slot int64, buf []byte, zero bool) error {
+	off := e.slotOff(slot)
+	if !zero || int64(len(buf)) != e.l.bs {
+		_, err := e.f.WriteAt(buf, off)
+		return err
+	}
+	size, err := e.f.Size()
+	if err != nil {
+		return err
+	}
+	switch {
+	case size <= off:
+		// Only this slot's owner writes [off, off+bs): a write past it
+		// by another leaves a hole here, which reads as zeros too.
+		_, err = e.f.WriteAt(buf[:1], off+e.l.bs-1)
+		return err
+	case size >= off+e.l.bs:
+		if err := e.f.PunchHole(off, e.l.bs); err == nil {
+			return nil
+		}
+	}
+	_, err = e.f.WriteAt(buf, off)
+	return err
 }
 
 // readBlock copies [in, in+len(dst)) of block b into dst, from the cache
@@ -550,6 +627,12 @@ func (e *engine) readBlock(b int64, dst []byte, in int64, count bool) error {
 			if c.err != nil {
 				return c.err
 			}
+			if c.buf == nil {
+				// Fetched into its reader's buffer (fillDirect) and
+				// stored: read it from the cache (or fetch it again if
+				// it could not be kept).
+				continue
+			}
 			copy(dst, c.buf[in:])
 			return nil
 		}
@@ -570,6 +653,57 @@ func (e *engine) readBlock(b int64, dst []byte, in int64, count bool) error {
 		copy(dst, c.buf[in:])
 		return nil
 	}
+}
+
+// fetchUnit is the largest source read of a run of missing blocks.
+const fetchUnit = 1 << 20
+
+// claimDirect marks the blocks of b0..b1 that [off, off+n) covers whole
+// and that are neither cached nor being fetched as being fetched by the
+// caller (who must pass each to fillDirect), and returns their calls.
+func (e *engine) claimDirect(off, n, b0, b1 int64) map[int64]*call {
+	var out map[int64]*call
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for b := b0; b <= b1; b++ {
+		if b*e.l.bs < off || (b+1)*e.l.bs > off+n || e.byBlock[b] != nil || e.inflight[b] != nil {
+			continue
+		}
+		if out == nil {
+			out = map[int64]*call{}
+		}
+		c := &call{done: make(chan struct{})}
+		e.inflight[b] = c
+		out[b] = c
+	}
+	return out
+}
+
+// fillDirect reads the claimed blocks from b0 on (calls, one each) from
+// the source straight into dst, stores them in the cache and releases
+// their waiters, who read them from the cache.
+func (e *engine) fillDirect(b0 int64, dst []byte, calls []*call) error {
+	got, err := e.src.ReadAt(dst, b0*e.l.bs)
+	if err == io.EOF && got == len(dst) {
+		err = nil
+	}
+	if err == nil {
+		e.misses.Add(int64(len(calls)))
+		e.fetched.Add(int64(len(dst)))
+		for i := range calls {
+			e.store(b0+int64(i), dst[int64(i)*e.l.bs:int64(i+1)*e.l.bs])
+		}
+	}
+	e.mu.Lock()
+	for i := range calls {
+		delete(e.inflight, b0+int64(i))
+	}
+	e.mu.Unlock()
+	for _, c := range calls {
+		c.err = err
+		close(c.done)
+	}
+	return err
 }
 
 func readFull(f driver.File, p []byte, off int64) error {

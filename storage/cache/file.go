@@ -149,39 +149,44 @@ func (f *File) ReadAt(p []byte, off int64) (int, error) {
 		lo, hi := max(off, b*e.l.bs), min(off+n, (b+1)*e.l.bs)
 		return p[lo-off : hi-off], lo - b*e.l.bs
 	}
-	if b0 == b1 {
+	if b0 == b1 && (off%e.l.bs != 0 || n != e.l.bs) {
 		dst, in := seg(b0)
 		if err := e.readBlock(b0, dst, in, true); err != nil {
 			return 0, err
 		}
 	} else {
-		// Blocks are read by up to Parallel goroutines; misses of several
-		// blocks thus fetch at the same time.
-		var wg sync.WaitGroup
-		var errMu sync.Mutex
-		var first error
-		next := make(chan int64)
-		for range min(int64(e.o.Parallel), b1-b0+1) {
-			wg.Go(func() {
-				for b := range next {
-					dst, in := seg(b)
-					if err := e.readBlock(b, dst, in, true); err != nil {
-						errMu.Lock()
-						if first == nil {
-							first = err
-						}
-						errMu.Unlock()
-					}
+		// Missing blocks the read covers whole are fetched straight into
+		// p, in runs (one source read each, up to fetchUnit), then
+		// stored from there; the others are read block by block. Up to
+		// Parallel goroutines run the pieces, so the misses of several
+		// blocks fetch at the same time.
+		direct := e.claimDirect(off, n, b0, b1)
+		var tasks []func() error
+		unit := max(e.l.bs, fetchUnit)
+		for b := b0; b <= b1; {
+			if cs := direct[b]; cs != nil {
+				r0 := b
+				for b <= b1 && direct[b] != nil && (b == r0 || (b*e.l.bs)%unit != 0) {
+					b++
 				}
+				r1 := b - 1
+				dst := p[r0*e.l.bs-off : (r1+1)*e.l.bs-off]
+				calls := make([]*call, 0, r1-r0+1)
+				for x := r0; x <= r1; x++ {
+					calls = append(calls, direct[x])
+				}
+				tasks = append(tasks, func() error { return e.fillDirect(r0, dst, calls) })
+				continue
+			}
+			blk := b
+			tasks = append(tasks, func() error {
+				dst, in := seg(blk)
+				return e.readBlock(blk, dst, in, true)
 			})
+			b++
 		}
-		for b := b0; b <= b1; b++ {
-			next <- b
-		}
-		close(next)
-		wg.Wait()
-		if first != nil {
-			return 0, first
+		if err := runTasks(tasks, e.o.Parallel); err != nil {
+			return 0, err
 		}
 	}
 	if n < int64(len(p)) {
@@ -383,6 +388,7 @@ func (f *File) Close() error {
 		e.mu.Lock()
 		e.closed = true
 		e.mu.Unlock()
+		e.flushes.Wait()
 		if cerr := e.f.Close(); err == nil {
 			err = cerr
 		}
@@ -395,4 +401,36 @@ func (f *File) Close() error {
 		f.closeErr = err
 	})
 	return f.closeErr
+}
+
+// runTasks runs tasks on up to parallel goroutines (the first inline when
+// it is alone) and returns the first error. Every task runs: a claimed
+// fetch must always end, to release its waiters.
+func runTasks(tasks []func() error, parallel int) error {
+	if len(tasks) == 1 {
+		return tasks[0]()
+	}
+	var wg sync.WaitGroup
+	var errMu sync.Mutex
+	var first error
+	next := make(chan func() error)
+	for range min(parallel, len(tasks)) {
+		wg.Go(func() {
+			for t := range next {
+				if err := t(); err != nil {
+					errMu.Lock()
+					if first == nil {
+						first = err
+					}
+					errMu.Unlock()
+				}
+			}
+		})
+	}
+	for _, t := range tasks {
+		next <- t
+	}
+	close(next)
+	wg.Wait()
+	return first
 }

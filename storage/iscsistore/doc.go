@@ -27,4 +27,9 @@
 // provisioned with LBPRZ (deallocated blocks read zeros); PunchHole uses
 // UNMAP (or WRITE SAME with UNMAP) only when LBPRZ promises zeros, and
 // WRITE SAME of a zero block otherwise.
+//
+// The Storage keeps track of the files it opened: CloseStorage
+// (driver.StorageCloser, called by vdisk when the last image it opened on
+// a storage built for a URL closes) closes any still open, logging out of
+// their sessions.
 package iscsistore

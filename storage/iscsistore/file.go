@@ -25,6 +25,8 @@ type File struct {
 	// them as holes; cleared when the target turns out not to have it.
 	holes  atomic.Bool
 	closed atomic.Bool
+	// onClose, if set, runs once at Close (the storage forgets the file).
+	onClose func()
 }
 
 // parallel bounds the commands one request keeps in flight.
@@ -281,5 +283,8 @@ func (f *File) Close() error {
 	// A failed logout still closes the connection, and the LUN holds
 	// nothing of ours that it could lose, so it is not an error.
 	_ = f.sess.Close()
+	if f.onClose != nil {
+		f.onClose()
+	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
@@ -33,10 +34,48 @@ func Open(ctx context.Context, name string, env *driver.SchemeEnv) (driver.Stora
 	return st, loc.String(), nil
 }
 
-// Storage holds one iscsi:// location. Its only file is the LUN.
+// Storage holds one iscsi:// location. Its only file is the LUN. It
+// keeps track of the files it opened, so that CloseStorage logs out of
+// every session still open.
 type Storage struct {
 	loc *Location
 	env *driver.SchemeEnv
+
+	mu    sync.Mutex
+	files map[*File]struct{} // open files
+}
+
+var _ driver.StorageCloser = (*Storage)(nil)
+
+// CloseStorage implements driver.StorageCloser: the files opened from the
+// storage that are still open (a driver that forgot one) are closed, with
+// their sessions, so no connection outlives the last image on the
+// storage. The storage stays usable: a later Open logs in again.
+func (st *Storage) CloseStorage() error {
+	st.mu.Lock()
+	files := st.files
+	st.files = nil
+	st.mu.Unlock()
+	for f := range files {
+		st.env.Log().Debug("iscsi: closing a file left open at storage close", "url", f.Name())
+		f.Close()
+	}
+	return nil
+}
+
+// track records f as open until it closes.
+func (st *Storage) track(f *File) {
+	st.mu.Lock()
+	if st.files == nil {
+		st.files = map[*File]struct{}{}
+	}
+	st.files[f] = struct{}{}
+	st.mu.Unlock()
+	f.onClose = func() {
+		st.mu.Lock()
+		delete(st.files, f)
+		st.mu.Unlock()
+	}
 }
 
 var knownOptions = []string{"password-secret", "target-user", "target-password-secret", "initiator-name", "header-digest", "data-digest", "timeout", "open-retry"}
@@ -145,7 +184,12 @@ func (st *Storage) Open(name string, flag driver.OpenFlag) (driver.File, error) 
 	if flag&driver.Excl != 0 {
 		return nil, driver.Errorf(driver.ErrBusy, st.loc.String(), -1, "an iSCSI LUN always exists; it cannot be created exclusively")
 	}
-	return openFile(context.Background(), st, flag&driver.ReadWrite == 0)
+	f, err := openFile(context.Background(), st, flag&driver.ReadWrite == 0)
+	if err != nil {
+		return nil, err
+	}
+	st.track(f)
+	return f, nil
 }
 
 // Remove is not possible on a LUN.

@@ -62,4 +62,9 @@
 // (storage option tls-creds=DIR: ca-cert.pem, client-cert.pem,
 // client-key.pem) and the option tls-hostname. TLS-PSK cannot be done:
 // Go's crypto/tls has no PSK cipher suites (golang/go#6379).
+//
+// The Storage keeps track of the files it opened: CloseStorage
+// (driver.StorageCloser, called by vdisk when the last image it opened on
+// a storage built for a URL closes) closes any still open, with their
+// connections.
 package nbdstore

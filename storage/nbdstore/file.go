@@ -41,6 +41,8 @@ type File struct {
 	ctx    context.Context // ended by Close
 	cancel context.CancelFunc
 	closed atomic.Bool
+	// onClose, if set, runs once at Close (the storage forgets the file).
+	onClose func()
 
 	rmw sync.Mutex // serialises read-modify-writes of partial blocks
 
@@ -348,6 +350,9 @@ func (f *File) Close() error {
 			s.c = nil
 		}
 		s.mu.Unlock()
+	}
+	if f.onClose != nil {
+		f.onClose()
 	}
 	return nil
 }

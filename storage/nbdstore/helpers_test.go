@@ -247,22 +247,3 @@ func (c *cutConn) Write(p []byte) (int, error) {
 }
 
 func writeFile(name string, b []byte) error { return os.WriteFile(name, b, 0o644) }
-
-// liveConns counts the connections not yet closed.
-type liveConns struct{ n atomic.Int64 }
-
-type trackedConn struct {
-	net.Conn
-	once sync.Once
-	l    *liveConns
-}
-
-func (c *trackedConn) Close() error {
-	c.once.Do(func() { c.l.n.Add(-1) })
-	return c.Conn.Close()
-}
-
-func (l *liveConns) track(c net.Conn) net.Conn {
-	l.n.Add(1)
-	return &trackedConn{Conn: c, l: l}
-}

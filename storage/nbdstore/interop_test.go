@@ -14,6 +14,7 @@ import (
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/disktest"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/storage/nbdstore"
 )
@@ -354,14 +355,14 @@ func TestNoLeftoverConnections(t *testing.T) {
 	file, _ := sparseQcow2(t, dir, 1<<20, nil)
 	_, url := qemuNBD(t, "qcow2", file)
 	var read, conns atomic.Int64
-	live := &liveConns{}
+	live := &disktest.LiveConns{}
 	dial := countingDialer(&read, &conns)
 	o := &vdisk.OpenOptions{Dialer: func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dial(ctx, network, addr)
 		if err != nil {
 			return nil, err
 		}
-		return live.track(c), nil
+		return live.Track(c), nil
 	}}
 	d := openRaw(t, url, false, o)
 	readAll(t, d)
@@ -371,7 +372,7 @@ func TestNoLeftoverConnections(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := live.n.Load(); n != 0 {
+	if n := live.N(); n != 0 {
 		t.Fatalf("%d connections open after Close (%d dialled)", n, conns.Load())
 	}
 	t.Logf("%d connections dialled", conns.Load())

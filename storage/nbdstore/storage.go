@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
@@ -167,9 +168,46 @@ func New(name string, env *driver.SchemeEnv) (*Storage, error) {
 }
 
 // Storage is an NBD server reached through one URL. Its files are the
-// server's exports.
+// server's exports. It keeps track of the files it opened, so that
+// CloseStorage closes every connection still open.
 type Storage struct {
 	cfg *config
+
+	mu    sync.Mutex
+	files map[*File]struct{} // open files
+}
+
+var _ driver.StorageCloser = (*Storage)(nil)
+
+// CloseStorage implements driver.StorageCloser: the files opened from the
+// storage that are still open (a driver that forgot one) are closed with
+// their connections, so none outlives the last image on the storage. The
+// storage stays usable: a later Open connects again.
+func (s *Storage) CloseStorage() error {
+	s.mu.Lock()
+	files := s.files
+	s.files = nil
+	s.mu.Unlock()
+	for f := range files {
+		s.cfg.log.Debug("nbd: closing a file left open at storage close", "url", f.Name())
+		f.Close()
+	}
+	return nil
+}
+
+// track records f as open until it closes.
+func (s *Storage) track(f *File) {
+	s.mu.Lock()
+	if s.files == nil {
+		s.files = map[*File]struct{}{}
+	}
+	s.files[f] = struct{}{}
+	s.mu.Unlock()
+	f.onClose = func() {
+		s.mu.Lock()
+		delete(s.files, f)
+		s.mu.Unlock()
+	}
 }
 
 // target returns the target for name: the storage's URL, or another
@@ -203,7 +241,12 @@ func (s *Storage) Open(name string, flag driver.OpenFlag) (driver.File, error) {
 	if flag&driver.Excl != 0 {
 		return nil, driver.Errorf(driver.ErrUnsupported, t.url, -1, "an NBD export always exists: it cannot be created (convert -n writes into it)")
 	}
-	return openFile(s.cfg, t, flag&driver.ReadWrite != 0)
+	f, err := openFile(s.cfg, t, flag&driver.ReadWrite != 0)
+	if err != nil {
+		return nil, err
+	}
+	s.track(f)
+	return f, nil
 }
 
 // Stat connects to learn the export's size.

@@ -49,11 +49,18 @@ func (f *File) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) {
 				done = n
 				return nil
 			}
+			if !f.copiesInKernel(dfd) {
+				return errSpliceOnly
+			}
 			var err error
 			done, err = f.copyRange(sfd, dfd, srcOff, off, n)
 			return err
 		})
 	})
+	if err == errSpliceOnly {
+		return 0, driver.Errorf(driver.ErrUnsupported, f.name, off,
+			"copy offload: this file system would copy through the page cache (copy_file_range without reflinks or a server-side copy); reading and writing is faster")
+	}
 	if err != nil && done == 0 && offloadRefused(err) {
 		return 0, &driver.Error{Op: "copy", File: f.name, Offset: off,
 			Reason: "the kernel cannot copy from " + s.name + " here",
@@ -134,4 +141,86 @@ func (f *File) copyRange(sfd, dfd int, srcOff, off, n int64) (int64, error) {
 type cloneState struct {
 	noClone atomic.Bool
 	cloned  atomic.Int64
+	fsKind  atomic.Int32 // 0 not asked yet, fsCopies, fsSplices
+}
+
+const (
+	fsCopies  = 1 // copy_file_range shares blocks or copies on the server
+	fsSplices = 2 // copy_file_range falls back to the kernel's splice copy
+)
+
+var errSpliceOnly = errors.New("copy_file_range would splice")
+
+// CopyRangePolicy says when CopyFrom uses copy_file_range(2) after a
+// reflink was refused or could not apply.
+type CopyRangePolicy int32
+
+const (
+	// CopyRangeAuto (the default) uses copy_file_range only on file
+	// systems that do more than the kernel's generic page-cache copy:
+	// those that share blocks (XFS, btrfs, bcachefs, OpenZFS, OCFS2) and
+	// network file systems that copy on the server (NFS 4.2, SMB, Ceph,
+	// FUSE). Elsewhere (ext4, tmpfs, ...) the kernel's copy runs the read
+	// and the write of each range in turn under the target's inode lock,
+	// which a read/write pipeline on two cores beats: CopyFrom then
+	// refuses with ErrUnsupported and the caller reads and writes.
+	CopyRangeAuto CopyRangePolicy = iota
+	// CopyRangeAlways uses copy_file_range wherever the kernel accepts it
+	// (qemu-img convert -C).
+	CopyRangeAlways
+)
+
+var copyRangePolicy atomic.Int32
+
+// SetCopyRangePolicy sets the policy of every File's CopyFrom in this
+// process (convert -C sets CopyRangeAlways) and returns the previous one.
+func SetCopyRangePolicy(p CopyRangePolicy) CopyRangePolicy {
+	return CopyRangePolicy(copyRangePolicy.Swap(int32(p)))
+}
+
+// File system magics (statfs f_type) whose copy_file_range does more than
+// the generic splice copy.
+var copyingFileSystems = map[int64]bool{
+	0x58465342: true, // XFS
+	0x9123683e: true, // btrfs
+	0xca451a4e: true, // bcachefs
+	0x2fc12fc1: true, // OpenZFS (block cloning)
+	0x7461636f: true, // OCFS2
+	0x6969:     true, // NFS
+	0xfe534d42: true, // SMB2
+	0xff534d42: true, // CIFS
+	0x00c36400: true, // Ceph
+	0x65735546: true, // FUSE
+}
+
+// FileSystemCopies reports whether the file system holding path copies on
+// its own under copy_file_range (shares blocks or copies on the server),
+// which is where CopyRangeAuto uses it.
+func FileSystemCopies(path string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false, wrap("statfs", path, -1, "", err)
+	}
+	return copyingFileSystems[int64(st.Type)], nil
+}
+
+// copiesInKernel reports whether copy_file_range on f (descriptor dfd)
+// is worth it under the policy; the file system is asked once per file.
+func (f *File) copiesInKernel(dfd int) bool {
+	if CopyRangePolicy(copyRangePolicy.Load()) == CopyRangeAlways {
+		return true
+	}
+	switch f.fsKind.Load() {
+	case fsCopies:
+		return true
+	case fsSplices:
+		return false
+	}
+	kind := int32(fsSplices)
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(dfd, &st); err == nil && copyingFileSystems[int64(st.Type)] {
+		kind = fsCopies
+	}
+	f.fsKind.Store(kind)
+	return kind == fsCopies
 }

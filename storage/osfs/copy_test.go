@@ -18,6 +18,7 @@ import (
 // refuses a source that is not a local file or is read-only as
 // driver.ErrUnsupported / an error without copying.
 func TestCopyFrom(t *testing.T) {
+	defer SetCopyRangePolicy(SetCopyRangePolicy(CopyRangeAlways))
 	dir := t.TempDir()
 	want := make([]byte, 3*mib+777)
 	rand.NewChaCha8([32]byte{1}).Read(want)
@@ -66,6 +67,7 @@ func TestCopyFrom(t *testing.T) {
 // system) copy_file_range fails with EXDEV, reported as
 // driver.ErrUnsupported with nothing copied, so callers fall back.
 func TestCopyFromOtherFileSystem(t *testing.T) {
+	defer SetCopyRangePolicy(SetCopyRangePolicy(CopyRangeAlways))
 	dir := t.TempDir()
 	var a, b unix.Statfs_t
 	if unix.Statfs(dir, &a) != nil || unix.Statfs("/dev/shm", &b) != nil || a.Type == b.Type {
@@ -90,5 +92,67 @@ func TestCopyFromOtherFileSystem(t *testing.T) {
 	}
 	if sz, _ := dst.Size(); sz != 0 {
 		t.Fatalf("refused copy left %d bytes", sz)
+	}
+}
+
+// TestCopyRangePolicy: under CopyRangeAuto, on a file system whose
+// copy_file_range is the kernel's page-cache copy (ext4, tmpfs: the test
+// directory's and /dev/shm are tried), an unaligned copy (no reflink can
+// apply) is refused as driver.ErrUnsupported with nothing copied and the
+// target unchanged; the same copy goes through under CopyRangeAlways. On
+// a file system that copies on its own the copy goes through either way.
+func TestCopyRangePolicy(t *testing.T) {
+	dirs := []string{t.TempDir()}
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		shm, err := os.MkdirTemp("/dev/shm", "vdisk-osfs-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer os.RemoveAll(shm)
+		dirs = append(dirs, shm)
+	}
+	var splicing int
+	for _, dir := range dirs {
+		copies, err := FileSystemCopies(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !copies {
+			splicing++
+		}
+		want := make([]byte, 3*4096)
+		rand.NewChaCha8([32]byte{2}).Read(want)
+		srcName := filepath.Join(dir, "src")
+		if err := os.WriteFile(srcName, want, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		src := mustOpen(t, srcName, driver.ReadOnly)
+		dst := mustOpen(t, filepath.Join(dir, "dst"), driver.ReadWrite|driver.Create)
+		for _, p := range []CopyRangePolicy{CopyRangeAuto, CopyRangeAlways} {
+			old := SetCopyRangePolicy(p)
+			n, err := dst.CopyFrom(src, 100, 0, 5000)
+			SetCopyRangePolicy(old)
+			if p == CopyRangeAuto && !copies {
+				if n != 0 || !errors.Is(err, driver.ErrUnsupported) {
+					t.Fatalf("%s, auto: CopyFrom = %d, %v; want ErrUnsupported", dir, n, err)
+				}
+				if size, _ := dst.Size(); size != 0 {
+					t.Fatalf("%s, auto: a refused copy left %d bytes", dir, size)
+				}
+				continue
+			}
+			if err != nil || n != 5000 {
+				t.Fatalf("%s, policy %d: CopyFrom = %d, %v", dir, p, n, err)
+			}
+			got := make([]byte, 5000)
+			if _, err := dst.ReadAt(got, 0); err != nil || !bytes.Equal(got, want[100:5100]) {
+				t.Fatalf("%s, policy %d: content differs (%v)", dir, p, err)
+			}
+		}
+		src.Close()
+		dst.Close()
+	}
+	if splicing == 0 {
+		t.Fatalf("no splicing file system among %v (/dev/shm is tmpfs): the refusal was not exercised", dirs)
 	}
 }

@@ -50,6 +50,7 @@ var Options = []string{
 type config struct {
 	host      string // endpoint host[:port]
 	secure    bool
+	loopback  bool // the endpoint is a loopback address
 	custom    bool // a custom endpoint: path-style addressing
 	region    string
 	creds     *credentials.Credentials
@@ -206,7 +207,7 @@ func (c *config) setEndpoint(endpoint string, insecure bool) error {
 	default:
 		return driver.OptionErrorf("s3: endpoint %q must be http:// or https://", endpoint)
 	}
-	c.host, c.custom = u.Host, true
+	c.host, c.custom, c.loopback = u.Host, true, isLoopback(u.Hostname())
 	return nil
 }
 

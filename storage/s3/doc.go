@@ -32,7 +32,12 @@
 // HEAD at open; ReadAt fetches aligned blocks (block-size, default 1 MiB)
 // with ranged GETs carrying If-Match, in parallel for large reads, into a
 // small LRU of blocks (cache-blocks) with read-ahead after sequential reads
-// (read-ahead blocks). Failed requests are retried with backoff (retries).
+// of a reader with one request at a time (read-ahead blocks; readers
+// whose requests overlap keep GETs in flight themselves). Blocks a read
+// covers whole that are neither cached nor being fetched are read straight
+// into the caller's buffer, a run of them by one GET of up to 4 MiB: no
+// copy, and they do not push other blocks out of the LRU. Failed requests
+// are retried with backoff (retries; internal/backoff).
 //
 // Writing (Open with driver.ReadWrite|driver.Create on a new name, or with
 // driver.Truncate): the object is cut into parts of part-size bytes
@@ -52,8 +57,11 @@
 // A rewrite of bytes already uploaded is refused with a clear error (no
 // writer of raw, qcow2 -c or in order, VMDK streamOptimized, VHD fixed or
 // DMG does that). Memory is bounded by (mem-parts + 2) part buffers: two
-// parts upload at once, each signed with its SHA-256 so the body is sent
-// as it is. ReadAt reads back what is held in memory or spilled; Sync only
+// parts upload at once, sent as they are. Each part's payload is checked
+// by the server: over https and to a loopback endpoint by its CRC-32C
+// (x-amz-checksum-crc32c, payload UNSIGNED-PAYLOAD: the CPU cost of a
+// hardware CRC instead of SHA-256), over plain http to another host
+// (insecure=on) by its signed SHA-256. ReadAt reads back what is held in memory or spilled; Sync only
 // reports a failed upload, as the object exists only once closed.
 //
 // Each Storage has its own HTTP client; CloseStorage (driver.StorageCloser,

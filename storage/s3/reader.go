@@ -8,7 +8,6 @@ import (
 	"io"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/minio/minio-go/v7"
 
@@ -34,6 +33,8 @@ type readFile struct {
 	blocks   map[int64]*list.Element
 	inflight map[int64]*fetch
 	lastEnd  int64 // end of the previous read: sequential detection
+	active   int   // ReadAt calls in progress
+	parallel int   // > 0: reads overlapped lately (no read-ahead)
 	closed   bool
 }
 
@@ -100,8 +101,15 @@ func (f *readFile) Close() error {
 	return nil
 }
 
+// maxDirect bounds one GET straight into the caller's buffer.
+const maxDirect = 4 << 20
+
 // ReadAt reads from the cached blocks, fetching the missing ones in
-// parallel, then starts read-ahead when reads are sequential.
+// parallel, then starts read-ahead when reads are sequential. Blocks the
+// read covers whole that are neither cached nor being fetched are read
+// straight into p, runs of them by one GET (up to maxDirect): no buffer,
+// no copy, and they do not push other blocks out of the cache (a reader
+// of whole blocks rarely reads them again).
 func (f *readFile) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, driver.Errorf(driver.ErrOutOfRange, f.Name(), off, "negative offset")
@@ -112,58 +120,100 @@ func (f *readFile) ReadAt(p []byte, off int64) (int, error) {
 		}
 		return 0, io.EOF
 	}
+	if len(p) == 0 {
+		return 0, nil
+	}
 	n := int(min(int64(len(p)), f.size-off))
+	end := off + int64(n)
+	first, last := off/f.bs, (end-1)/f.bs
 	f.mu.Lock()
 	if f.closed {
 		f.mu.Unlock()
 		return 0, &driver.Error{Op: "read", File: f.Name(), Offset: off, Err: driver.ErrClosed}
 	}
-	seq := off == f.lastEnd
-	f.lastEnd = off + int64(n)
+	// Read-ahead is for a reader with one request at a time: parallel
+	// readers (convert's workers, a cache's fetches) already keep GETs in
+	// flight, and read-ahead would only fetch their blocks twice.
+	// A read that starts while another is in progress marks the
+	// reader parallel for the next 32 reads.
+	if f.active > 0 {
+		f.parallel = 32
+	} else if f.parallel > 0 {
+		f.parallel--
+	}
+	seq := off == f.lastEnd && f.parallel == 0
+	f.lastEnd = end
+	f.active++
+	var tasks []func() error
+	dirLo, dirHi := int64(-1), int64(-1) // the direct run being built, in bytes
+	flush := func() {
+		for lo := dirLo; lo < dirHi; lo += maxDirect {
+			lo, hi := lo, min(dirHi, lo+maxDirect)
+			tasks = append(tasks, func() error {
+				return f.get(p[lo-off:hi-off], lo)
+			})
+		}
+		dirLo, dirHi = -1, -1
+	}
+	for idx := first; idx <= last; idx++ {
+		bo, be := idx*f.bs, min((idx+1)*f.bs, f.size)
+		_, cached := f.blocks[idx]
+		_, busy := f.inflight[idx]
+		if bo >= off && be <= end && !cached && !busy {
+			if dirHi != bo {
+				flush()
+				dirLo = bo
+			}
+			dirHi = be
+			continue
+		}
+		flush()
+		tasks = append(tasks, func() error {
+			data, err := f.block(idx)
+			if err != nil {
+				return err
+			}
+			lo, hi := max(off, bo), min(end, bo+int64(len(data)))
+			if hi < lo || hi < min(end, be) {
+				return f.s.classify("read", f.key, lo, fmt.Errorf("block %d is short", idx))
+			}
+			copy(p[lo-off:hi-off], data[lo-bo:hi-bo])
+			return nil
+		})
+	}
+	flush()
 	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		f.active--
+		f.mu.Unlock()
+	}()
 
-	first, last := off/f.bs, (off+int64(n)-1)/f.bs
-	fill := func(idx int64) error {
-		data, err := f.block(idx)
-		if err != nil {
-			return err
-		}
-		bo := idx * f.bs
-		lo := max(off, bo)
-		hi := min(off+int64(n), bo+int64(len(data)))
-		if hi < lo {
-			return f.s.classify("read", f.key, lo, fmt.Errorf("block %d is short", idx))
-		}
-		copy(p[lo-off:hi-off], data[lo-bo:hi-bo])
-		return nil
+	if seq {
+		f.readAhead(last + 1)
 	}
 	var err error
-	if first == last {
-		err = fill(first)
+	if len(tasks) == 1 {
+		err = tasks[0]()
 	} else {
-		// Several blocks: fetch them concurrently (f.sem bounds the GETs).
+		// Several pieces: fetch them concurrently (f.sem bounds the GETs).
 		var wg sync.WaitGroup
 		var emu sync.Mutex
-		for idx := first; idx <= last; idx++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if e := fill(idx); e != nil {
+		for _, task := range tasks {
+			wg.Go(func() {
+				if e := task(); e != nil {
 					emu.Lock()
 					if err == nil {
 						err = e
 					}
 					emu.Unlock()
 				}
-			}()
+			})
 		}
 		wg.Wait()
 	}
 	if err != nil {
 		return 0, err
-	}
-	if seq {
-		f.readAhead(last + 1)
 	}
 	if n < len(p) {
 		return n, io.EOF
@@ -213,7 +263,10 @@ func (f *readFile) block(idx int64) ([]byte, error) {
 	f.inflight[idx] = fe
 	f.mu.Unlock()
 
-	fe.data, fe.err = f.get(idx*f.bs, min(f.bs, f.size-idx*f.bs))
+	fe.data = make([]byte, min(f.bs, f.size-idx*f.bs))
+	if fe.err = f.get(fe.data, idx*f.bs); fe.err != nil {
+		fe.data = nil
+	}
 	f.mu.Lock()
 	delete(f.inflight, idx)
 	if fe.err == nil && !f.closed {
@@ -228,39 +281,22 @@ func (f *readFile) block(idx int64) ([]byte, error) {
 	return fe.data, fe.err
 }
 
-// get reads [off, off+n) with a ranged GET conditional on the pinned ETag,
-// retrying failures that may pass (connection errors, a body cut short,
-// 5xx and throttling that outlasted the client's own retries) with
+// get fills buf from off with a ranged GET conditional on the pinned
+// ETag, retrying failures that may pass (connection errors, a body cut
+// short, 5xx and throttling that outlasted the client's own retries) with
 // exponential backoff. A replaced object is never retried.
-func (f *readFile) get(off, n int64) ([]byte, error) {
+func (f *readFile) get(buf []byte, off int64) error {
 	select {
 	case f.sem <- struct{}{}:
 	case <-f.ctx.Done():
-		return nil, &driver.Error{Op: "read", File: f.Name(), Offset: off, Err: driver.ErrClosed}
+		return &driver.Error{Op: "read", File: f.Name(), Offset: off, Err: driver.ErrClosed}
 	}
 	defer func() { <-f.sem }()
-	buf := make([]byte, n)
-	var err error
-	delay := 100 * time.Millisecond
-	for attempt := 0; attempt < f.s.cfg.retries; attempt++ {
-		if attempt > 0 {
-			f.s.log.Debug("s3: retrying read", "object", f.Name(), "offset", off, "attempt", attempt+1, "error", err)
-			select {
-			case <-time.After(delay):
-			case <-f.ctx.Done():
-				return nil, &driver.Error{Op: "read", File: f.Name(), Offset: off, Err: driver.ErrClosed}
-			}
-			delay = min(2*delay, 2*time.Second)
-		}
-		err = f.getOnce(buf, off)
-		if err == nil {
-			return buf, nil
-		}
-		if !retryable(err) {
-			break
-		}
+	err := f.s.retry(f.ctx, "read", f.key, off, func() error { return f.getOnce(buf, off) })
+	if err != nil && f.ctx.Err() != nil {
+		return &driver.Error{Op: "read", File: f.Name(), Offset: off, Err: driver.ErrClosed}
 	}
-	return nil, f.s.classify("read", f.key, off, err)
+	return f.s.classify("read", f.key, off, err)
 }
 
 func (f *readFile) getOnce(buf []byte, off int64) error {
@@ -295,9 +331,18 @@ func retryable(err error) bool {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return false
 	}
-	r := minio.ToErrorResponse(err)
+	r := errResponse(err)
 	if r.StatusCode == 0 {
 		return true // transport errors, short bodies
 	}
 	return r.StatusCode >= 500 || r.StatusCode == 429 || r.Code == "SlowDown" || r.Code == "RequestTimeout"
+}
+
+// errResponse is the S3 error answer inside err (wrapped or not).
+func errResponse(err error) minio.ErrorResponse {
+	var r minio.ErrorResponse
+	if errors.As(err, &r) {
+		return r
+	}
+	return minio.ToErrorResponse(err)
 }

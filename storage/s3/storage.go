@@ -10,10 +10,12 @@ import (
 	"path"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/minio/minio-go/v7"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/backoff"
 )
 
 func init() {
@@ -100,6 +102,23 @@ func (s *Storage) CloseStorage() error {
 	return nil
 }
 
+// retry runs fn until it succeeds, fails for good (!retryable), the
+// configured attempts (retries=) run out, or ctx ends: waits from 100ms,
+// doubling up to 2s, with jitter.
+func (s *Storage) retry(ctx context.Context, op, key string, off int64, fn func() error) error {
+	p := backoff.Policy{
+		Initial:  100 * time.Millisecond,
+		Max:      2 * time.Second,
+		Attempts: s.cfg.retries,
+		Total:    time.Duration(s.cfg.retries) * 3 * time.Second,
+	}
+	notify := func(attempt int, err error, wait time.Duration) {
+		s.log.Debug("s3: retrying", "op", op, "object", s.url(key), "offset", off, "attempt", attempt+1, "wait", wait, "error", err)
+	}
+	return backoff.Retry(ctx, p, func(err error) bool { return !retryable(err) }, notify,
+		func(context.Context, int) error { return fn() })
+}
+
 // url is the name of key for messages.
 func (s *Storage) url(key string) string { return "s3://" + s.bucket + "/" + key }
 
@@ -135,7 +154,7 @@ func (s *Storage) classify(op, key string, off int64, err error) error {
 	if errors.As(err, &de) {
 		return err
 	}
-	r := minio.ToErrorResponse(err)
+	r := errResponse(err)
 	switch {
 	case r.Code == "NoSuchBucket":
 		return &driver.Error{Op: op, File: s.url(key), Offset: off, Reason: fmt.Sprintf("bucket %q does not exist", s.bucket), Err: errNoBucket}

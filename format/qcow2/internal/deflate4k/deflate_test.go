@@ -71,10 +71,36 @@ func TestRoundTrip(t *testing.T) {
 	}
 }
 
+// TestReuse checks that an Encoder reused across inputs of different
+// sizes never refers to the data of an earlier call.
+func TestReuse(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	text := make([]byte, 70000)
+	for i := range text {
+		const line = "log line 000123 of a disk image, compressible\n"
+		text[i] = line[i%len(line)]
+		if rng.IntN(30) == 0 {
+			text[i] = byte('0' + rng.IntN(10))
+		}
+	}
+	var e Encoder
+	// The same bytes at nearly the same positions: a stale table entry
+	// would point at a plausible but wrong earlier position.
+	for i := range 6 {
+		roundTrip(t, &e, text[:65536-i*7])
+		roundTrip(t, &e, text[i*13:])
+		roundTrip(t, &e, text[:4099+i])
+	}
+}
+
 func FuzzRoundTrip(f *testing.F) {
 	f.Add([]byte("hello hello hello"))
+	f.Add([]byte("abcdabcdabcdabcdXabcdabcd"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var e Encoder
+		roundTrip(t, &e, b)
+		// Reused: the second call must not see the first call's positions.
+		roundTrip(t, &e, b[len(b)/3:])
 		roundTrip(t, &e, b)
 	})
 }

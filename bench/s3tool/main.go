@@ -16,7 +16,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -26,6 +25,7 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
+	"github.com/vdisk/vdisk/storage/s3/s3test"
 )
 
 func main() {
@@ -92,39 +92,5 @@ func headProxy(listen string) error {
 		return err
 	}
 	tr := &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}
-	return http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		req, err := http.NewRequestWithContext(r.Context(), http.MethodGet, ep.Scheme+"://"+ep.Host+r.URL.RequestURI(), nil)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		if rg := r.Header.Get("Range"); rg != "" {
-			req.Header.Set("Range", rg)
-		}
-		if r.Method == http.MethodHead {
-			req.Header.Set("Range", "bytes=0-0")
-		}
-		resp, err := tr.RoundTrip(req)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadGateway)
-			return
-		}
-		defer resp.Body.Close()
-		if r.Method == http.MethodHead {
-			total := resp.Header.Get("Content-Range")
-			if i := strings.LastIndexByte(total, '/'); resp.StatusCode == http.StatusPartialContent && i >= 0 {
-				w.Header().Set("Content-Length", total[i+1:])
-				w.Header().Set("Accept-Ranges", "bytes")
-				w.WriteHeader(http.StatusOK)
-				return
-			}
-			w.WriteHeader(resp.StatusCode)
-			return
-		}
-		for k, v := range resp.Header {
-			w.Header()[k] = v
-		}
-		w.WriteHeader(resp.StatusCode)
-		io.Copy(w, resp.Body)
-	}))
+	return http.Serve(l, s3test.HeadProxy(ep.Scheme+"://"+ep.Host, tr))
 }

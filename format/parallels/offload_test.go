@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -112,18 +111,8 @@ func TestCopyFrom(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
 	const size = 3<<20 + 512
-	srcName := filepath.Join(dir, "src.bin")
-	srcData := make([]byte, 4<<20)
-	rng := rand.New(rand.NewPCG(3, 9))
-	for i := range srcData {
-		srcData[i] = byte(rng.Uint32())
-	}
-	disktest.WriteFile(t, srcName, srcData)
-	sf, err := osfs.New().Open(srcName, driver.ReadOnly)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sf.Close()
+	srcData := disktest.RandomBytes(4<<20, 3, 9)
+	sf := disktest.HostFile(t, filepath.Join(dir, "src.bin"), srcData)
 	for _, opts := range [][]string{{"cluster_size=4k"}, {"cluster_size=4k", "prealloc-mode=truncate", "prealloc-size=0"}} {
 		t.Run(fmt.Sprint(opts), func(t *testing.T) {
 			name := filepath.Join(dir, fmt.Sprintf("c%d.prl", len(opts)))
@@ -179,13 +168,7 @@ func TestCopyFrom(t *testing.T) {
 // cluster); a read-only image is ErrReadOnly.
 func TestCopyFromRefused(t *testing.T) {
 	dir := t.TempDir()
-	srcName := filepath.Join(dir, "src.bin")
-	disktest.WriteFile(t, srcName, disktest.Fill(1<<20, 7))
-	sf, err := osfs.New().Open(srcName, driver.ReadOnly)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sf.Close()
+	sf := disktest.HostFile(t, filepath.Join(dir, "src.bin"), disktest.Fill(1<<20, 7))
 	st := memfs.New()
 	m := createPrl(t, st, "/m.prl", 1<<20, append(small, driver.KV{Key: "cluster_size", Value: "4k"})...)
 	if _, err := topImage(m).CopyFrom(sf, 0, 0, 4096); !errors.Is(err, driver.ErrUnsupported) {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
@@ -110,20 +109,8 @@ func TestCopyFrom(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
 	const size = 3<<20 + 512
-	srcName := filepath.Join(dir, "src.bin")
-	srcData := make([]byte, 4<<20)
-	rng := rand.New(rand.NewPCG(3, 9))
-	for i := range srcData {
-		srcData[i] = byte(rng.Uint32())
-	}
-	if err := os.WriteFile(srcName, srcData, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sf, err := osfs.New().Open(srcName, driver.ReadOnly)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sf.Close()
+	srcData := disktest.RandomBytes(4<<20, 3, 9)
+	sf := disktest.HostFile(t, filepath.Join(dir, "src.bin"), srcData)
 	// 4 KiB clusters, 2-cluster tables: 1024 entries, 4 MiB per L2 table.
 	name := filepath.Join(dir, "c.qed")
 	d := createQED(t, nil, name, size, "", "", disktest.KVs("cluster_size=4k", "table_size=2")...)
@@ -199,16 +186,8 @@ func TestCopyFrom(t *testing.T) {
 func TestCopyFromTables(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
-	srcName := filepath.Join(dir, "src.bin")
 	srcData := bytes.Repeat([]byte("0123456789abcdef"), 1<<14) // 256 KiB
-	if err := os.WriteFile(srcName, srcData, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sf, err := osfs.New().Open(srcName, driver.ReadOnly)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sf.Close()
+	sf := disktest.HostFile(t, filepath.Join(dir, "src.bin"), srcData)
 	name := filepath.Join(dir, "t.qed")
 	const size = 12 << 20
 	d := createQED(t, nil, name, size, "", "", disktest.KVs("cluster_size=4k", "table_size=2")...)
@@ -235,15 +214,7 @@ func TestCopyFromTables(t *testing.T) {
 // read-only image is ErrReadOnly.
 func TestCopyFromRefused(t *testing.T) {
 	dir := t.TempDir()
-	srcName := filepath.Join(dir, "src.bin")
-	if err := os.WriteFile(srcName, disktest.Fill(1<<20, 7), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sf, err := osfs.New().Open(srcName, driver.ReadOnly)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sf.Close()
+	sf := disktest.HostFile(t, filepath.Join(dir, "src.bin"), disktest.Fill(1<<20, 7))
 	base := filepath.Join(dir, "base.raw")
 	if err := os.WriteFile(base, disktest.Fill(1<<20, 3), 0o644); err != nil {
 		t.Fatal(err)

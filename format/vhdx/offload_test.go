@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
@@ -214,20 +213,8 @@ func TestOffloadLogInMemory(t *testing.T) {
 func TestCopyFrom(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
-	srcName := filepath.Join(dir, "src.bin")
-	srcData := make([]byte, 4<<20)
-	rng := rand.New(rand.NewPCG(3, 8))
-	for i := range srcData {
-		srcData[i] = byte(rng.Uint32())
-	}
-	if err := os.WriteFile(srcName, srcData, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sf, err := osfs.New().Open(srcName, driver.ReadOnly)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sf.Close()
+	srcData := disktest.RandomBytes(4<<20, 3, 8)
+	sf := disktest.HostFile(t, filepath.Join(dir, "src.bin"), srcData)
 	type copyCase struct {
 		name          string
 		off, n, srcAt int64

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/storage/osfs"
 )
 
 // SparseSource writes dir/src.raw: a sparse raw file of size bytes whose
@@ -54,4 +56,28 @@ func ConvertStats(t testing.TB, ctx context.Context, dst, src *vdisk.Disk, o vdi
 		t.Fatalf("stats %+v do not add up to the size %d", st, src.Size())
 	}
 	return st
+}
+
+// RandomBytes returns n bytes drawn from a PCG seeded with (s1, s2).
+func RandomBytes(n int, s1, s2 uint64) []byte {
+	b := make([]byte, n)
+	rng := rand.New(rand.NewPCG(s1, s2))
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	return b
+}
+
+// HostFile writes data to the host file path and returns it opened
+// read-only through osfs (closed when the test ends): a source for the
+// kernel-copy tests.
+func HostFile(t testing.TB, path string, data []byte) driver.File {
+	t.Helper()
+	WriteFile(t, path, data)
+	f, err := osfs.New().Open(path, driver.ReadOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
 }

@@ -3,14 +3,13 @@ package s3
 import (
 	"context"
 	"encoding/json"
-	"io"
 	"net"
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/vdisk/vdisk/internal/qemutest"
+	"github.com/vdisk/vdisk/storage/s3/s3test"
 )
 
 // TestQemuReadsPresignedURL: qemu-img, reading the object over HTTP with
@@ -51,41 +50,7 @@ func headProxy(t *testing.T, backend string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		req, err := http.NewRequestWithContext(r.Context(), http.MethodGet, "http://"+backend+r.URL.RequestURI(), nil)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		if rg := r.Header.Get("Range"); rg != "" {
-			req.Header.Set("Range", rg)
-		}
-		if r.Method == http.MethodHead {
-			req.Header.Set("Range", "bytes=0-0")
-		}
-		resp, err := http.DefaultTransport.RoundTrip(req)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadGateway)
-			return
-		}
-		defer resp.Body.Close()
-		if r.Method == http.MethodHead {
-			total := resp.Header.Get("Content-Range")
-			if i := strings.LastIndexByte(total, '/'); resp.StatusCode == http.StatusPartialContent && i >= 0 {
-				w.Header().Set("Content-Length", total[i+1:])
-				w.Header().Set("Accept-Ranges", "bytes")
-				w.WriteHeader(http.StatusOK)
-				return
-			}
-			w.WriteHeader(resp.StatusCode)
-			return
-		}
-		for k, v := range resp.Header {
-			w.Header()[k] = v
-		}
-		w.WriteHeader(resp.StatusCode)
-		io.Copy(w, resp.Body)
-	})}
+	srv := &http.Server{Handler: s3test.HeadProxy("http://"+backend, http.DefaultTransport)}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
 	return l.Addr().String()

@@ -37,6 +37,16 @@ func TestS3Flows(t *testing.T) {
 	if out, code := runQemu(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", disk, got); code != 0 {
 		t.Fatalf("qemu-img compare of the uploaded base: %s", out)
 	}
+	// Converting over an existing object replaces it (objects cannot be
+	// changed in place): raw, and qcow2 over the raw one.
+	for _, format := range []string{"raw", "qcow2"} {
+		mustRun(t, "convert", "-O", format, disk, "s3://images/again.img")
+		again := filepath.Join(dir, "again."+format)
+		srv.Download("images", "again.img", again)
+		if out, code := runQemu(t, "qemu-img", "compare", "-f", "raw", "-F", format, disk, again); code != 0 {
+			t.Fatalf("qemu-img compare of the %s converted over an existing object: %s", format, out)
+		}
+	}
 	before, err := srv.Stat("images", "base.qcow2")
 	if err != nil {
 		t.Fatal(err)

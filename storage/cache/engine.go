@@ -30,8 +30,32 @@ type entry struct {
 // the same block wait for (singleflight).
 type call struct {
 	done chan struct{}
-	buf  []byte
+	buf  []byte // the fetched block (nil when fetched into a reader's buffer)
 	err  error
+	refs atomic.Int32 // the fetcher and its waiters still to copy from buf
+}
+
+// release drops one reference to c.buf; the last returns it to the pool.
+func (e *engine) release(c *call) {
+	if c.refs.Add(-1) == 0 && c.buf != nil {
+		e.putBuf(c.buf)
+	}
+}
+
+// getBuf and putBuf recycle the block-sized buffers of fetches, which
+// otherwise make a cold read allocate its whole size.
+func (e *engine) getBuf() []byte {
+	if b, ok := e.bufs.Get().(*[]byte); ok {
+		return *b
+	}
+	return make([]byte, e.l.bs)
+}
+
+func (e *engine) putBuf(b []byte) {
+	if int64(cap(b)) == e.l.bs {
+		b = b[:e.l.bs]
+		e.bufs.Put(&b)
+	}
 }
 
 // engine is the cache of one source file.
@@ -57,6 +81,7 @@ type engine struct {
 	hdr    header // the durable header (persistent mode)
 	region int    // the metadata region hdr points to
 
+	bufs       sync.Pool // *[]byte of one block: fetches and checks
 	mu         sync.Mutex
 	size       int64
 	byBlock    map[int64]*entry
@@ -490,14 +515,16 @@ func (e *engine) allocSlot() (int64, error) {
 
 func (e *engine) slotOff(slot int64) int64 { return int64(e.l.slotSec(slot)) * sectorSize }
 
-// fetch reads block b from the source; bytes past its end read as zeros.
+// fetch reads block b from the source into a pooled buffer; bytes past
+// its end read as zeros.
 func (e *engine) fetch(b int64) ([]byte, error) {
-	buf := make([]byte, e.l.bs)
+	buf := e.getBuf()
 	e.mu.Lock()
 	size := e.size
 	e.mu.Unlock()
 	off := b * e.l.bs
 	n := min(e.l.bs, size-off)
+	clear(buf[max(n, 0):])
 	if n <= 0 {
 		return buf, nil
 	}
@@ -506,6 +533,7 @@ func (e *engine) fetch(b int64) ([]byte, error) {
 		err = nil
 	}
 	if err != nil {
+		e.putBuf(buf)
 		return nil, err
 	}
 	e.misses.Add(1)
@@ -593,7 +621,7 @@ func (e *engine) readBlock(b int64, dst []byte, in int64, count bool) error {
 			if !verified {
 				// First use in this session: the data must match the
 				// checksum recorded with it.
-				blk := make([]byte, e.l.bs)
+				blk := e.getBuf()
 				if err = readFull(e.f, blk, e.slotOff(en.slot)); err == nil {
 					if c := crc32.Checksum(blk, castagnoli); c != sum {
 						err = driver.Corruptf(e.name, e.slotOff(en.slot), "cached block %d: checksum %#x, recorded %#x", b, c, sum)
@@ -601,6 +629,7 @@ func (e *engine) readBlock(b int64, dst []byte, in int64, count bool) error {
 						copy(dst, blk[in:])
 					}
 				}
+				e.putBuf(blk)
 			} else if len(dst) > 0 {
 				err = readFull(e.f, dst, e.slotOff(en.slot)+in)
 			}
@@ -622,21 +651,27 @@ func (e *engine) readBlock(b int64, dst []byte, in int64, count bool) error {
 			continue
 		}
 		if c := e.inflight[b]; c != nil {
+			c.refs.Add(1)
 			e.mu.Unlock()
 			<-c.done
-			if c.err != nil {
-				return c.err
+			err, direct := c.err, c.buf == nil
+			if err == nil && !direct {
+				copy(dst, c.buf[in:])
 			}
-			if c.buf == nil {
+			e.release(c)
+			if err != nil {
+				return err
+			}
+			if direct {
 				// Fetched into its reader's buffer (fillDirect) and
 				// stored: read it from the cache (or fetch it again if
 				// it could not be kept).
 				continue
 			}
-			copy(dst, c.buf[in:])
 			return nil
 		}
 		c := &call{done: make(chan struct{})}
+		c.refs.Store(1)
 		e.inflight[b] = c
 		e.mu.Unlock()
 		c.buf, c.err = e.fetch(b)
@@ -647,11 +682,12 @@ func (e *engine) readBlock(b int64, dst []byte, in int64, count bool) error {
 		delete(e.inflight, b)
 		e.mu.Unlock()
 		close(c.done)
-		if c.err != nil {
-			return c.err
+		err := c.err
+		if err == nil {
+			copy(dst, c.buf[in:])
 		}
-		copy(dst, c.buf[in:])
-		return nil
+		e.release(c)
+		return err
 	}
 }
 

@@ -39,8 +39,10 @@
 // copy, and they do not push other blocks out of the LRU. Failed requests
 // are retried with backoff (retries; internal/backoff).
 //
-// Writing (Open with driver.ReadWrite|driver.Create on a new name, or with
-// driver.Truncate): the object is cut into parts of part-size bytes
+// Writing (Open with driver.ReadWrite and driver.Create or
+// driver.Truncate; over an existing object, which is replaced whole when
+// the new one is complete and left as it was if the upload fails): the
+// object is cut into parts of part-size bytes
 // (default 8 MiB; the size doubles every 1000 parts, so an object of
 // unknown size reaches terabytes within S3's 10000 parts; a Truncate before
 // the first write, as raw and fixed VHD do, picks equal parts that fit the

@@ -8,6 +8,7 @@ import (
 	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/minio/minio-go/v7"
 
@@ -38,16 +39,27 @@ type readFile struct {
 	closed   bool
 }
 
+// block is one cached block. Its buffer goes back to the storage's pool
+// when the last reference is dropped: the cache's own, while it holds the
+// block, and one per reader copying from it.
 type block struct {
 	idx  int64
 	data []byte
+	refs atomic.Int32
 }
 
 // fetch is one block being downloaded; waiters block on done.
 type fetch struct {
 	done chan struct{}
-	data []byte
+	blk  *block
 	err  error
+}
+
+// unref drops one reference to b.
+func (f *readFile) unref(b *block) {
+	if b.refs.Add(-1) == 0 {
+		f.s.putBlock(b.data)
+	}
 }
 
 var (
@@ -95,6 +107,9 @@ func (f *readFile) Close() error {
 	f.stop()
 	f.ahead.Wait()
 	f.mu.Lock()
+	for e := f.lru.Front(); e != nil; e = e.Next() {
+		f.unref(e.Value.(*block))
+	}
 	f.lru.Init()
 	clear(f.blocks)
 	f.mu.Unlock()
@@ -169,10 +184,12 @@ func (f *readFile) ReadAt(p []byte, off int64) (int, error) {
 		}
 		flush()
 		tasks = append(tasks, func() error {
-			data, err := f.block(idx)
+			b, err := f.block(idx)
 			if err != nil {
 				return err
 			}
+			defer f.unref(b)
+			data := b.data
 			lo, hi := max(off, bo), min(end, bo+int64(len(data)))
 			if hi < lo || hi < min(end, be) {
 				return f.s.classify("read", f.key, lo, fmt.Errorf("block %d is short", idx))
@@ -239,46 +256,67 @@ func (f *readFile) readAhead(from int64) {
 		}
 		go func() {
 			defer f.ahead.Done()
-			f.block(idx) // errors surface when the block is read
+			// Errors surface when the block is read.
+			if b, err := f.block(idx); err == nil {
+				f.unref(b)
+			}
 		}()
 	}
 }
 
 // block returns block idx, from the cache, from a fetch in flight, or
-// fetched now.
-func (f *readFile) block(idx int64) ([]byte, error) {
+// fetched now, with a reference the caller drops with unref.
+func (f *readFile) block(idx int64) (*block, error) {
 	f.mu.Lock()
 	if e, ok := f.blocks[idx]; ok {
 		f.lru.MoveToFront(e)
-		data := e.Value.(*block).data
+		b := e.Value.(*block)
+		b.refs.Add(1)
 		f.mu.Unlock()
-		return data, nil
+		return b, nil
 	}
 	if fe, ok := f.inflight[idx]; ok {
+		fe.blk.refs.Add(1)
 		f.mu.Unlock()
 		<-fe.done
-		return fe.data, fe.err
+		if fe.err != nil {
+			f.unref(fe.blk)
+			return nil, fe.err
+		}
+		return fe.blk, nil
 	}
-	fe := &fetch{done: make(chan struct{})}
+	// Two references: the fetcher's and the cache's.
+	fe := &fetch{done: make(chan struct{}), blk: &block{idx: idx, data: f.s.getBlock(min(f.bs, f.size-idx*f.bs))}}
+	fe.blk.refs.Store(2)
 	f.inflight[idx] = fe
 	f.mu.Unlock()
 
-	fe.data = make([]byte, min(f.bs, f.size-idx*f.bs))
-	if fe.err = f.get(fe.data, idx*f.bs); fe.err != nil {
-		fe.data = nil
-	}
+	fe.err = f.get(fe.blk.data, idx*f.bs)
 	f.mu.Lock()
 	delete(f.inflight, idx)
-	if fe.err == nil && !f.closed {
-		f.blocks[idx] = f.lru.PushFront(&block{idx: idx, data: fe.data})
+	cached := fe.err == nil && !f.closed
+	var evicted []*block
+	if cached {
+		f.blocks[idx] = f.lru.PushFront(fe.blk)
 		for f.lru.Len() > f.s.cfg.cacheBlks {
 			old := f.lru.Remove(f.lru.Back()).(*block)
 			delete(f.blocks, old.idx)
+			evicted = append(evicted, old)
 		}
 	}
 	f.mu.Unlock()
 	close(fe.done)
-	return fe.data, fe.err
+	if !cached {
+		f.unref(fe.blk)
+	}
+	for _, b := range evicted {
+		f.unref(b)
+	}
+	if fe.err != nil {
+		f.unref(fe.blk)
+		return nil, fe.err
+	}
+	return fe.blk, nil
 }
 
 // get fills buf from off with a ranged GET conditional on the pinned

@@ -1,6 +1,7 @@
 package s3
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -129,5 +130,52 @@ func TestRoundTrip(t *testing.T) {
 				t.Fatalf("vdisk compare from S3: %+v %v", res, err)
 			}
 		})
+	}
+}
+
+// TestConvertOverExisting: an image created over an existing object
+// replaces it whole (objects cannot be changed in place), for raw, whose
+// creator reuses an existing file, and qcow2, which cuts it to its tables;
+// an upload cut midway leaves the old object as it was.
+func TestConvertOverExisting(t *testing.T) {
+	t.Parallel()
+	qemutest.Require(t, "qemu-img")
+	s := startServer(t)
+	src := makeSource(t, 12<<20)
+	old := randBytes(99, 20<<20+512)
+	for _, format := range []string{"raw", "qcow2"} {
+		key := "over/" + format
+		s.put(key, old)
+		if err := convertTo(t, s, src, s3url(key), format, nil, false); err != nil {
+			t.Fatalf("%s over an existing object: %v", format, err)
+		}
+		if u := s.uploads(); len(u) != 0 {
+			t.Fatalf("uploads left: %v", u)
+		}
+		local := s.download(key)
+		if format == "qcow2" {
+			if r := qemutest.Check(t, format, local); r.Corruptions != 0 || r.Leaks != 0 {
+				t.Fatalf("qemu-img check: %+v", r)
+			}
+		}
+		if !qemutest.Compare(t, "raw", src, format, local) {
+			t.Fatalf("%s: the replaced object differs from the source", format)
+		}
+
+		// A cut upload over it: the object stays what it was.
+		before := s.get(key)
+		s.dial.partPuts.Store(0)
+		s.dial.failPartsAfter.Store(1)
+		err := convertTo(t, s, makeSource(t, 30<<20), s3url(key), format, nil, false, "part-size", "5M", "mem-parts", "1", "retries", "1")
+		s.dial.failPartsAfter.Store(0)
+		if err == nil {
+			t.Fatalf("%s: the cut upload succeeded", format)
+		}
+		if got := s.get(key); !bytes.Equal(got, before) {
+			t.Fatalf("%s: a failed upload changed the existing object (%d bytes, was %d)", format, len(got), len(before))
+		}
+		if u := s.uploads(); len(u) != 0 {
+			t.Fatalf("%s: orphaned uploads: %v", format, u)
+		}
 	}
 }

@@ -33,6 +33,25 @@ type Storage struct {
 
 	mu      sync.Mutex
 	writers map[string]*writeFile // uploads in progress, by key
+
+	blocks sync.Pool // *[]byte of cfg.blockSize bytes: readers' cached blocks
+}
+
+// getBlock returns a buffer of n bytes for a reader's block, pooled when
+// n is the block size (every block but an object's last).
+func (s *Storage) getBlock(n int64) []byte {
+	if n == s.cfg.blockSize {
+		if b, ok := s.blocks.Get().(*[]byte); ok {
+			return *b
+		}
+	}
+	return make([]byte, n)
+}
+
+func (s *Storage) putBlock(b []byte) {
+	if int64(len(b)) == s.cfg.blockSize {
+		s.blocks.Put(&b)
+	}
 }
 
 var (
@@ -187,11 +206,13 @@ func (s *Storage) statObject(ctx context.Context, op, key string) (minio.ObjectI
 	return oi, err
 }
 
-// Open implements driver.Storage. ReadOnly (and ReadWrite without
-// Truncate on an existing object) gives a reader pinned to the object's
-// current ETag, whose writes fail: objects cannot be changed in place. A
-// new name (Create) or Truncate gives a writer that becomes the object at
-// Close.
+// Open implements driver.Storage. ReadOnly, and ReadWrite alone on an
+// existing object, give a reader pinned to the object's current ETag,
+// whose writes fail: objects cannot be changed in place. Create or
+// Truncate give a writer that becomes the object at Close: on an existing
+// object (Create without Excl: an image created over an old one) the old
+// object is replaced whole, and stays readable as it was until the new
+// one is complete (an upload that fails is aborted and leaves it).
 func (s *Storage) Open(name string, flag driver.OpenFlag) (driver.File, error) {
 	key := cleanKey(name)
 	if key == "" || strings.HasSuffix(key, "/") {
@@ -199,8 +220,8 @@ func (s *Storage) Open(name string, flag driver.OpenFlag) (driver.File, error) {
 	}
 	ctx := context.Background()
 	rw := flag&driver.ReadWrite != 0
-	if flag&driver.Truncate != 0 && !rw {
-		return nil, driver.Errorf(driver.ErrInvalidOption, s.url(key), -1, "open: Truncate requires ReadWrite")
+	if flag&(driver.Truncate|driver.Create) != 0 && !rw {
+		return nil, driver.Errorf(driver.ErrInvalidOption, s.url(key), -1, "open: Create and Truncate require ReadWrite")
 	}
 	// The HEAD also proves the bucket and the credentials before any
 	// upload starts, with a clear error.
@@ -209,20 +230,14 @@ func (s *Storage) Open(name string, flag driver.OpenFlag) (driver.File, error) {
 	if err != nil && !missing {
 		return nil, err
 	}
-	if rw && flag&driver.Truncate != 0 {
+	if rw && flag&(driver.Truncate|driver.Create) != 0 {
 		if err == nil && flag&driver.Excl != 0 {
 			return nil, driver.Errorf(fs.ErrExist, s.url(key), -1, "object exists")
 		}
 		return s.newWriter(key)
 	}
 	if missing {
-		if rw && flag&driver.Create != 0 {
-			return s.newWriter(key)
-		}
 		return nil, err
-	}
-	if rw && flag&driver.Create != 0 && flag&driver.Excl != 0 {
-		return nil, driver.Errorf(fs.ErrExist, s.url(key), -1, "object exists")
 	}
 	return s.newReader(key, oi, rw), nil
 }

@@ -8,7 +8,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/vdisk/vdisk/driver"
-	"github.com/vdisk/vdisk/format/qcow2/internal/deflate4k"
+	"github.com/vdisk/vdisk/internal/deflate"
 )
 
 // CompressedWriter is implemented by images that store whole clusters
@@ -133,7 +133,7 @@ func (cw *compWriter) worker() {
 	defer cw.wg.Done()
 	im := cw.im
 	cs := int(im.cs)
-	var zw deflate4k.Encoder
+	zw := deflate.Encoder{Window: 4096}
 	var ze *zstd.Encoder
 	for j := range cw.jobs {
 		var res []byte

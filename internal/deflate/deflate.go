@@ -1,27 +1,32 @@
-// Package deflate4k is a raw deflate (RFC 1951) compressor whose
-// back-references never reach further back than 4096 bytes.
+// Package deflate is a raw deflate (RFC 1951) compressor whose
+// back-references never reach further back than a chosen window, with a
+// zlib (RFC 1950) wrapper.
 //
 // qemu inflates compressed qcow2 clusters with a 4 KiB window
 // (windowBits -12), so streams with longer distances, which general
-// deflate encoders produce, are unreadable there. This encoder uses
-// zlib-style lazy matching over hash chains limited to that window and
-// dynamic Huffman blocks. It compresses at least as well as zlib's
-// default level with the same window, with about half its CPU time.
-package deflate4k
+// deflate encoders produce, are unreadable there: qcow2 sets Window to
+// 4096. Stream-optimized VMDK grains are zlib streams with the full 32 KiB
+// window. The encoder uses zlib-style lazy matching over hash chains
+// limited to the window, and dynamic Huffman blocks. It compresses at
+// least as well as zlib's default level with the same window, with about
+// half its CPU time.
+package deflate
 
 import (
 	"encoding/binary"
+	"hash/adler32"
 	"math/bits"
 	"slices"
 )
 
 const (
-	windowSize = 4096
-	minMatch   = 3
-	maxMatch   = 258
-	hashBits   = 15
-	hashSize   = 1 << hashBits
-	blockToks  = 1 << 15 // tokens per block
+	// MaxWindow is deflate's largest distance, and the default window.
+	MaxWindow = 32768
+	minMatch  = 3
+	maxMatch  = 258
+	hashBits  = 15
+	hashSize  = 1 << hashBits
+	blockToks = 1 << 15 // tokens per block
 
 	// Search effort: about half of zlib's default level, which on typical
 	// disk content still gives 1-2% smaller output than zlib -6 with the
@@ -36,6 +41,10 @@ const (
 // Encoder compresses; it keeps its tables between calls. An Encoder is not
 // safe for concurrent use.
 type Encoder struct {
+	// Window is the largest back-reference distance, 258..32768; 0 means
+	// MaxWindow.
+	Window int
+
 	head   [hashSize]int32 // most recent position+1 for a hash
 	prev   []int32         // previous position+1 with the same hash
 	toks   []uint32
@@ -54,6 +63,13 @@ const matchFlag = 1 << 31
 
 // Compress appends the raw deflate stream of src to dst.
 func (e *Encoder) Compress(dst, src []byte) []byte {
+	window := e.Window
+	if window <= 0 || window > MaxWindow {
+		window = MaxWindow
+	}
+	// A 3-byte match far back costs more bits than its literals (zlib's
+	// TOO_FAR).
+	tooFar := min(window/2, 4096)
 	e.w.reset(dst)
 	clear(e.head[:])
 	if cap(e.prev) < len(src) {
@@ -75,8 +91,8 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 		}
 		curLen, curDist := minMatch-1, 0
 		if prevLen < maxLazy && (lits < skipAfter || p&skipMask(lits) == 0) {
-			curLen, curDist = e.longest(src, p, prevLen)
-			if curLen == minMatch && curDist > windowSize/2 {
+			curLen, curDist = e.longest(src, p, prevLen, window)
+			if curLen == minMatch && curDist > tooFar {
 				curLen = minMatch - 1 // a far 3-byte match does not pay
 			}
 		}
@@ -120,6 +136,22 @@ func (e *Encoder) Compress(dst, src []byte) []byte {
 	return e.w.flush()
 }
 
+// CompressZlib appends the zlib stream (RFC 1950) of src to dst: a
+// header naming the window, the raw deflate stream, the Adler-32 of src.
+func (e *Encoder) CompressZlib(dst, src []byte) []byte {
+	window := e.Window
+	if window <= 0 || window > MaxWindow {
+		window = MaxWindow
+	}
+	cinfo := byte(bits.Len(uint(window-1))) - 8 // log2(window) - 8, rounded up
+	cmf := cinfo<<4 | 8                         // deflate
+	flg := byte(2 << 6)                         // FLEVEL: default
+	flg |= 31 - byte((uint(cmf)<<8|uint(flg))%31)
+	dst = append(dst, cmf, flg)
+	dst = e.Compress(dst, src)
+	return binary.BigEndian.AppendUint32(dst, adler32.Checksum(src))
+}
+
 // Incompressible stretches: after skipAfter literals in a row, matches are
 // searched at fewer positions (every 4th, then every 16th byte); positions
 // still enter the hash chains, so a repeat is found a few bytes late at
@@ -139,9 +171,9 @@ func hash3(b []byte) uint32 {
 	return (v * 2654435761) >> (32 - hashBits)
 }
 
-// longest finds the longest match for position p within the window,
-// better than prevLen.
-func (e *Encoder) longest(src []byte, p, prevLen int) (int, int) {
+// longest finds the longest match for position p within window, better
+// than prevLen.
+func (e *Encoder) longest(src []byte, p, prevLen, window int) (int, int) {
 	chain := maxChain
 	if prevLen >= goodLength {
 		chain >>= 2
@@ -156,7 +188,7 @@ func (e *Encoder) longest(src []byte, p, prevLen int) (int, int) {
 	first := uint16(cur[0]) | uint16(cur[1])<<8
 	end := uint16(cur[best-1]) | uint16(cur[best])<<8
 	cand := int(prev[p]) - 1
-	for cand >= 0 && p-cand <= windowSize && chain > 0 {
+	for cand >= 0 && p-cand <= window && chain > 0 {
 		chain--
 		c := src[cand : cand+limit]
 		if uint16(c[best-1])|uint16(c[best])<<8 == end && uint16(c[0])|uint16(c[1])<<8 == first {
@@ -202,7 +234,7 @@ var (
 	lenExtra = [29]uint8{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0}
 	distBase [30]uint16
 	dstExtra = [30]uint8{0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13}
-	distCode [4096]uint8 // dist-1 -> symbol
+	distCode [MaxWindow]uint8 // dist-1 -> symbol
 	clOrder  = [19]int{16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15}
 	fixedLit [288]uint8
 	fixedDst [30]uint8
@@ -222,7 +254,7 @@ func init() {
 	d := 0
 	for c := 0; c < 30; c++ {
 		distBase[c] = uint16(d)
-		for i := 0; i < 1<<dstExtra[c] && d < 4096; i++ {
+		for i := 0; i < 1<<dstExtra[c] && d < MaxWindow; i++ {
 			distCode[d] = uint8(c)
 			d++
 		}
@@ -254,7 +286,7 @@ func (e *Encoder) writeBlock(raw []byte, final bool) {
 			continue
 		}
 		e.litF[257+lenCode[(t>>16)&0xff]]++
-		e.distF[distCode[t&0xfff]]++
+		e.distF[distCode[t&0xffff]]++
 	}
 	e.litF[256]++
 	buildLengths(&e.hs, e.litF[:], e.litLen[:], 15)
@@ -390,7 +422,7 @@ func (e *Encoder) writeTokens(litLen, dstLen []uint8) {
 		if x := lenExtra[lc]; x > 0 {
 			w.bits(uint64(l-uint32(lenBase[lc])), uint(x))
 		}
-		d := t & 0xfff
+		d := t & 0xffff
 		dc := distCode[d]
 		w.bits(uint64(e.dstCod[dc]), uint(dstLen[dc]))
 		if x := dstExtra[dc]; x > 0 {

@@ -1,4 +1,4 @@
-package deflate4k
+package deflate
 
 // maxDistance parses a raw deflate stream and returns the largest distance
 // it uses (0 if none, -1 on a malformed stream).
@@ -70,9 +70,6 @@ func maxDistance(b []byte) int {
 				d := int(distBase[dc]) + 1
 				if x := dstExtra[dc]; x > 0 {
 					d += r.get(int(x))
-				}
-				if dc >= 24 {
-					d = 4097 + r.pos // certainly too far
 				}
 				maxd = max(maxd, d)
 			}

@@ -1,8 +1,9 @@
-package deflate4k
+package deflate
 
 import (
 	"bytes"
 	"compress/flate"
+	"compress/zlib"
 	"io"
 	"math/rand/v2"
 	"testing"
@@ -18,18 +19,36 @@ func roundTrip(t testing.TB, e *Encoder, src []byte) []byte {
 	if !bytes.Equal(got, src) {
 		t.Fatalf("round trip differs (len %d)", len(src))
 	}
-	checkWindow(t, out)
+	checkWindow(t, out, e.Window)
+	// The zlib stream: header, the same deflate stream, Adler-32.
+	z := e.CompressZlib([]byte("prefix"), src)
+	if !bytes.HasPrefix(z, []byte("prefix")) || !bytes.Equal(z[len("prefix")+2:len(z)-4], out) {
+		t.Fatalf("zlib stream does not wrap the deflate stream (len %d)", len(src))
+	}
+	zr, err := zlib.NewReader(bytes.NewReader(z[len("prefix"):]))
+	if err != nil {
+		t.Fatalf("zlib header (window %d): %v", e.Window, err)
+	}
+	if got, err = io.ReadAll(zr); err != nil || !bytes.Equal(got, src) {
+		t.Fatalf("zlib round trip (len %d): %v", len(src), err)
+	}
 	return out
 }
 
 // checkWindow decodes the stream's distances and fails when one exceeds
-// 4096 (a minimal inflater that tracks only distances).
-func checkWindow(t testing.TB, out []byte) {
+// the window (a minimal inflater that tracks only distances).
+func checkWindow(t testing.TB, out []byte, window int) {
 	t.Helper()
-	if d := maxDistance(out); d > 4096 {
-		t.Fatalf("distance %d exceeds the 4 KiB window", d)
+	if window == 0 {
+		window = MaxWindow
+	}
+	if d := maxDistance(out); d > window {
+		t.Fatalf("distance %d exceeds the %d-byte window", d, window)
 	}
 }
+
+// windows are the windows every test runs with: qcow2's and deflate's.
+var windows = []int{4096, 0}
 
 func TestRoundTrip(t *testing.T) {
 	var e Encoder
@@ -55,10 +74,11 @@ func TestRoundTrip(t *testing.T) {
 				}
 			}
 		case 3:
-			// repeats at distances around the window size
+			// repeats at distances around a window size
+			d := []int{4096, MaxWindow}[rng.IntN(2)]
 			for i := range b {
-				if i >= 4096+rng.IntN(3) && rng.IntN(10) != 0 {
-					b[i] = b[i-4096]
+				if i >= d+rng.IntN(3) && rng.IntN(10) != 0 {
+					b[i] = b[i-d]
 				} else {
 					b[i] = byte(rng.IntN(256))
 				}
@@ -66,8 +86,11 @@ func TestRoundTrip(t *testing.T) {
 		}
 		cases = append(cases, b)
 	}
-	for _, c := range cases {
-		roundTrip(t, &e, c)
+	for _, w := range windows {
+		e.Window = w
+		for _, c := range cases {
+			roundTrip(t, &e, c)
+		}
 	}
 }
 
@@ -87,6 +110,7 @@ func TestReuse(t *testing.T) {
 	// The same bytes at nearly the same positions: a stale table entry
 	// would point at a plausible but wrong earlier position.
 	for i := range 6 {
+		e.Window = windows[i%len(windows)]
 		roundTrip(t, &e, text[:65536-i*7])
 		roundTrip(t, &e, text[i*13:])
 		roundTrip(t, &e, text[:4099+i])
@@ -97,10 +121,12 @@ func FuzzRoundTrip(f *testing.F) {
 	f.Add([]byte("hello hello hello"))
 	f.Add([]byte("abcdabcdabcdabcdXabcdabcd"))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		var e Encoder
-		roundTrip(t, &e, b)
-		// Reused: the second call must not see the first call's positions.
-		roundTrip(t, &e, b[len(b)/3:])
-		roundTrip(t, &e, b)
+		for _, w := range windows {
+			e := Encoder{Window: w}
+			roundTrip(t, &e, b)
+			// Reused: the second call must not see the first call's positions.
+			roundTrip(t, &e, b[len(b)/3:])
+			roundTrip(t, &e, b)
+		}
 	})
 }

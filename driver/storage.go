@@ -2,6 +2,7 @@ package driver
 
 import (
 	"io"
+	"syscall"
 	"time"
 )
 
@@ -92,6 +93,16 @@ type AllocationReporter interface {
 // it cannot (src on another storage, no kernel or file-system support).
 type RangeCopier interface {
 	CopyFrom(src File, srcOff, off, n int64) (int64, error)
+}
+
+// FileSender is implemented by files the kernel can send to a socket
+// itself (osfs.File: sendfile(2)). SendTo writes n bytes of the file from
+// off to the socket behind rc (a net.Conn's SyscallConn) and returns the
+// bytes sent; fewer than n, without an error, when the file ends first. It
+// fails with an error wrapping ErrUnsupported, having sent nothing, where
+// it cannot (the file or the kernel does not allow it).
+type FileSender interface {
+	SendTo(rc syscall.RawConn, off, n int64) (int64, error)
 }
 
 // Allocator is implemented by files that can preallocate space without

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/vdisk/vdisk/driver"
 )
 
 // Buffer pool: power-of-two size classes from 4 KiB to MaxPayload.
@@ -78,6 +80,21 @@ type replyWriter struct {
 	iov  [][]byte
 	mark int
 	wv   net.Buffers
+	// rc is nc's raw connection where nc is a kernel socket (not TLS):
+	// sendFile has the kernel send file bytes to it. noSend: the kernel
+	// refused; payloads are read and written from then on.
+	rc     syscall.RawConn
+	noSend atomic.Bool
+}
+
+// setConn sets the connection replies go to.
+func (w *replyWriter) setConn(nc net.Conn) {
+	w.nc, w.rc = nc, nil
+	if sc, ok := nc.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			w.rc = rc
+		}
+	}
 }
 
 const (
@@ -152,6 +169,43 @@ func (w *replyWriter) payload(p []byte) {
 	}
 	w.iov = append(w.iov, p)
 	w.mark = len(w.buf)
+}
+
+// fileSent counts the bytes the kernel sent from files (tests).
+var fileSent atomic.Int64
+
+// sendFile sends n bytes of f from off after everything queued, with the
+// kernel taking them from the file (sendfile: no copy through user space;
+// none at all on a unix socket). It returns false, having sent nothing of
+// the file, where the connection or the file cannot: the caller then
+// queues those bytes itself. If the file ends early, zeros (what a raw
+// image reads past its file) make up the rest. Held under the lock.
+func (w *replyWriter) sendFile(f driver.FileSender, off, n int64) bool {
+	if w.rc == nil || w.noSend.Load() {
+		return false
+	}
+	w.flushLocked()
+	if w.err != nil {
+		return true // nothing more is sent; the error ends the connection
+	}
+	w.arm()
+	sent, err := f.SendTo(w.rc, off, n)
+	fileSent.Add(sent)
+	switch {
+	case err != nil && sent == 0 && errors.Is(err, driver.ErrUnsupported):
+		w.noSend.Store(true)
+		return false
+	case err != nil:
+		w.err = err
+	case sent < n:
+		for left := n - sent; left > 0 && w.err == nil; {
+			k := min(left, replyBufFlush)
+			w.buf = append(w.buf, make([]byte, k)...)
+			w.flushLocked()
+			left -= k
+		}
+	}
+	return true
 }
 
 func isNoSpace(err error) bool {

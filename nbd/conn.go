@@ -66,7 +66,7 @@ type conn struct {
 
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{s: s, raw: nc, nc: nc, r: bufio.NewReaderSize(nc, 128<<10), quit: make(chan struct{})}
-	c.w.nc = nc
+	c.w.setConn(nc)
 	c.log = s.Logger.With("remote", remoteName(nc))
 	return c
 }

@@ -144,7 +144,7 @@ func (c *conn) option(opt uint32, data []byte) (done bool, err error) {
 		}
 		c.nc, c.tls = tc, true
 		c.r.Reset(tc)
-		c.w.nc = tc
+		c.w.setConn(tc)
 		// No state survives the upgrade.
 		c.structured, c.metaSet, c.ctxBase, c.ctxDepth, c.metaExport = false, false, false, false, ""
 		c.extended = false

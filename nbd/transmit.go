@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 	"time"
+
+	"github.com/vdisk/vdisk/driver"
 )
 
 // header is what a request header says.
@@ -662,37 +664,84 @@ func (c *conn) errorLocked(req *header, errno uint32, msg string) {
 	c.w.buf = append(c.w.buf, msg...)
 }
 
-// segment is a piece of a sparse read: data or a hole.
+// segment is a piece of a sparse read: data or a hole. A data piece
+// stored plainly in a raw image's file is sent from the file by the
+// kernel (f, at foff).
 type segment struct {
 	off, n int64 // relative to the request
 	hole   bool
+	f      driver.FileSender
+	foff   int64
+}
+
+// sendMin: data pieces at least this long are sent from the image's file
+// by the kernel where it stores them plainly (a raw image): sendfile(2),
+// no copy through vdisk, none at all on a unix socket. Shorter ones are
+// read and gathered, several replies to a writev.
+const sendMin = 64 << 10
+
+// fileRun returns the file holding [off, off+n) of the disk, when the
+// kernel may send it from there (see sendMin).
+func (c *conn) fileRun(off, n int64) (driver.FileSender, int64, error) {
+	if n < sendMin || c.w.rc == nil || c.w.noSend.Load() {
+		return nil, 0, nil
+	}
+	f, foff, ok, err := c.exp.Disk.StableFileRun(off, n)
+	if err != nil || !ok {
+		return nil, 0, err
+	}
+	fs, ok := f.(driver.FileSender)
+	if !ok {
+		return nil, 0, nil
+	}
+	return fs, foff, nil
 }
 
 func (c *conn) read(req *request) {
 	d := c.exp.Disk
 	off, n := int64(req.off), int64(req.length)
-	bp := getBuf(int(n))
-	defer putBuf(bp)
+	// The buffer is taken only for bytes that are read: pieces the kernel
+	// sends from the file need none.
+	var bp *[]byte
 	var buf []byte
-	if bp != nil {
-		buf = *bp
+	ensure := func() {
+		if bp == nil && n > 0 {
+			bp = getBuf(int(n))
+			buf = *bp
+		}
 	}
+	defer func() { putBuf(bp) }()
 	if !c.structured {
-		_, err := d.ReadAt(buf, off)
-		if err != nil && !errors.Is(err, io.EOF) {
+		f, foff, err := c.fileRun(off, n)
+		if err != nil {
 			c.fail(&req.header, err)
 			return
 		}
+		if f == nil {
+			ensure()
+			if _, err := d.ReadAt(buf, off); err != nil && !errors.Is(err, io.EOF) {
+				c.fail(&req.header, err)
+				return
+			}
+		}
 		c.w.lock()
 		c.simpleHeader(req.cookie, 0)
-		c.w.payload(buf)
+		if f == nil || !c.w.sendFile(f, foff, n) {
+			if f != nil {
+				ensure()
+				if !c.readLocked(req, buf, off) {
+					return
+				}
+			}
+			c.w.payload(buf)
+		}
 		c.done()
 		return
 	}
 	var whole [1]segment
 	var segs []segment
 	if n > 0 {
-		whole[0] = segment{0, n, false}
+		whole[0] = segment{off: 0, n: n}
 		segs = whole[:]
 	}
 	if req.flags&cmdFlagDF == 0 && n >= sparseReadMin {
@@ -702,10 +751,20 @@ func (c *conn) read(req *request) {
 			return
 		}
 	}
-	for _, s := range segs {
+	for i := range segs {
+		s := &segs[i]
 		if s.hole {
 			continue
 		}
+		var err error
+		if s.f, s.foff, err = c.fileRun(off+s.off, s.n); err != nil {
+			c.fail(&req.header, err)
+			return
+		}
+		if s.f != nil {
+			continue
+		}
+		ensure()
 		if _, err := d.ReadAt(buf[s.off:s.off+s.n], off+s.off); err != nil && !errors.Is(err, io.EOF) {
 			c.fail(&req.header, err)
 			return
@@ -727,12 +786,35 @@ func (c *conn) read(req *request) {
 		}
 		c.chunkHeader(&req.header, flags, replyTypeOffsetData, uint32(8+s.n))
 		c.w.buf = append(c.w.buf, b[:8]...)
-		c.w.payload(buf[s.off : s.off+s.n])
+		if s.f == nil || !c.w.sendFile(s.f, s.foff, s.n) {
+			if s.f != nil {
+				ensure()
+				if !c.readLocked(req, buf[s.off:s.off+s.n], off+s.off) {
+					return
+				}
+			}
+			c.w.payload(buf[s.off : s.off+s.n])
+		}
+		segs[i].f = nil // the scratch list keeps no file
 	}
 	if len(segs) == 0 { // zero-length read
 		c.chunkHeader(&req.header, replyFlagDone, replyTypeNone, 0)
 	}
 	c.done()
+}
+
+// readLocked reads p at off for a reply whose header is already sent,
+// the kernel having refused to send it from the file; the writer is
+// locked. A read error cannot be reported any more (the header promised
+// the data): the connection ends, as for a write error. false: it ended.
+func (c *conn) readLocked(req *request, p []byte, off int64) bool {
+	if _, err := c.exp.Disk.ReadAt(p, off); err != nil && !errors.Is(err, io.EOF) {
+		c.log.Warn("nbd: read failed after its reply began; closing the connection", "offset", off, "error", err)
+		c.w.err = err
+		c.done()
+		return false
+	}
+	return true
 }
 
 // segments splits [off, off+n) into data and hole pieces by the disk's
@@ -745,7 +827,7 @@ func (c *conn) segments(req *request, off, n int64) ([]segment, error) {
 		if len(segs) >= maxSegments {
 			// A finely fragmented range: send the rest as data rather
 			// than build an unbounded list.
-			segs = addSegment(segs, segment{pos, n - pos, false})
+			segs = addSegment(segs, segment{off: pos, n: n - pos})
 			break
 		}
 		e, err := d.Status(off+pos, n-pos)
@@ -753,10 +835,10 @@ func (c *conn) segments(req *request, off, n int64) ([]segment, error) {
 			return nil, err
 		}
 		if e.Length <= 0 {
-			segs = append(segs[:0], segment{0, n, false})
+			segs = append(segs[:0], segment{off: 0, n: n})
 			break
 		}
-		segs = addSegment(segs, segment{pos, e.Length, e.ReadsZero()})
+		segs = addSegment(segs, segment{off: pos, n: e.Length, hole: e.ReadsZero()})
 		pos += e.Length
 	}
 	req.segs = segs

@@ -46,3 +46,7 @@ func (im *image) ClonedBytes() int64 {
 	}
 	return 0
 }
+
+// StableExtents marks the image's file extents as fixed (vdisk.StableExtenter):
+// byte off of the image is byte off of the file, always.
+func (im *image) StableExtents() {}

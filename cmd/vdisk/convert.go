@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -160,7 +161,8 @@ func (a *app) convert(src, dst string, fl *convertFlags, outGiven bool) (err err
 			}
 		}
 		if err != nil && created {
-			if rerr := vdisk.Remove(a.ctx, dst, a.oo(vdisk.OpenOptions{})); rerr != nil {
+			// An upload that failed left nothing to remove.
+			if rerr := vdisk.Remove(a.ctx, dst, a.oo(vdisk.OpenOptions{})); rerr != nil && !errors.Is(rerr, driver.ErrNotFound) {
 				a.log.Warn("could not remove the incomplete target", "file", dst, "error", rerr)
 			}
 		}

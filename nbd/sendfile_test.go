@@ -5,12 +5,12 @@ import (
 	"crypto/tls"
 	"io"
 	"math/rand/v2"
-	"net"
 	"os"
 	"syscall"
 	"testing"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/sockpair"
 )
 
 // TestSendFile: reads of a raw image on a local file at least sendMin
@@ -135,7 +135,7 @@ func (s shortSender) SendTo(rc syscall.RawConn, off, n int64) (int64, error) {
 // stream order after what was queued; a refusal sends nothing and turns
 // sending from files off for the connection.
 func TestSendFileShort(t *testing.T) {
-	a, b := unixPair(t)
+	a, b := sockpair.Unix(t)
 	var w replyWriter
 	w.setConn(a)
 	if w.rc == nil {
@@ -173,23 +173,4 @@ func TestSendFileShort(t *testing.T) {
 	if !w.noSend.Load() || w.sendFile(shortSender{data: data}, 0, 4096) {
 		t.Fatal("sending from files stays on after a refusal")
 	}
-}
-
-func unixPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
-	t.Helper()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := func(fd int) *net.UnixConn {
-		f := os.NewFile(uintptr(fd), "pair")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c.(*net.UnixConn)
-	}
-	return conn(fds[0]), conn(fds[1])
 }

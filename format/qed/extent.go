@@ -138,13 +138,7 @@ func (im *image) copyNew(cp driver.RangeCopier, src driver.File, srcOff, off, n 
 	}
 	im.allocMu.Lock()
 	defer im.allocMu.Unlock()
-	im.meta.Lock()
-	err := im.markNeedCheck()
-	var fo int64
-	if err == nil {
-		fo, err = im.allocLocked(k, false)
-	}
-	im.meta.Unlock()
+	fo, err := im.allocData(k)
 	if err != nil {
 		return 0, err
 	}

@@ -249,13 +249,7 @@ func (im *image) writeNew(p []byte, off int64, e uint64, diff bool) (int64, erro
 	}
 	im.allocMu.Lock()
 	defer im.allocMu.Unlock()
-	im.meta.Lock()
-	err := im.markNeedCheck()
-	var fo int64
-	if err == nil {
-		fo, err = im.allocLocked(k, false)
-	}
-	im.meta.Unlock()
+	fo, err := im.allocData(k)
 	if err != nil {
 		return 0, err
 	}

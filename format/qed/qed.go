@@ -264,6 +264,18 @@ func (im *image) writeHeader() error {
 	return nil
 }
 
+// allocData sets the need-check flag and allocates k clusters for new
+// data (the writes that fill them, then the entries that point at them,
+// follow). The caller holds allocMu.
+func (im *image) allocData(k int64) (int64, error) {
+	im.meta.Lock()
+	defer im.meta.Unlock()
+	if err := im.markNeedCheck(); err != nil {
+		return 0, err
+	}
+	return im.allocLocked(k, false)
+}
+
 // markNeedCheck sets the need-check flag on disk before the first metadata
 // change of a session. The caller holds meta.
 func (im *image) markNeedCheck() error {

@@ -4,14 +4,13 @@ import (
 	"bytes"
 	"io"
 	"math/rand/v2"
-	"net"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/sockpair"
 )
 
 // TestSendTo: sendfile moves the file's bytes to a unix socket at any
@@ -28,7 +27,7 @@ func TestSendTo(t *testing.T) {
 	}
 	f := mustOpen(t, name, driver.ReadOnly)
 	defer f.Close()
-	a, b := socketPair(t)
+	a, b := sockpair.Unix(t)
 	rc, err := a.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
@@ -65,23 +64,4 @@ func TestSendTo(t *testing.T) {
 	if _, err := f.SendTo(rc, 0, 10); err == nil {
 		t.Fatal("send from a closed file succeeded")
 	}
-}
-
-func socketPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
-	t.Helper()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := func(fd int) *net.UnixConn {
-		f := os.NewFile(uintptr(fd), "pair")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c.(*net.UnixConn)
-	}
-	return conn(fds[0]), conn(fds[1])
 }

@@ -18,14 +18,9 @@ command -v qemu-img >/dev/null || { echo "qemu-img missing: run ./test.sh first"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-# VDISK_BIN runs another build instead (e.g. the previous commit's, to
-# compare two versions against the same peer).
-if [ -n "${VDISK_BIN:-}" ]; then
-	VDISK=$VDISK_BIN
-else
-	go build -o "$work/vdisk" ./cmd/vdisk
-	VDISK=$work/vdisk
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+build_vdisk
 
 # Source: 2 GiB sparse raw, even-numbered 1 MiB chunks filled with random data.
 src=$work/src.raw
@@ -108,7 +103,6 @@ PAIRS=(
 	"raw->qcow2+luks|$src|raw|qcow2|$enc_obj -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=$enc_iter"
 )
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 # run OUT TOOL... -> prints "seconds maxrss_kib cpu_seconds" (cpu = user+sys).
 # qemu-img's LUKS key-slot set-up now and then fails to time PBKDF2 on a

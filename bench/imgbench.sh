@@ -14,19 +14,13 @@ command -v qemu-img >/dev/null || { echo "qemu-img missing: run ./test.sh first"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-imgbench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-# VDISK_BIN runs another build instead (e.g. the previous commit's, to
-# compare two versions against the same peer).
-if [ -n "${VDISK_BIN:-}" ]; then
-	VDISK=$VDISK_BIN
-else
-	go build -o "$work/vdisk" ./cmd/vdisk
-	VDISK=$work/vdisk
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+build_vdisk
 
 COUNT=${COUNT:-40000}
 ARGS=(-c "$COUNT" -d 16 -s 4k -S 772k -t writeback)
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 # timed FILE TOOL ARGS... -> appends seconds to $work/t
 timed() {

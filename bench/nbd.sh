@@ -47,14 +47,9 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
-# VDISK_BIN runs another build instead (e.g. the previous commit's, to
-# compare two versions against the same peer).
-if [ -n "${VDISK_BIN:-}" ]; then
-	VDISK=$VDISK_BIN
-else
-	go build -o "$work/vdisk" ./cmd/vdisk
-	VDISK=$work/vdisk
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+build_vdisk
 "$VDISK" serve --help >/dev/null 2>&1 || { echo "bench/nbd.sh: this vdisk has no serve command (register newServeCmd in cmd/vdisk/root.go)" >&2; exit 1; }
 TICK=$(getconf CLK_TCK)
 
@@ -116,7 +111,6 @@ measure() {
 		".jobs[0].$rw | \"\(.iops) \(.bw) \(if .total_ios > 0 then \$ticks / \$hz * 1e6 / .total_ios else 0 end)\""
 }
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); runtime ${RUNTIME}s per job, image $SIZE, $RUNS run(s)"
 echo "IOPS and MiB/s: medians; cpu: server user+sys microseconds per request (median); v/q = vdisk/qemu-nbd, v/k = vdisk/nbdkit"

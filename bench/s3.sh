@@ -45,17 +45,12 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
-if [ -n "${VDISK_BIN:-}" ]; then
-	VDISK=$VDISK_BIN
-else
-	go build -o "$work/vdisk" ./cmd/vdisk
-	VDISK=$work/vdisk
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+build_vdisk
 go build -o "$work/s3tool" ./bench/s3tool
 S3TOOL=$work/s3tool
 
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-waitport() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 waitsock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "socket $1 never appeared" >&2; exit 1; }
 want() { [ -z "${ONLY:-}" ] || [[ $1 =~ $ONLY ]]; }
 
@@ -100,7 +95,6 @@ httpspec() { # FORMAT KEY: a json: spec of the object over HTTP
 http_raw=$(httpspec raw base.raw)
 http_qcow2=$(httpspec qcow2 base.qcow2)
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 # run OUTFILE CMD...: appends "wall cpu rssKiB" of CMD to OUTFILE.
 run() {
 	local out=$1

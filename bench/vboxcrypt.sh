@@ -17,12 +17,9 @@ command -v qemu-img >/dev/null || { echo "qemu-img missing: run ./test.sh first"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-if [ -n "${VDISK_BIN:-}" ]; then
-	VDISK=$VDISK_BIN
-else
-	go build -o "$work/vdisk" ./cmd/vdisk
-	VDISK=$work/vdisk
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+build_vdisk
 src=$work/src.raw
 head -c $((SIZE << 20)) /dev/urandom >"$src"
 sync
@@ -33,7 +30,6 @@ run() {
 	/usr/bin/time -f '%e %U %S' -o "$work/t" "$@" >/dev/null
 	awk '{printf "%s %.2f\n", $1, $2 + $3}' "$work/t"
 }
-median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 
 : >"$work/v"
 : >"$work/q"

@@ -100,3 +100,18 @@ func CheckExtent(format, name string, off, n int64, e Extent) error {
 	}
 	return nil
 }
+
+// ClearForCreate cuts an existing file down for a creator that writes its
+// header from offset 0 and extends the file with Truncate, so that
+// everything else reads zeros: a non-empty file keeps only its first byte
+// (which the header overwrites). It never truncates to zero: ext4 writes a
+// file truncated to zero back in full when it is closed (auto_da_alloc),
+// which would make every convert to an existing or a new file sync its
+// whole output.
+func ClearForCreate(f File) error {
+	size, err := f.Size()
+	if err != nil || size <= 1 {
+		return err
+	}
+	return f.Truncate(1)
+}

@@ -293,7 +293,7 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		f.Close()
 		return nil, err
 	}
-	if err := f.Truncate(0); err != nil {
+	if err := driver.ClearForCreate(f); err != nil {
 		return fail(driver.WithFile(err, "truncate", p.Name))
 	}
 	if _, err := f.WriteAt(h.encode(), 0); err != nil {

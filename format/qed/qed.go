@@ -228,9 +228,9 @@ func create(ctx context.Context, p *driver.CreateParams) (driver.Image, error) {
 		f.Close()
 		return nil, driver.WithFile(err, "create", p.Name)
 	}
-	// The file starts empty (qemu truncates it to zero too); the header
-	// cluster and the L1 table are written whole.
-	if err := f.Truncate(0); err != nil {
+	// The file starts empty (as qemu makes it) but for the first byte:
+	// the header cluster is written whole, the L1 table is zeros.
+	if err := driver.ClearForCreate(f); err != nil {
 		return fail(err)
 	}
 	first := make([]byte, cs)

@@ -160,4 +160,7 @@ for pair in "${PAIRS[@]}"; do
 	awk -v n="$name" -v vt="$vt" -v qt="$qt" -v vm="$vm" -v qm="$qm" -v vc="$vc" -v qc="$qc" 'BEGIN {
 		printf "%-18s %10.3f %10.3f %10.1f %10.1f %7.2fx %7.2fx %7.2fx\n", n, vt, qt, vm/1024, qm/1024, (qt > 0 ? vt/qt : 0), (qm > 0 ? vm/qm : 0), (qc > 0 ? vc/qc : 0) }'
 	printf '%-18s allocated: vdisk %s KiB, qemu %s KiB\n' "" "$(du -k "$work/out.v" | cut -f1)" "$(du -k "$work/out.q" | cut -f1)"
+	# Neither pair's outputs stay in the page cache for the next pair.
+	rm -f "$work/out.v" "$work/out.q"
+	sync
 done

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"io"
 	"math/rand/v2"
@@ -9,8 +10,10 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/sockpair"
+	"github.com/vdisk/vdisk/storage/osfs"
 )
 
 // TestSendFile: reads of a raw image on a local file at least sendMin
@@ -172,5 +175,52 @@ func TestSendFileShort(t *testing.T) {
 	w.unlock()
 	if !w.noSend.Load() || w.sendFile(shortSender{data: data}, 0, 4096) {
 		t.Fatal("sending from files stays on after a refusal")
+	}
+}
+
+// refusingStorage opens local files whose kernel send is refused, as an
+// O_DIRECT file's is.
+type refusingStorage struct{ driver.Storage }
+
+func (s refusingStorage) Open(name string, flag driver.OpenFlag) (driver.File, error) {
+	f, err := s.Storage.Open(name, flag)
+	if err != nil {
+		return nil, err
+	}
+	return refusingFile{f}, nil
+}
+
+type refusingFile struct{ driver.File }
+
+func (f refusingFile) SendTo(rc syscall.RawConn, off, n int64) (int64, error) {
+	return 0, driver.Errorf(driver.ErrUnsupported, f.Name(), off, "refused")
+}
+
+// TestSendFileRefused: when the kernel refuses to send from the file
+// after the reply's header went out, the bytes are read and sent instead,
+// in simple and structured replies, and the connection stops trying.
+func TestSendFileRefused(t *testing.T) {
+	rng := rand.New(rand.NewPCG(10, 10))
+	data := randBytes(rng, 2<<20)
+	p := newRaw(t, t.TempDir(), 2<<20, map[int64][]byte{0: data})
+	d, err := vdisk.Open(context.Background(), p, &vdisk.OpenOptions{Format: "raw", ReadOnly: true, Storage: refusingStorage{osfs.New()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	ts := serve(t, &Server{Persistent: true, Exports: []*Export{{Disk: d}}})
+	for _, o := range []*ClientOptions{{NoStructuredReplies: true}, {}} {
+		c := ts.dial(t, o)
+		before := fileSent.Load()
+		for _, r := range []struct{ off, n int64 }{{0, 1 << 20}, {4096, 300000}, {0, 2 << 20}} {
+			buf := make([]byte, r.n)
+			if err := c.Do(cmdRead, 0, uint64(r.off), uint32(r.n), buf); err != nil || !bytes.Equal(buf, data[r.off:r.off+r.n]) {
+				t.Fatalf("%+v: read %d+%d after a refused send: %v", o, r.off, r.n, err)
+			}
+		}
+		if n := fileSent.Load() - before; n != 0 {
+			t.Fatalf("%+v: %d bytes counted as sent from the file", o, n)
+		}
+		c.Close()
 	}
 }

@@ -729,7 +729,7 @@ func (c *conn) read(req *request) {
 		if f == nil || !c.w.sendFile(f, foff, n) {
 			if f != nil {
 				ensure()
-				if !c.readLocked(req, buf, off) {
+				if !c.readLocked(buf, off) {
 					return
 				}
 			}
@@ -789,7 +789,7 @@ func (c *conn) read(req *request) {
 		if s.f == nil || !c.w.sendFile(s.f, s.foff, s.n) {
 			if s.f != nil {
 				ensure()
-				if !c.readLocked(req, buf[s.off:s.off+s.n], off+s.off) {
+				if !c.readLocked(buf[s.off:s.off+s.n], off+s.off) {
 					return
 				}
 			}
@@ -807,7 +807,7 @@ func (c *conn) read(req *request) {
 // the kernel having refused to send it from the file; the writer is
 // locked. A read error cannot be reported any more (the header promised
 // the data): the connection ends, as for a write error. false: it ended.
-func (c *conn) readLocked(req *request, p []byte, off int64) bool {
+func (c *conn) readLocked(p []byte, off int64) bool {
 	if _, err := c.exp.Disk.ReadAt(p, off); err != nil && !errors.Is(err, io.EOF) {
 		c.log.Warn("nbd: read failed after its reply began; closing the connection", "offset", off, "error", err)
 		c.w.err = err

@@ -775,12 +775,7 @@ func TestServeManyConnections(t *testing.T) {
 		budget  = 256 << 20 // the default
 	)
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "vdisk")
-	build := exec.Command("go", "build", "-o", bin, ".")
-	build.Env = append(os.Environ(), "GOFLAGS=")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := buildVdisk(t, dir)
 	img := filepath.Join(dir, "a.raw")
 	if err := os.WriteFile(img, pattern(0x77, 8<<20), 0o644); err != nil {
 		t.Fatal(err)
@@ -885,4 +880,17 @@ func TestServeManyConnections(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("serve after SIGTERM: %v\n%s", err, errb.String())
 	}
+}
+
+// buildVdisk builds the vdisk command into dir, for tests that run it as
+// a process of its own.
+func buildVdisk(t *testing.T, dir string) string {
+	t.Helper()
+	bin := filepath.Join(dir, "vdisk")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Env = append(os.Environ(), "GOFLAGS=")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
 }

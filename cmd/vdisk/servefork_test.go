@@ -23,12 +23,7 @@ import (
 // makes the command fail with the child's error.
 func TestServeFork(t *testing.T) {
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "vdisk")
-	build := exec.Command("go", "build", "-o", bin, ".")
-	build.Env = append(os.Environ(), "GOFLAGS=")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := buildVdisk(t, dir)
 	img := filepath.Join(dir, "a.raw")
 	data := pattern(0x5a, 4<<20)
 	if err := os.WriteFile(img, data, 0o644); err != nil {

@@ -89,7 +89,7 @@ func (im *image) zeroRange(off, n int64, discard, unmap bool) error {
 		case allocated(e) && unmap:
 			// Zero the range; a block left all zero becomes a zero block
 			// (not a free one: the rest of it must keep reading zeros).
-			buf := im.getBuf()
+			buf := im.bufs.Get()
 			err := im.readData(buf[:bl], im.dataOff(e))
 			if err == nil {
 				clear(buf[in : in+m])
@@ -101,7 +101,7 @@ func (im *image) zeroRange(off, n int64, discard, unmap bool) error {
 					_, err = im.f.WriteAt(buf[in:in+m], im.dataOff(e)+in)
 				}
 			}
-			im.putBuf(buf)
+			im.bufs.Put(buf)
 			if err != nil {
 				return driver.WithFile(err, "write zeroes", im.name)
 			}
@@ -272,27 +272,27 @@ func (im *image) pack(ctx context.Context, progress driver.Progress) error {
 		progress(0, total)
 	}
 	if len(srcs) > 0 {
-		buf := im.getBuf()
+		buf := im.bufs.Get()
 		for i, s := range srcs {
 			if ctx != nil {
 				if err := ctx.Err(); err != nil {
-					im.putBuf(buf)
+					im.bufs.Put(buf)
 					return err
 				}
 			}
 			if err := im.readData(buf, im.slotOff(s.idx)); err != nil {
-				im.putBuf(buf)
+				im.bufs.Put(buf)
 				return err
 			}
 			if _, err := im.f.WriteAt(buf, im.slotOff(holes[i])); err != nil {
-				im.putBuf(buf)
+				im.bufs.Put(buf)
 				return driver.WithFile(err, "move block", im.name)
 			}
 			if progress != nil && int64(i+1) < total {
 				progress(int64(i+1), total)
 			}
 		}
-		im.putBuf(buf)
+		im.bufs.Put(buf)
 		if err := im.f.Sync(); err != nil {
 			return driver.WithFile(err, "sync", im.name)
 		}
@@ -438,22 +438,22 @@ func (im *image) grow(ctx context.Context, size, nb int64) error {
 				owner[e] = int64(b)
 			}
 		}
-		buf := im.getBuf()
+		buf := im.bufs.Get()
 		for j := range m {
 			if err := ctx.Err(); err != nil {
-				im.putBuf(buf)
+				im.bufs.Put(buf)
 				return err
 			}
 			if err := im.readData(buf, im.slotOff(uint32(j))); err != nil {
-				im.putBuf(buf)
+				im.bufs.Put(buf)
 				return err
 			}
 			if _, err := im.f.WriteAt(buf, im.slotOff(uint32(base+j))); err != nil {
-				im.putBuf(buf)
+				im.bufs.Put(buf)
 				return driver.WithFile(err, "move block", im.name)
 			}
 		}
-		im.putBuf(buf)
+		im.bufs.Put(buf)
 		if err := im.f.Sync(); err != nil {
 			return driver.WithFile(err, "sync", im.name)
 		}
@@ -539,8 +539,8 @@ func (im *image) commitSize(size, nb int64, nm []uint32, offData int64) error {
 
 func (im *image) shrink(size, nb int64) error {
 	old := im.Size()
-	buf := im.getBuf()
-	defer im.putBuf(buf)
+	buf := im.bufs.Get()
+	defer im.bufs.Put(buf)
 	for off := size; off < old; {
 		b, in := off/im.bs, off%im.bs
 		bl := im.blockLen(b)

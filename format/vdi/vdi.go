@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/bufpool"
 )
 
 func init() { driver.Register(Format) }
@@ -106,7 +107,7 @@ type image struct {
 
 	modDone atomic.Bool // the modification UUID was refreshed this session
 
-	bufPool sync.Pool // *[]byte of tbs bytes
+	bufs bufpool.Pool // buffers of tbs bytes
 }
 
 func open(ctx context.Context, p *driver.OpenParams) (driver.Image, error) {
@@ -187,6 +188,7 @@ func (im *image) setLayout() {
 	im.bs = int64(h.blockSize)
 	im.extra = int64(h.blockExtra)
 	im.tbs = im.bs + im.extra
+	im.bufs.Size = int(im.tbs)
 	im.offBlocks = int64(h.offBlocks)
 	im.offData = int64(h.offData)
 	// qemu rounds odd disk sizes up to a whole sector (the block map has
@@ -342,19 +344,6 @@ func (im *image) isDiff() bool {
 	im.meta.Lock()
 	defer im.meta.Unlock()
 	return im.hdr.typ == typeDiff
-}
-
-func (im *image) getBuf() []byte {
-	if b, ok := im.bufPool.Get().(*[]byte); ok && int64(len(*b)) == im.tbs {
-		return *b
-	}
-	return make([]byte, im.tbs)
-}
-
-func (im *image) putBuf(b []byte) {
-	if int64(len(b)) == im.tbs {
-		im.bufPool.Put(&b)
-	}
 }
 
 func stateOf(e uint32) driver.State {

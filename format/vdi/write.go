@@ -182,7 +182,7 @@ func (im *image) allocRun(b, k, in int64, data []byte, freeZero bool) error {
 	var bufs [][]byte
 	defer func() {
 		for _, buf := range bufs {
-			im.putBuf(buf)
+			im.bufs.Put(buf)
 		}
 	}()
 	// Full blocks without extra data are written straight from data; runs
@@ -220,7 +220,7 @@ func (im *image) allocRun(b, k, in int64, data []byte, freeZero bool) error {
 			if err = flush(); err != nil {
 				break
 			}
-			buf := im.getBuf()
+			buf := im.bufs.Get()
 			bufs = append(bufs, buf)
 			if err = im.fillBlock(buf, blk, lo == 0 && m == bl, freeZero); err != nil {
 				break

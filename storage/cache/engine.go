@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/bufpool"
 	"github.com/vdisk/vdisk/internal/rangelock"
 	"github.com/vdisk/vdisk/storage/memfs"
 )
@@ -38,23 +39,7 @@ type call struct {
 // release drops one reference to c.buf; the last returns it to the pool.
 func (e *engine) release(c *call) {
 	if c.refs.Add(-1) == 0 && c.buf != nil {
-		e.putBuf(c.buf)
-	}
-}
-
-// getBuf and putBuf recycle the block-sized buffers of fetches, which
-// otherwise make a cold read allocate its whole size.
-func (e *engine) getBuf() []byte {
-	if b, ok := e.bufs.Get().(*[]byte); ok {
-		return *b
-	}
-	return make([]byte, e.l.bs)
-}
-
-func (e *engine) putBuf(b []byte) {
-	if int64(cap(b)) == e.l.bs {
-		b = b[:e.l.bs]
-		e.bufs.Put(&b)
+		e.bufs.Put(c.buf)
 	}
 }
 
@@ -81,7 +66,7 @@ type engine struct {
 	hdr    header // the durable header (persistent mode)
 	region int    // the metadata region hdr points to
 
-	bufs       sync.Pool // *[]byte of one block: fetches and checks
+	bufs       bufpool.Pool // blocks for fetches and checks: a cold read would allocate its whole size
 	mu         sync.Mutex
 	size       int64
 	byBlock    map[int64]*entry
@@ -154,6 +139,7 @@ func newEngine(src driver.File, st driver.Storage, name string, o Options) (*eng
 	e := &engine{src: src, name: name, l: l, o: o, log: o.Logger, size: size,
 		byBlock: map[int64]*entry{}, inflight: map[int64]*call{},
 		zeroCRC: crc32.Checksum(make([]byte, l.bs), castagnoli)}
+	e.bufs.Size = int(l.bs)
 	if name == "" {
 		f, err := memfs.New().Open("/cache", driver.ReadWrite|driver.Create)
 		if err != nil {
@@ -518,7 +504,7 @@ func (e *engine) slotOff(slot int64) int64 { return int64(e.l.slotSec(slot)) * s
 // fetch reads block b from the source into a pooled buffer; bytes past
 // its end read as zeros.
 func (e *engine) fetch(b int64) ([]byte, error) {
-	buf := e.getBuf()
+	buf := e.bufs.Get()
 	e.mu.Lock()
 	size := e.size
 	e.mu.Unlock()
@@ -533,7 +519,7 @@ func (e *engine) fetch(b int64) ([]byte, error) {
 		err = nil
 	}
 	if err != nil {
-		e.putBuf(buf)
+		e.bufs.Put(buf)
 		return nil, err
 	}
 	e.misses.Add(1)
@@ -621,7 +607,7 @@ func (e *engine) readBlock(b int64, dst []byte, in int64, count bool) error {
 			if !verified {
 				// First use in this session: the data must match the
 				// checksum recorded with it.
-				blk := e.getBuf()
+				blk := e.bufs.Get()
 				if err = readFull(e.f, blk, e.slotOff(en.slot)); err == nil {
 					if c := crc32.Checksum(blk, castagnoli); c != sum {
 						err = driver.Corruptf(e.name, e.slotOff(en.slot), "cached block %d: checksum %#x, recorded %#x", b, c, sum)
@@ -629,7 +615,7 @@ func (e *engine) readBlock(b int64, dst []byte, in int64, count bool) error {
 						copy(dst, blk[in:])
 					}
 				}
-				e.putBuf(blk)
+				e.bufs.Put(blk)
 			} else if len(dst) > 0 {
 				err = readFull(e.f, dst, e.slotOff(en.slot)+in)
 			}

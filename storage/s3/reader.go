@@ -58,7 +58,7 @@ type fetch struct {
 // unref drops one reference to b.
 func (f *readFile) unref(b *block) {
 	if b.refs.Add(-1) == 0 {
-		f.s.putBlock(b.data)
+		f.s.blocks.Put(b.data)
 	}
 }
 

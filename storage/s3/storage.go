@@ -16,6 +16,7 @@ import (
 
 	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/backoff"
+	"github.com/vdisk/vdisk/internal/bufpool"
 )
 
 func init() {
@@ -34,24 +35,16 @@ type Storage struct {
 	mu      sync.Mutex
 	writers map[string]*writeFile // uploads in progress, by key
 
-	blocks sync.Pool // *[]byte of cfg.blockSize bytes: readers' cached blocks
+	blocks bufpool.Pool // readers' cached blocks, of cfg.blockSize bytes
 }
 
 // getBlock returns a buffer of n bytes for a reader's block, pooled when
 // n is the block size (every block but an object's last).
 func (s *Storage) getBlock(n int64) []byte {
 	if n == s.cfg.blockSize {
-		if b, ok := s.blocks.Get().(*[]byte); ok {
-			return *b
-		}
+		return s.blocks.Get()
 	}
 	return make([]byte, n)
-}
-
-func (s *Storage) putBlock(b []byte) {
-	if int64(len(b)) == s.cfg.blockSize {
-		s.blocks.Put(&b)
-	}
 }
 
 var (
@@ -109,7 +102,9 @@ func New(bucket string, env *driver.SchemeEnv) (*Storage, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Storage{bucket: bucket, cfg: cfg, cl: cl, tr: tr, core: minio.Core{Client: cl}, log: env.Log(), writers: map[string]*writeFile{}}, nil
+	st := &Storage{bucket: bucket, cfg: cfg, cl: cl, tr: tr, core: minio.Core{Client: cl}, log: env.Log(), writers: map[string]*writeFile{}}
+	st.blocks.Size = int(cfg.blockSize)
+	return st, nil
 }
 
 // CloseStorage implements driver.StorageCloser: the client's idle

@@ -48,6 +48,7 @@ var _ driver.Storage = FS{}
 //     driver.Excl with Create fails if it exists (Excl alone is ignored).
 //   - driver.Truncate truncates the file to zero length, after the lock is
 //     taken (so a locked image is never clobbered); it requires ReadWrite.
+//     An empty file is not truncated (see driver.ClearForCreate).
 //   - driver.Direct asks for O_DIRECT. It is enabled with fcntl(F_SETFL)
 //     after the open; when the file system refuses it the file stays open
 //     without it (see File.Direct), so callers keep working.
@@ -155,8 +156,18 @@ func (f *File) init(flag driver.OpenFlag) error {
 		}
 	}
 	if flag&driver.Truncate != 0 && !f.blockDev {
-		if err := f.Truncate(0); err != nil {
+		// An empty file is left alone: on ext4 a truncate to zero, even
+		// of an empty file, makes close write the whole file back
+		// (auto_da_alloc), so every convert into a new file would wait
+		// for its output to reach the disk.
+		size, err := f.Size()
+		if err != nil {
 			return err
+		}
+		if size > 0 {
+			if err := f.Truncate(0); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

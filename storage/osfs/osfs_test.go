@@ -14,6 +14,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -185,6 +186,22 @@ func TestOpenFlagsAndErrors(t *testing.T) {
 		f = mustOpen(t, name, driver.ReadWrite|driver.Truncate)
 		if size, _ := f.Size(); size != 0 {
 			t.Fatalf("Truncate left size %d", size)
+		}
+		f.Close()
+		// An empty file is not truncated again (on ext4 that would make
+		// close write the file back): ftruncate would set its mtime.
+		old := time.Now().Add(-time.Hour).Truncate(time.Second)
+		if err := os.Chtimes(name, old, old); err != nil {
+			t.Fatal(err)
+		}
+		f = mustOpen(t, name, driver.ReadWrite|driver.Create|driver.Truncate)
+		f.Close()
+		fi, err := os.Stat(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !fi.ModTime().Equal(old) {
+			t.Fatalf("Truncate of an empty file set its mtime to %v; want it untouched (%v)", fi.ModTime(), old)
 		}
 	})
 	t.Run("read-only handle", func(t *testing.T) {

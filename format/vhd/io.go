@@ -387,39 +387,61 @@ func (im *image) fillErr(b, in, end int64, head, tail bool) error {
 // allocBlock appends a block for b with bitmap bm, writes data at byte
 // dataOff of it (if any) and then points the BAT entry at it.
 func (im *image) allocBlock(b int64, bm, data []byte, dataOff int64) error {
+	_, err := im.allocBlockWith(b, bm, func(pos int64) (int64, error) {
+		if len(data) == 0 {
+			return 0, nil
+		}
+		n, err := im.f.WriteAt(data, pos+dataOff)
+		return int64(n), err
+	})
+	return err
+}
+
+// allocBlockWith appends a block for b, calls fill with the file offset of
+// its data area to store what it holds and returns fill's count, then
+// writes bitmap bm and points the BAT entry at the block. Where fill
+// fails, nothing points at the block: the image reads as before.
+func (im *image) allocBlockWith(b int64, bm []byte, fill func(dataPos int64) (int64, error)) (int64, error) {
 	im.mu.Lock()
 	pos, err := im.reserveLocked()
 	if err == nil {
 		im.inflight++
-		_, err = im.f.WriteAt(bm, pos)
-		if err != nil {
-			im.inflight--
-		}
 	}
 	im.mu.Unlock()
 	if err != nil {
-		return err
+		return 0, err
 	}
-	if len(data) > 0 {
-		_, err = im.f.WriteAt(data, pos+im.bmSize+dataOff)
+	got, err := fill(pos + im.bmSize)
+	if err != nil {
+		im.mu.Lock()
+		im.inflight--
+		im.mu.Unlock()
+		return got, err
+	}
+	// The bitmap goes after the data: nothing points at the block yet, so
+	// a crash before the entry is written leaves the image as it was.
+	if _, werr := im.f.WriteAt(bm, pos); werr != nil {
+		im.mu.Lock()
+		im.inflight--
+		im.mu.Unlock()
+		return got, werr
 	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	im.inflight--
-	if err != nil {
-		return err
-	}
 	if err := im.setEntryLocked(b, uint32(pos/sectorSize)); err != nil {
-		return err
+		return got, err
 	}
 	bits := bm[:im.bmBytes]
 	if im.isFull(bits) {
 		im.bms.state[b] = bmFull
 	} else {
 		im.bms.state[b] = bmPartial
-		return im.cachePutLocked(uint32(b), &bitmap{bits: append([]byte(nil), bits...)})
+		if err := im.cachePutLocked(uint32(b), &bitmap{bits: append([]byte(nil), bits...)}); err != nil {
+			return got, err
+		}
 	}
-	return nil
+	return got, nil
 }
 
 // reserveLocked takes the space for one more block at the end of the data

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
@@ -18,22 +17,12 @@ import (
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
-// qemuEncrypted makes an encrypted qcow2 with qemu-img (retrying when a
-// short iter-time makes qemu's PBKDF2 calibration refuse) and writes to it
+// qemuEncrypted makes an encrypted qcow2 with qemu-img and writes to it
 // with qemu-io; it returns the content qemu reads.
 func qemuEncrypted(t *testing.T, file, pass, opts string, cmds ...string) []byte {
 	t.Helper()
 	obj := "secret,id=sec0,data=" + pass
-	for try := 0; ; try++ {
-		out, code, err := qemutest.RunCode("qemu-img", "create", "-q", "-f", "qcow2", "--object", obj, "-o", opts+",encrypt.key-secret=sec0", file, "4M")
-		if err == nil && code == 0 {
-			break
-		}
-		if try > 5 || !strings.Contains(out, "accurate CPU usage") {
-			t.Fatalf("qemu-img create: %v %d\n%s", err, code, out)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	qemutest.Img(t, "create", "-q", "-f", "qcow2", "--object", obj, "-o", opts+",encrypt.key-secret=sec0", file, "4M")
 	img := "driver=qcow2,file.filename=" + file + ",encrypt.key-secret=sec0"
 	args := []string{"--object", obj, "--image-opts", img}
 	for _, c := range cmds {

@@ -6,7 +6,6 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/driver"
@@ -59,25 +58,15 @@ func imageOpts(file string) string {
 
 func secretObject(pass string) string { return "secret,id=sec0,data=" + pass }
 
-// qemuCreate makes a LUKS1 volume with qemu-img create -f luks. A short
-// iter-time sometimes makes qemu's calibration refuse ("Unable to get
-// accurate CPU usage"); it retries then.
+// qemuCreate makes a LUKS1 volume with qemu-img create -f luks (a short
+// iter-time, which qemutest.Run retries when qemu's calibration refuses).
 func qemuCreate(t testing.TB, file, size, pass, opts string) {
 	t.Helper()
 	o := "key-secret=sec0,iter-time=50"
 	if opts != "" {
 		o += "," + opts
 	}
-	for try := 0; ; try++ {
-		out, code, err := qemutest.RunCode("qemu-img", "create", "-q", "-f", "luks", "--object", secretObject(pass), "-o", o, file, size)
-		if err == nil && code == 0 {
-			return
-		}
-		if try > 5 || !strings.Contains(out, "accurate CPU usage") {
-			t.Fatalf("qemu-img create -f luks: %v exit %d\n%s", err, code, out)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	qemutest.Img(t, "create", "-q", "-f", "luks", "--object", secretObject(pass), "-o", o, file, size)
 }
 
 // qemuIO runs qemu-io commands on a luks file.

@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/vdisk/vdisk/internal/qemutest"
 )
@@ -103,21 +102,12 @@ func TestQemuLUKS1(t *testing.T) {
 	}
 }
 
-// QemuCreate makes a LUKS1 volume with qemu-img create -f luks: iter-time
-// is short, which qemu's calibration sometimes refuses, so it retries.
+// QemuCreate makes a LUKS1 volume with qemu-img create -f luks (a short
+// iter-time, which qemutest.Run retries when qemu's calibration refuses).
 func QemuCreate(t testing.TB, file, size, pass, opts string) {
 	t.Helper()
-	for try := 0; ; try++ {
-		out, code, err := qemutest.RunCode("qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=sec0,data="+pass,
-			"-o", "key-secret=sec0,iter-time=50,"+opts, file, size)
-		if err == nil && code == 0 {
-			return
-		}
-		if try > 5 || !strings.Contains(out, "accurate CPU usage") {
-			t.Fatalf("qemu-img create -f luks: %v exit %d\n%s", err, code, out)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	qemutest.Img(t, "create", "-q", "-f", "luks", "--object", "secret,id=sec0,data="+pass,
+		"-o", "key-secret=sec0,iter-time=50,"+opts, file, size)
 }
 
 // TestCreateLUKS2ForCryptsetup: LUKS2 headers vdisk makes parse in

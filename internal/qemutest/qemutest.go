@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Require fails the test when a tool is missing.
@@ -29,9 +30,17 @@ func Require(t testing.TB, tools ...string) {
 }
 
 // Run runs a command and returns stdout, failing the test on error.
+// qemu-img is run again (up to 10 more times, over about a second) when it refused because its
+// PBKDF2 calibration for a LUKS key slot could not measure its CPU time,
+// which a short iter-time on a busy machine sometimes makes it do
+// ("Unable to get accurate CPU usage").
 func Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, code, err := RunCode(name, args...)
+	for try := 1; try <= 10 && name == "qemu-img" && err == nil && code != 0 && strings.Contains(out, "accurate CPU usage"); try++ {
+		time.Sleep(time.Duration(try) * 20 * time.Millisecond)
+		out, code, err = RunCode(name, args...)
+	}
 	if err != nil || code != 0 {
 		t.Fatalf("%s %s: exit %d: %v\n%s", name, strings.Join(args, " "), code, err, out)
 	}

@@ -123,6 +123,23 @@ run() {
 	exit 1
 }
 
+# check TOOL (v or q): compares $work/out, the last output of TOOL in the
+# current pair, with the source and records its allocated KiB in
+# $work/du.TOOL. Encrypted outputs are opened with the secret.
+check() {
+	local f=$df
+	if [ "$1" = q ]; then f=$qdf; fi
+	if [[ $extra == *key-secret=sec0* ]]; then
+		local key=key-secret
+		if [ "$df" = qcow2 ]; then key=encrypt.key-secret; fi
+		qemu-img compare -q $enc_obj --image-opts "driver=$f,file.filename=$work/out,$key=sec0" "driver=$sf,file.filename=$s" ||
+			{ echo "$name: the $1 output differs from the source" >&2; exit 1; }
+	else
+		qemu-img compare -q -f "$f" -F "$sf" "$work/out" "$s" || { echo "$name: the $1 output differs from the source" >&2; exit 1; }
+	fi
+	du -k "$work/out" | cut -f1 >"$work/du.$1"
+}
+
 printf '%-18s %10s %10s %10s %10s %8s %8s %8s\n' pair vdisk_s qemu_s vdisk_MiB qemu_MiB ratio rss_ratio cpu_ratio
 for pair in "${PAIRS[@]}"; do
 	IFS='|' read -r name s sf df extra qdf qextra <<<"$pair"
@@ -132,35 +149,36 @@ for pair in "${PAIRS[@]}"; do
 	: >"$work/v" ; : >"$work/q"
 	# The two tools alternate, and which goes first alternates too: the
 	# page cache and writeback state left by one run weigh on the next.
+	# Both write the same file, removed before every run, so that each
+	# run's page cache comes from the pages the other tool's run has just
+	# freed: in a virtual machine, how fast a guest page is to fill
+	# depends on how the host backs it, and a tool that always recycles
+	# its own output's pages keeps whatever backing it got first (one
+	# tool was then 2-3x slower in every run of a pair, and which one
+	# changed from one invocation of this script to the next). Only the
+	# very first run of a pair gets pages that have been free for a while.
 	for ((r = 0; r < RUNS; r++)); do
-		if ((r % 2 == 0)); then
-			run "$work/out.v" "$VDISK" convert -f "$sf" -O "$df" $extra "$s" "$work/out.v" >>"$work/v"
-			run "$work/out.q" qemu-img convert -f "$sf" -O "$qdf" $qextra "$s" "$work/out.q" >>"$work/q"
-		else
-			run "$work/out.q" qemu-img convert -f "$sf" -O "$qdf" $qextra "$s" "$work/out.q" >>"$work/q"
-			run "$work/out.v" "$VDISK" convert -f "$sf" -O "$df" $extra "$s" "$work/out.v" >>"$work/v"
-		fi
-	done
-	if [[ $extra == *key-secret=sec0* ]]; then
-		# Encrypted outputs differ byte for byte (random keys): both are
-		# opened with the secret and compared with the source.
-		key=key-secret
-		if [ "$df" = qcow2 ]; then key=encrypt.key-secret; fi
-		for o in "$work/out.v" "$work/out.q"; do
-			qemu-img compare -q $enc_obj --image-opts "driver=$df,file.filename=$o,$key=sec0" "driver=$sf,file.filename=$s" || { echo "$name: $o differs from the source" >&2; exit 1; }
+		if ((r % 2 == 0)); then order="v q"; else order="q v"; fi
+		for t in $order; do
+			if [ "$t" = v ]; then
+				run "$work/out" "$VDISK" convert -f "$sf" -O "$df" $extra "$s" "$work/out" >>"$work/v"
+			else
+				run "$work/out" qemu-img convert -f "$sf" -O "$qdf" $qextra "$s" "$work/out" >>"$work/q"
+			fi
+			# The last output of each tool is checked against the
+			# source (the timed runs are unaffected) and left for the
+			# next run to remove.
+			if ((r == RUNS - 1)); then check "$t"; fi
 		done
-	elif [ "$qdf" = "$df" ]; then
-		qemu-img compare -q -f "$df" -F "$df" "$work/out.v" "$work/out.q" || { echo "$name: outputs differ" >&2; exit 1; }
-	else
-		qemu-img compare -q -f "$df" -F "$sf" "$work/out.v" "$s" || { echo "$name: output differs from the source" >&2; exit 1; }
-	fi
+		if [ -n "${VERBOSE:-}" ]; then echo "  run $r: vdisk $(tail -1 "$work/v"), qemu $(tail -1 "$work/q")"; fi
+	done
 	vt=$(cut -d' ' -f1 "$work/v" | median); qt=$(cut -d' ' -f1 "$work/q" | median)
 	vm=$(cut -d' ' -f2 "$work/v" | median); qm=$(cut -d' ' -f2 "$work/q" | median)
 	vc=$(cut -d' ' -f3 "$work/v" | median); qc=$(cut -d' ' -f3 "$work/q" | median)
 	awk -v n="$name" -v vt="$vt" -v qt="$qt" -v vm="$vm" -v qm="$qm" -v vc="$vc" -v qc="$qc" 'BEGIN {
 		printf "%-18s %10.3f %10.3f %10.1f %10.1f %7.2fx %7.2fx %7.2fx\n", n, vt, qt, vm/1024, qm/1024, (qt > 0 ? vt/qt : 0), (qm > 0 ? vm/qm : 0), (qc > 0 ? vc/qc : 0) }'
-	printf '%-18s allocated: vdisk %s KiB, qemu %s KiB\n' "" "$(du -k "$work/out.v" | cut -f1)" "$(du -k "$work/out.q" | cut -f1)"
-	# Neither pair's outputs stay in the page cache for the next pair.
-	rm -f "$work/out.v" "$work/out.q"
+	printf '%-18s allocated: vdisk %s KiB, qemu %s KiB\n' "" "$(cat "$work/du.v")" "$(cat "$work/du.q")"
+	# No output stays in the page cache for the next pair.
+	rm -f "$work/out"
 	sync
 done

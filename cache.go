@@ -19,6 +19,16 @@ type cacheState struct {
 	files []cache.Cached
 }
 
+// checkCache refuses a block cache named by a URL: the cache is a local
+// file (a cache of a network image kept on the network would fetch what it
+// saves).
+func (o *OpenOptions) checkCache() error {
+	if s := driver.SchemeOf(o.Cache); s != "" && !o.CacheInMemory {
+		return driver.OptionErrorf("the block cache %q is a %s:// name: it must be a local file", o.Cache, s)
+	}
+	return nil
+}
+
 // cached wraps st, the storage of the network layer name, with o's cache
 // when o asks for one and no other layer of this open has it.
 func (o *OpenOptions) cached(name string, st driver.Storage) driver.Storage {

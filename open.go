@@ -174,6 +174,9 @@ func Open(ctx context.Context, name string, o *OpenOptions) (*Disk, error) {
 	if o == nil {
 		o = &OpenOptions{}
 	}
+	if err := o.checkCache(); err != nil {
+		return nil, err
+	}
 	oc := *o
 	oc.cache = &cacheState{}
 	o = &oc
@@ -300,6 +303,9 @@ func OpenChain(ctx context.Context, specs []LayerSpec, o *OpenOptions) (*Disk, e
 	}
 	if len(specs) > MaxChainDepth {
 		return nil, driver.OptionErrorf("a chain of %d layers exceeds the limit of %d", len(specs), MaxChainDepth)
+	}
+	if err := o.checkCache(); err != nil {
+		return nil, err
 	}
 	st, log := o.storage(), o.logger()
 	ro := o.ReadOnly || o.InfoOnly || o.Snapshot != ""

@@ -145,4 +145,9 @@ func TestCacheLayer(t *testing.T) {
 	if n, s := readAll("", false); n == 0 || s != 0 {
 		t.Errorf("without a cache: fetched %d bytes, %d caches", n, s)
 	}
+	// The cache is a local file: a URL is refused before anything opens.
+	_, err = vdisk.Open(ctx, top, &vdisk.OpenOptions{ReadOnly: true, Paths: driver.PathTrusted, Cache: "vdtest://host/cache/c.vci"})
+	if !errors.Is(err, driver.ErrInvalidOption) || !strings.Contains(err.Error(), "vdtest://host/cache/c.vci") {
+		t.Fatalf("a cache named by a URL: %v; want an invalid-option error naming it", err)
+	}
 }

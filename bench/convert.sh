@@ -135,7 +135,9 @@ check() {
 		qemu-img compare -q $enc_obj --image-opts "driver=$f,file.filename=$work/out,$key=sec0" "driver=$sf,file.filename=$s" ||
 			{ echo "$name: the $1 output differs from the source" >&2; exit 1; }
 	else
-		qemu-img compare -q -f "$f" -F "$sf" "$work/out" "$s" || { echo "$name: the $1 output differs from the source" >&2; exit 1; }
+		# (qemu's dmg driver notes its missing bz2/lzfse modules on stderr.)
+		qemu-img compare -q -f "$f" -F "$sf" "$work/out" "$s" 2> >(grep -v 'module block-block-dmg' >&2) ||
+			{ echo "$name: the $1 output differs from the source" >&2; exit 1; }
 	fi
 	du -k "$work/out" | cut -f1 >"$work/du.$1"
 }

@@ -115,3 +115,14 @@ func ClearForCreate(f File) error {
 	}
 	return f.Truncate(1)
 }
+
+// ClonedBytes is the number of bytes f's CopyFrom (RangeCopier) shared
+// into it by reflink rather than copied, where its storage counts them
+// (osfs does), else 0. Drivers whose CopyFrom copies into one file report
+// it for convert's statistics.
+func ClonedBytes(f File) int64 {
+	if c, ok := f.(interface{ ClonedBytes() int64 }); ok {
+		return c.ClonedBytes()
+	}
+	return 0
+}

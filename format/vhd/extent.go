@@ -130,3 +130,7 @@ func (im *image) copyBlock(cp driver.RangeCopier, src driver.File, srcOff, b, in
 		return got, nil
 	})
 }
+
+// ClonedBytes is the number of bytes CopyFrom shared into the file by
+// reflink rather than copied (0 where the storage does not say).
+func (im *image) ClonedBytes() int64 { return driver.ClonedBytes(im.f) }

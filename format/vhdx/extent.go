@@ -108,9 +108,4 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 
 // ClonedBytes is the number of bytes CopyFrom shared into the file by
 // reflink rather than copied (0 where the storage does not say).
-func (im *image) ClonedBytes() int64 {
-	if c, ok := im.f.(interface{ ClonedBytes() int64 }); ok {
-		return c.ClonedBytes()
-	}
-	return 0
-}
+func (im *image) ClonedBytes() int64 { return driver.ClonedBytes(im.f) }

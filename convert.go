@@ -154,6 +154,12 @@ func newConverter(dst, src *Disk, o *ConvertOptions) (*converter, error) {
 			return nil, driver.Errorf(ErrUnsupported, dst.name(), -1, "compressed output needs a new target without a backing file")
 		}
 		c.cw, c.unit = cw, cw.CompressedUnit()
+		if oc.ChunkSize <= 0 {
+			// The target's compressor holds its own clusters in flight:
+			// the workers' chunks only read ahead of it, and half the
+			// default keeps a convert -c within 64 MiB of memory.
+			c.chunk = 1 << 20
+		}
 		if c.unit <= 0 || c.chunk%c.unit != 0 && c.unit < c.chunk {
 			c.chunk = max(c.unit, c.chunk/c.unit*c.unit)
 		}

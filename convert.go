@@ -13,7 +13,8 @@ type ConvertOptions struct {
 	// Workers is the number of parallel read/write workers (qemu-img -m);
 	// default 8.
 	Workers int
-	// ChunkSize is the largest single read/write; default 2 MiB.
+	// ChunkSize is the largest single read/write; default 2 MiB (1 MiB
+	// with Compress).
 	ChunkSize int64
 	// ZeroDetect is qemu-img's -S: runs of at least this many zero bytes
 	// (aligned to it) in data are not written. 0 means the default (4 KiB);

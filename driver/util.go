@@ -126,3 +126,14 @@ func ClonedBytes(f File) int64 {
 	}
 	return 0
 }
+
+// CopierOf returns f as a RangeCopier for a driver's CopyFrom into the
+// image name at off, or an error wrapping ErrUnsupported (the caller then
+// reads and writes) when its storage cannot copy between files.
+func CopierOf(f File, name string, off int64) (RangeCopier, error) {
+	cp, ok := f.(RangeCopier)
+	if !ok {
+		return nil, Errorf(ErrUnsupported, name, off, "the storage cannot copy between files")
+	}
+	return cp, nil
+}

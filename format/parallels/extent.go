@@ -62,9 +62,9 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if err := im.writable(off); err != nil {
 		return 0, err
 	}
-	cp, ok := im.f.(driver.RangeCopier)
-	if !ok {
-		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "the storage cannot copy between files")
+	cp, err := driver.CopierOf(im.f, im.name, off)
+	if err != nil {
+		return 0, err
 	}
 	im.mu.RLock()
 	defer im.mu.RUnlock()

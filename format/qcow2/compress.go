@@ -136,24 +136,21 @@ func (cw *compWriter) worker() {
 	zw := deflate.Encoder{Window: 4096}
 	var zs zstdEncoders
 	for j := range cw.jobs {
-		var res []byte
+		var b []byte
 		switch im.hdr.compressionType {
 		case compressionZlib:
 			// qemu inflates with a 4 KiB window: no back-reference may
 			// reach further, which general deflate encoders do not offer.
-			b := zw.Compress(cw.getBuf()[:0], j.data)
-			if len(b) < cs {
-				res = b
-			} else if cap(b) >= cs {
-				cw.putBuf(b[:cs])
-			}
+			b = zw.Compress(cw.getBuf()[:0], j.data)
 		case compressionZstd:
-			b := zs.encode(j.data, cw.getBuf()[:0])
-			if len(b) < cs {
-				res = b
-			} else if cap(b) >= cs {
-				cw.putBuf(b[:cs])
-			}
+			b = zs.encode(j.data, cw.getBuf()[:0])
+		}
+		// A cluster that does not shrink is stored as it is (res nil).
+		var res []byte
+		if len(b) < cs {
+			res = b
+		} else if cap(b) >= cs {
+			cw.putBuf(b[:cs])
 		}
 		j.out = res
 		cw.mu.Lock()

@@ -24,9 +24,9 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if im.readOnly {
 		return 0, driver.Errorf(driver.ErrReadOnly, im.name, off, "image opened read-only")
 	}
-	c, ok := im.f.(driver.RangeCopier)
-	if !ok {
-		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "the storage cannot copy between files")
+	c, err := driver.CopierOf(im.f, im.name, off)
+	if err != nil {
+		return 0, err
 	}
 	done, err := c.CopyFrom(src, srcOff, off, n)
 	if done > 0 {

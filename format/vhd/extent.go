@@ -56,9 +56,9 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if im.ro {
 		return 0, im.readOnlyErr(off)
 	}
-	cp, ok := im.f.(driver.RangeCopier)
-	if !ok {
-		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "the storage cannot copy between files")
+	cp, err := driver.CopierOf(im.f, im.name, off)
+	if err != nil {
+		return 0, err
 	}
 	if err := im.checkAccess(off, n); err != nil {
 		return 0, err

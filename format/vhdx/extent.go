@@ -75,9 +75,9 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if im.ro {
 		return 0, im.readOnlyErr(off)
 	}
-	cp, ok := im.f.(driver.RangeCopier)
-	if !ok {
-		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "the storage cannot copy between files")
+	cp, err := driver.CopierOf(im.f, im.name, off)
+	if err != nil {
+		return 0, err
 	}
 	if err := im.needFill(off, n); err != nil {
 		return 0, driver.Errorf(driver.ErrUnsupported, im.name, off, "a copy into part of a sector the image does not hold needs a fill: %v", err)

@@ -30,10 +30,10 @@ func Require(t testing.TB, tools ...string) {
 }
 
 // Run runs a command and returns stdout, failing the test on error.
-// qemu-img is run again (up to 10 more times, over about a second) when it refused because its
-// PBKDF2 calibration for a LUKS key slot could not measure its CPU time,
-// which a short iter-time on a busy machine sometimes makes it do
-// ("Unable to get accurate CPU usage").
+// qemu-img is run again (up to 10 more times, over about a second) when
+// it refused because its PBKDF2 calibration for a LUKS key slot could not
+// measure its CPU time, which a short iter-time on a busy machine
+// sometimes makes it do ("Unable to get accurate CPU usage").
 func Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, code, err := RunCode(name, args...)

@@ -73,7 +73,7 @@ type replyWriter struct {
 	// timeout (IdleTimeout in the transmission phase) bounds each write:
 	// a client that does not read its replies is cut off.
 	timeout time.Duration
-	armed   time.Time
+	armed   int64 // monoNow when the write deadline was last moved; 0: never
 	// iov: the pieces of the next writev, pointing into buf (up to mark)
 	// and at queued payloads; wv is the net.Buffers writev consumes.
 	// Both are kept so that sending allocates nothing.
@@ -145,11 +145,11 @@ func (w *replyWriter) arm() {
 	if w.timeout <= 0 {
 		return
 	}
-	now := time.Now()
-	if !w.armed.IsZero() && now.Sub(w.armed) < w.timeout/16 {
+	now := monoNow()
+	if w.armed != 0 && now-w.armed < int64(w.timeout/16) {
 		return
 	}
-	w.nc.SetWriteDeadline(now.Add(w.timeout))
+	w.nc.SetWriteDeadline(time.Now().Add(w.timeout))
 	w.armed = now
 }
 

@@ -31,8 +31,8 @@ type conn struct {
 	// closing.
 	dmu     sync.Mutex
 	closing bool
-	rdArmed time.Time // when armRead last set the read deadline (reader only)
-	idle    bool      // the read deadline ended the connection in transmission
+	rdArmed int64 // monoNow when armRead last set the read deadline; 0: at once (reader only)
+	idle    bool  // the read deadline ended the connection in transmission
 
 	// quit closes when the connection ends or shuts down: waits for
 	// buffer budget stop.
@@ -60,7 +60,7 @@ type conn struct {
 	budget   *pool         // this connection's data buffers (ConnBuffer)
 	wg       sync.WaitGroup
 	inflight atomic.Int64 // requests started and not yet answered
-	lastDone atomic.Int64 // when a request last ended (UnixNano)
+	lastDone atomic.Int64 // monoNow when a request last ended
 	broken   atomic.Bool  // replies can no longer be sent: stop reading requests
 }
 
@@ -158,17 +158,26 @@ func (c *conn) armRead() {
 	if t <= 0 {
 		return
 	}
-	now := time.Now()
-	if !c.rdArmed.IsZero() && now.Sub(c.rdArmed) < t/16 {
+	now := monoNow()
+	if c.rdArmed != 0 && now-c.rdArmed < int64(t/16) {
 		return
 	}
 	c.dmu.Lock()
 	if !c.closing {
-		c.raw.SetReadDeadline(now.Add(t))
+		c.raw.SetReadDeadline(time.Now().Add(t))
 		c.rdArmed = now
 	}
 	c.dmu.Unlock()
 }
+
+// clockBase anchors monoNow.
+var clockBase = time.Now()
+
+// monoNow reads a monotonic clock, in nanoseconds (never 0). The request
+// path times itself with it: one clock read where time.Now takes two (the
+// wall clock too), and the request path reads the clock several times per
+// request.
+func monoNow() int64 { return int64(time.Since(clockBase)) + 1 }
 
 // startTransmission replaces the handshake deadline by the idle ones.
 func (c *conn) startTransmission(e *export) {
@@ -180,6 +189,7 @@ func (c *conn) startTransmission(e *export) {
 	c.w.lock()
 	c.w.timeout = c.s.IdleTimeout
 	c.w.mu.Unlock()
+	c.lastDone.Store(monoNow()) // idle time counts from here until a request ends
 	c.armRead()
 	c.exp = e
 	c.size = e.Disk.Size()

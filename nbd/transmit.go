@@ -82,8 +82,8 @@ func (c *conn) transmit() error {
 	defer close(c.work)
 	var hdrBuf [extendedHeaderSize]byte
 	var h header
-	var inlineOffUntil time.Time
-	slow := 0 // inline requests in a row slower than inlineSlow
+	var inlineOffUntil int64 // monoNow until which nothing runs inline; 0: none
+	slow := 0                // inline requests in a row slower than inlineSlow
 	for {
 		// Replies wait while more requests are already here, so that a
 		// burst of them leaves in one write.
@@ -169,15 +169,15 @@ func (c *conn) transmit() error {
 		c.wg.Add(1)
 		c.inflight.Add(1)
 		if req.length <= inlineMax && req.flags == 0 && (req.typ == cmdRead || req.typ == cmdWrite) &&
-			(inlineOffUntil.IsZero() || time.Now().After(inlineOffUntil)) {
-			t0 := time.Now()
-			c.handle(req)
-			if d := time.Since(t0); d <= inlineSlow {
+			(inlineOffUntil == 0 || monoNow() > inlineOffUntil) {
+			t0 := monoNow()
+			end := c.handle(req)
+			if end-t0 <= int64(inlineSlow) {
 				slow = 0
-				inlineOffUntil = time.Time{}
+				inlineOffUntil = 0
 			} else if slow++; slow >= inlineSlowRun {
 				slow = 0
-				inlineOffUntil = time.Now().Add(inlinePause)
+				inlineOffUntil = end + int64(inlinePause)
 			}
 			continue
 		}
@@ -303,11 +303,12 @@ func (c *conn) awaitRequest() error {
 		if c.inflight.Load() == 0 {
 			// Idle time counts from the last reply, not from a deadline
 			// armed while a request still ran.
-			if until := time.Unix(0, c.lastDone.Load()).Add(c.s.IdleTimeout); time.Now().Before(until) {
+			now := monoNow()
+			if left := c.lastDone.Load() + int64(c.s.IdleTimeout) - now; left > 0 {
 				c.dmu.Lock()
 				if !c.closing {
-					c.raw.SetReadDeadline(until)
-					c.rdArmed = time.Now()
+					c.raw.SetReadDeadline(time.Now().Add(time.Duration(left)))
+					c.rdArmed = now
 				}
 				c.dmu.Unlock()
 				continue
@@ -315,7 +316,7 @@ func (c *conn) awaitRequest() error {
 			c.idle = true
 			return err
 		}
-		c.rdArmed = time.Time{} // move the deadline on at once
+		c.rdArmed = 0 // move the deadline on at once
 	}
 }
 
@@ -380,12 +381,14 @@ func (c *conn) release(req *request) {
 	c.free <- req
 }
 
-func (c *conn) handle(req *request) {
+// handle runs req and answers it; it returns when it ended (monoNow).
+func (c *conn) handle(req *request) (end int64) {
 	defer c.wg.Done()
 	defer func() {
 		// lastDone before inflight: a reader that sees no request
 		// running sees when the last one ended.
-		c.lastDone.Store(time.Now().UnixNano())
+		end = monoNow()
+		c.lastDone.Store(end)
 		c.inflight.Add(-1)
 	}()
 	defer c.release(req)
@@ -428,6 +431,7 @@ func (c *conn) handle(req *request) {
 		return
 	}
 	c.sendOK(&req.header)
+	return
 }
 
 // allowedFlags returns the command flags a command accepts.

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
-for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio bzip2:bzip2 tgtd:tgt tgtadm:tgt iscsi-ls:libiscsi-bin cryptsetup:cryptsetup-bin; do
+for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio bzip2:bzip2 tgtd:tgt tgtadm:tgt iscsi-ls:libiscsi-bin cryptsetup:cryptsetup-bin mkfs.xfs:xfsprogs; do
 	cmd=${pair%%:*} pkg=${pair#*:}
 	command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -46,13 +46,15 @@ a DST created by this run is removed.
 Copy offload: where a run of SRC is stored byte for byte in a local file
 (raw, fixed VHD and VDI data areas and allocated VDI blocks, VHD blocks,
 flat and uncompressed sparse VMDK extents, uncompressed unencrypted qcow2
-clusters) and DST is a raw file on the same local storage, the kernel
-copies it (FICLONERANGE reflinks on btrfs/XFS, else copy_file_range on
-file systems that copy on their own: NFS, SMB, Ceph, OpenZFS, ...):
-qemu-img's -C, done by default where it pays. On ext4, tmpfs and the like,
-copy_file_range is the kernel's page-cache copy, which runs each range's
-read and write in turn: reading and writing on every core is faster
-there, so vdisk does that unless -C asks for copy_file_range anyway.
+clusters) and DST is a raw file (or a VHD, VHDX, QED or Parallels image) on the
+same storage, the kernel copies it: FICLONERANGE reflinks where the file
+system shares blocks (XFS, btrfs, OpenZFS, ...) and the run is
+block-aligned in both files, else copy_file_range where the file system
+copies on the server (NFS, SMB, Ceph): qemu-img's -C, done by default
+where it pays. Elsewhere copy_file_range is the kernel's page-cache copy,
+which runs each range's read and write in turn: reading and writing on
+every core is faster there, so vdisk does that unless -C asks for
+copy_file_range anyway.
 Unallocated and zero runs and holes of
 the source file stay holes; zeros a format stores as data (a block's
 padding) are copied as stored. --no-offload reads and writes every byte

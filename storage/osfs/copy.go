@@ -18,9 +18,10 @@ const copyChunk = 64 << 20
 // and returns the bytes copied. It first asks for a reflink
 // (FICLONERANGE: the two files then share the blocks, nothing is copied)
 // where the range is block-aligned and the file system shares blocks
-// (btrfs, XFS), then copy_file_range(2), which lets the file system copy
-// without the data passing through user space (and, on NFS/SMB, on the
-// server).
+// (btrfs, XFS), then copy_file_range(2) where the file system copies on
+// the server (NFS, SMB: the data does not cross the network), or
+// everywhere under CopyRangeAlways (convert -C), where it still saves the
+// copy through user space.
 //
 // src must be a *File of this package; the copy reads the source's holes
 // as zeros and writes them allocated, so callers copy data runs only. A
@@ -145,7 +146,7 @@ type cloneState struct {
 }
 
 const (
-	fsCopies  = 1 // copy_file_range shares blocks or copies on the server
+	fsCopies  = 1 // copy_file_range copies on the server
 	fsSplices = 2 // copy_file_range falls back to the kernel's splice copy
 )
 
@@ -157,13 +158,17 @@ type CopyRangePolicy int32
 
 const (
 	// CopyRangeAuto (the default) uses copy_file_range only on file
-	// systems that do more than the kernel's generic page-cache copy:
-	// those that share blocks (XFS, btrfs, bcachefs, OpenZFS, OCFS2) and
-	// network file systems that copy on the server (NFS 4.2, SMB, Ceph,
-	// FUSE). Elsewhere (ext4, tmpfs, ...) the kernel's copy runs the read
-	// and the write of each range in turn under the target's inode lock,
-	// which a read/write pipeline on two cores beats: CopyFrom then
-	// refuses with ErrUnsupported and the caller reads and writes.
+	// systems that copy on the server (NFS 4.2, SMB, Ceph, FUSE): the data
+	// then does not cross the network. Elsewhere the kernel's copy is its
+	// generic page-cache copy (splice), which runs the read and the write
+	// of each range in turn under the target's inode lock, and which a
+	// read/write pipeline on two cores beats: on ext4 and tmpfs, and also
+	// on the file systems that share blocks (XFS, btrfs, bcachefs,
+	// OpenZFS, OCFS2) for a range FICLONERANGE could not share (not
+	// block-aligned in both files, as a VHD's data area; copy_file_range
+	// shares no more than FICLONERANGE does, and splices the rest).
+	// CopyFrom then refuses with ErrUnsupported and the caller reads and
+	// writes.
 	CopyRangeAuto CopyRangePolicy = iota
 	// CopyRangeAlways uses copy_file_range wherever the kernel accepts it
 	// (qemu-img convert -C).
@@ -178,14 +183,10 @@ func SetCopyRangePolicy(p CopyRangePolicy) CopyRangePolicy {
 	return CopyRangePolicy(copyRangePolicy.Swap(int32(p)))
 }
 
-// File system magics (statfs f_type) whose copy_file_range does more than
-// the generic splice copy.
+// File system magics (statfs f_type) whose copy_file_range copies on the
+// server. (Those that share blocks get FICLONERANGE, which shares all that
+// their copy_file_range would.)
 var copyingFileSystems = map[int64]bool{
-	0x58465342: true, // XFS
-	0x9123683e: true, // btrfs
-	0xca451a4e: true, // bcachefs
-	0x2fc12fc1: true, // OpenZFS (block cloning)
-	0x7461636f: true, // OCFS2
 	0x6969:     true, // NFS
 	0xfe534d42: true, // SMB2
 	0xff534d42: true, // CIFS
@@ -194,8 +195,8 @@ var copyingFileSystems = map[int64]bool{
 }
 
 // FileSystemCopies reports whether the file system holding path copies on
-// its own under copy_file_range (shares blocks or copies on the server),
-// which is where CopyRangeAuto uses it.
+// its own under copy_file_range (on the server), which is where
+// CopyRangeAuto uses it.
 func FileSystemCopies(path string) (bool, error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(path, &st); err != nil {

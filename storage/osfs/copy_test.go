@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/xfstest"
 )
 
 // TestCopyFrom: the kernel copy moves the bytes at any (also unaligned)
@@ -154,5 +155,72 @@ func TestCopyRangePolicy(t *testing.T) {
 	}
 	if splicing == 0 {
 		t.Fatalf("no splicing file system among %v (/dev/shm is tmpfs): the refusal was not exercised", dirs)
+	}
+}
+
+// TestCopyFromXFS: on a file system that shares blocks (XFS with
+// reflinks), an aligned copy is a clone: ClonedBytes counts it and the
+// file system's free space does not shrink; a copy nothing can share
+// (source and target offsets off the block grid from each other) is
+// refused under CopyRangeAuto, as on ext4 (XFS's copy_file_range would
+// splice it through the page cache), and copied under CopyRangeAlways.
+func TestCopyFromXFS(t *testing.T) {
+	dir := xfstest.Dir(t)
+	if copies, err := FileSystemCopies(dir); err != nil || copies {
+		t.Fatalf("FileSystemCopies(XFS) = %v, %v; want false (it shares blocks, it does not copy on a server)", copies, err)
+	}
+	want := make([]byte, 4*mib)
+	rand.NewChaCha8([32]byte{3}).Read(want)
+	srcName := filepath.Join(dir, "src")
+	if err := os.WriteFile(srcName, want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := mustOpen(t, srcName, driver.ReadOnly)
+	defer src.Close()
+	dst := mustOpen(t, filepath.Join(dir, "dst"), driver.ReadWrite|driver.Create)
+	defer dst.Close()
+	free := func() int64 {
+		unix.Sync()
+		var st unix.Statfs_t
+		if err := unix.Statfs(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		return int64(st.Bfree) * st.Bsize
+	}
+	before := free()
+	n, err := dst.CopyFrom(src, mib, 2*mib, 2*mib)
+	if err != nil || n != 2*mib {
+		t.Fatalf("aligned CopyFrom = %d, %v", n, err)
+	}
+	if c := dst.ClonedBytes(); c != 2*mib {
+		t.Fatalf("ClonedBytes = %d after an aligned copy of %d", c, 2*mib)
+	}
+	if used := before - free(); used > mib/2 {
+		t.Fatalf("the clone of 2 MiB took %d bytes of free space", used)
+	}
+	got := make([]byte, 2*mib)
+	if _, err := dst.ReadAt(got, 2*mib); err != nil || !bytes.Equal(got, want[mib:3*mib]) {
+		t.Fatalf("cloned content differs (%v)", err)
+	}
+	for _, p := range []CopyRangePolicy{CopyRangeAuto, CopyRangeAlways} {
+		old := SetCopyRangePolicy(p)
+		n, err := dst.CopyFrom(src, 512, 5*mib, 64<<10)
+		SetCopyRangePolicy(old)
+		if p == CopyRangeAuto {
+			if n != 0 || !errors.Is(err, driver.ErrUnsupported) {
+				t.Fatalf("auto, unaligned: CopyFrom = %d, %v; want ErrUnsupported", n, err)
+			}
+			continue
+		}
+		if err != nil || n != 64<<10 {
+			t.Fatalf("always, unaligned: CopyFrom = %d, %v", n, err)
+		}
+		got := make([]byte, 64<<10)
+		if _, err := dst.ReadAt(got, 5*mib); err != nil || !bytes.Equal(got, want[512:512+64<<10]) {
+			t.Fatalf("always, unaligned: content differs (%v)", err)
+		}
+	}
+	if c := dst.ClonedBytes(); c != 2*mib {
+		t.Fatalf("ClonedBytes = %d; the unaligned copy is not a clone", c)
 	}
 }

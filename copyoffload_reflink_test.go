@@ -1,0 +1,180 @@
+package vdisk_test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vdisk/vdisk"
+	"github.com/vdisk/vdisk/internal/qemutest"
+	"github.com/vdisk/vdisk/internal/xfstest"
+)
+
+func fileSum(t *testing.T, name string) []byte {
+	t.Helper()
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return h.Sum(nil)
+}
+
+// usedBytes is what the file system holding dir has allocated, from the
+// kernel's own count (statfs): a clone of a range costs it nothing, a copy
+// the range's size.
+func usedBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	unix.Sync()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks-st.Bfree) * st.Bsize
+}
+
+// TestConvertReflinkXFS runs convert's copy offload on a file system that
+// shares blocks (XFS with reflinks) rather than on ext4, where the other
+// offload tests run: every block-aligned data run of the source is cloned
+// (FICLONERANGE), not copied. The file system's own count of used space
+// hardly moves, the stats count the bytes as reflinked, the output is
+// qemu-img compare-identical with holes where the source has them, and a
+// write to the output afterwards leaves the source as it was (the file
+// system unshares the block). Formats whose data area is not block-aligned
+// in their file (qemu-img's VDI and VHD) are copied by copy_file_range
+// instead, still without passing through vdisk. The other direction, raw
+// into the formats that take file ranges (VHDX, QED, Parallels, VHD), is
+// offloaded the same way and passes qemu-img check.
+func TestConvertReflinkXFS(t *testing.T) {
+	qemutest.Require(t)
+	dir := xfstest.Dir(t)
+	rawName, data := offloadSource(t, dir)
+	rawSum := fileSum(t, rawName)
+
+	t.Run("to-raw", func(t *testing.T) {
+		for _, c := range []struct {
+			name, format string
+			opts         []string
+			aligned      bool // every data run is block-aligned in the file: cloned
+		}{
+			{"raw", "raw", nil, true},
+			{"qcow2", "qcow2", nil, true},
+			{"vhdx", "vhdx", nil, true},
+			{"qed", "qed", nil, true},
+			{"parallels", "parallels", nil, true},
+			{"vmdk", "vmdk", nil, true},
+			{"vdi", "vdi", nil, false},
+			{"vpc", "vpc", nil, false},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				name := rawName
+				if c.format != "raw" {
+					name = filepath.Join(dir, "src."+c.format)
+					convertSource(t, rawName, c.format, name, c.opts...)
+				}
+				src, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Format: c.format, ReadOnly: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				out := filepath.Join(dir, c.name+"-out.raw")
+				before := usedBytes(t, dir)
+				st := convertToRaw(t, src, out, vdisk.ConvertOptions{Workers: 4, ChunkSize: 1 << 20})
+				src.Close()
+				grew := usedBytes(t, dir) - before
+				t.Logf("stats %+v; file system use grew by %d bytes", st, grew)
+				if st.Offloaded < data || st.Read != 0 || st.Written != 0 {
+					t.Fatalf("stats %+v; want at least %d offloaded and nothing read or written", st, data)
+				}
+				if c.aligned {
+					if st.Reflinked != st.Offloaded {
+						t.Fatalf("stats %+v: %d of %d offloaded bytes cloned, want all", st, st.Reflinked, st.Offloaded)
+					}
+					// Metadata only (the file's extent records): far
+					// less than the data, which a copy would add.
+					if grew > data/4 {
+						t.Fatalf("the file system's use grew by %d bytes for %d bytes of data: copied, not cloned", grew, data)
+					}
+				} else if grew < st.Offloaded-st.Reflinked {
+					t.Fatalf("stats %+v: the file system's use grew by only %d bytes for the bytes not cloned", st, grew)
+				}
+				if !qemutest.Compare(t, "raw", rawName, "raw", out) {
+					t.Fatal("qemu-img compare: the output differs from the source")
+				}
+				// Holes stay holes. (XFS allocates around a small write:
+				// the source holds more than its data, the output need
+				// not, so the data runs may differ.)
+				if a, b := allocatedFiles(t, name), allocated(t, out); b > a {
+					t.Fatalf("output allocates %d bytes, the source files %d", b, a)
+				}
+				// A write into a cloned block of the output must not reach
+				// the source (or, for another format, its data).
+				qemutest.IO(t, "raw", out, "write -P 0x77 0 64k", "write -P 0x78 20M 4k")
+				if !bytes.Equal(fileSum(t, rawName), rawSum) {
+					t.Fatal("a write to the output changed the raw source")
+				}
+				if !qemutest.Compare(t, c.format, name, "raw", rawName) {
+					t.Fatal("a write to the output changed the source image")
+				}
+				if err := os.Remove(out); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+	})
+
+	t.Run("from-raw", func(t *testing.T) {
+		for _, c := range []struct {
+			format  string
+			aligned bool // data blocks block-aligned in the file: all cloned
+		}{
+			{"vhdx", true},
+			{"qed", true},
+			{"parallels", true},
+			{"vpc", false},
+		} {
+			t.Run(c.format, func(t *testing.T) {
+				src := openRO(t, rawName)
+				out := filepath.Join(dir, "out."+c.format)
+				dst, err := vdisk.Create(ctx, out, &vdisk.CreateOptions{Format: c.format, Size: src.Size()})
+				if err != nil {
+					t.Fatal(err)
+				}
+				var st vdisk.ConvertStats
+				err = vdisk.Convert(ctx, dst, src, &vdisk.ConvertOptions{Workers: 4, ChunkSize: 1 << 20, Stats: &st})
+				if cerr := dst.Close(); err == nil {
+					err = cerr
+				}
+				src.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Logf("stats %+v", st)
+				if st.Offloaded < data || st.Read != 0 || st.Written != 0 || (c.aligned && st.Reflinked != st.Offloaded) {
+					t.Fatalf("stats %+v: want at least %d bytes offloaded, nothing read or written, all cloned: %v", st, data, c.aligned)
+				}
+				if c.format != "vpc" { // (qemu-img checks no VHD)
+					qemutest.Check(t, c.format, out)
+				}
+				if !qemutest.Compare(t, "raw", rawName, c.format, out) {
+					t.Fatal("qemu-img compare: the output differs from the source")
+				}
+				qemutest.IO(t, c.format, out, "write -P 0x79 0 64k")
+				if !bytes.Equal(fileSum(t, rawName), rawSum) {
+					t.Fatal("a write to the output changed the raw source")
+				}
+				if err := os.Remove(out); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+	})
+}

@@ -112,6 +112,7 @@ type converter struct {
 	offload   bool        // data jobs try copy offload
 	pieces    bool        // data jobs go through offloadJob
 	noOffload atomic.Bool // offload was refused: read and write from now on
+	seeks     dataRuns    // what SEEK_HOLE told about the source files
 	stats     convStats
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -264,21 +265,26 @@ func (c *converter) offloadPiece(off, n int64, turn bool) (pieceKind, int64, err
 	if hs, ok := f.(driver.HoleSeeker); ok && holes {
 		// A hole of the file inside a data run (a VHD block written
 		// partly) reads as zeros: copying it would allocate it.
-		data, err := hs.SeekData(foff)
-		if errors.Is(err, io.EOF) {
-			return pieceZero, length, nil
-		} else if err != nil {
-			return 0, 0, driver.WithFile(err, "seek data", l.Name)
-		}
-		if data > foff {
-			return pieceZero, min(length, data-foff), nil
-		}
-		hole, err := hs.SeekHole(foff)
-		if err != nil {
-			return 0, 0, driver.WithFile(err, "seek hole", l.Name)
-		}
-		if hole > foff {
-			length = min(length, hole-foff)
+		if end, ok := c.seeks.dataAt(f, foff); ok {
+			length = min(length, end-foff)
+		} else {
+			data, err := hs.SeekData(foff)
+			if errors.Is(err, io.EOF) {
+				return pieceZero, length, nil
+			} else if err != nil {
+				return 0, 0, driver.WithFile(err, "seek data", l.Name)
+			}
+			if data > foff {
+				return pieceZero, min(length, data-foff), nil
+			}
+			hole, err := hs.SeekHole(foff)
+			if err != nil {
+				return 0, 0, driver.WithFile(err, "seek hole", l.Name)
+			}
+			if hole > foff {
+				length = min(length, hole-foff)
+				c.seeks.learn(f, foff, hole)
+			}
 		}
 	}
 	if holes {
@@ -311,6 +317,46 @@ func (c *converter) offloadPiece(off, n int64, turn bool) (pieceKind, int64, err
 		return pieceFallback, length, nil
 	}
 	return pieceCopied, done, nil
+}
+
+// dataRuns remembers, per source file, a run SEEK_HOLE found to be data,
+// so that the pieces inside it need no lseek. On a file with unwritten
+// extents in the page cache (preallocated, or left by XFS's speculative
+// preallocation, and read once) the kernel answers SEEK_HOLE by walking
+// the cached pages up to the next real hole, up to the file's end: asked
+// again for every piece, that is quadratic (a 2 GiB VHD made by qemu-img on
+// XFS took 5.8 s to convert, 2.8 ms per lseek, against 0.3 s for its
+// VDI). Only data is remembered: should the file change meanwhile, a run
+// remembered as data that became a hole is copied as the zeros it reads,
+// never skipped.
+type dataRuns struct {
+	mu   sync.Mutex
+	runs map[driver.File][2]int64 // [start, end) of data
+}
+
+// dataAt returns the end of the remembered data run holding off.
+func (d *dataRuns) dataAt(f driver.File, off int64) (int64, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	r, ok := d.runs[f]
+	if !ok || off < r[0] || off >= r[1] {
+		return 0, false
+	}
+	return r[1], true
+}
+
+// learn records that f holds data in [start, end), joined to the run known
+// before where the two meet.
+func (d *dataRuns) learn(f driver.File, start, end int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.runs == nil {
+		d.runs = map[driver.File][2]int64{}
+	}
+	if r, ok := d.runs[f]; ok && start <= r[1] && r[0] <= end {
+		start, end = min(start, r[0]), max(end, r[1])
+	}
+	d.runs[f] = [2]int64{start, end}
 }
 
 // copyFrom copies n bytes of f from foff into the top at off through the

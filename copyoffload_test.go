@@ -371,3 +371,62 @@ func TestConvertOffloadFindsFileHoles(t *testing.T) {
 // (ext4, tmpfs, overlayfs in CI) would copy through the page cache, which
 // CopyFrom leaves to the read/write path by default.
 func init() { osfs.SetCopyRangePolicy(osfs.CopyRangeAlways) }
+
+// seekCountFS is osfs whose files count SEEK_HOLE calls.
+type seekCountFS struct {
+	driver.Storage
+	holes atomic.Int64
+}
+
+type seekCountFile struct {
+	*osfs.File
+	fs *seekCountFS
+}
+
+func (s *seekCountFS) Open(name string, flag driver.OpenFlag) (driver.File, error) {
+	f, err := s.Storage.Open(name, flag)
+	if err != nil {
+		return nil, err
+	}
+	return &seekCountFile{File: f.(*osfs.File), fs: s}, nil
+}
+
+func (f *seekCountFile) SeekHole(off int64) (int64, error) {
+	f.fs.holes.Add(1)
+	return f.File.SeekHole(off)
+}
+
+// TestConvertOffloadSeeksOnce: the pieces of a dynamic VHD's blocks ask
+// the file for holes, but one SEEK_HOLE answer covers all the pieces it
+// found data for. On XFS, where qemu-img leaves unwritten extents in a
+// VHD's file, each SEEK_HOLE walks the page cache to the file's end: asked
+// once per piece, a 2 GiB image took 5.8 s to convert instead of 0.7 s.
+// The output is the same.
+func TestConvertOffloadSeeksOnce(t *testing.T) {
+	qemutest.Require(t)
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "full.raw")
+	qemutest.Create(t, "raw", raw, "64M")
+	qemutest.IO(t, "raw", raw, "write -P 0x5a 0 64M")
+	vhd := filepath.Join(dir, "full.vhd")
+	qemutest.Img(t, "convert", "-q", "-f", "raw", "-O", "vpc", raw, vhd)
+	fs := &seekCountFS{Storage: osfs.New()}
+	src, err := vdisk.Open(ctx, vhd, &vdisk.OpenOptions{Format: "vpc", ReadOnly: true, Storage: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	const workers = 4
+	out := filepath.Join(dir, "out.raw")
+	st := convertToRaw(t, src, out, vdisk.ConvertOptions{Workers: workers, ChunkSize: 1 << 20})
+	if st.Offloaded+st.Written < 64<<20 {
+		t.Fatalf("stats %+v: want all 64 MiB copied", st)
+	}
+	// Each worker's first piece may ask before any answer is known.
+	if n := fs.holes.Load(); n == 0 || n > workers {
+		t.Fatalf("%d SEEK_HOLE calls for 64 pieces of one data run; want 1 to %d", n, workers)
+	}
+	if !qemutest.Compare(t, "vpc", vhd, "raw", out) {
+		t.Fatal("qemu-img compare: the output differs from the source")
+	}
+}

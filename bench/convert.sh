@@ -6,7 +6,9 @@
 #   bench/convert.sh [RUNS]        (default 5 runs of each, alternating)
 #
 # Pairs: raw->raw (2 GiB sparse source, every other 1 MiB chunk filled).
-# Later formats add their pairs to PAIRS below. ONLY=regex limits the run
+# Later formats add their pairs to PAIRS below. Pairs named @xfs run on a
+# loop-mounted XFS file system with reflinks (root only; XFS=0 skips them);
+# in those named /-C qemu-img gets -C (its copy offload) and vdisk nothing. ONLY=regex limits the run
 # to the matching pairs (ONLY=vmdk bench/convert.sh 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +19,12 @@ fi
 command -v qemu-img >/dev/null || { echo "qemu-img missing: run ./test.sh first" >&2; exit 1; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vdisk-bench.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+xfs=""
+cleanup() {
+	if [ -n "$xfs" ]; then umount "$xfs" || umount -l "$xfs"; fi
+	rm -rf "$work"
+}
+trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
 build_vdisk
@@ -64,6 +71,28 @@ for ((i = 0; i < 256; i += 2)); do
 	dd if="$work/tchunk" of="$src_txt" bs=1M seek=$i conv=notrunc status=none
 done
 
+# XFS pairs (XFS=0 skips them): the same conversions on an XFS file system
+# with reflinks, loop-mounted from a sparse file in $work, where a data run
+# that is block-aligned in its file goes to the raw target as a clone
+# (FICLONERANGE: the files share the blocks) rather than as a copy. They
+# need root and loop devices. The sources are copies of the ones above.
+if [ "${XFS:-1}" = 1 ] && { [ -z "${ONLY:-}" ] || [[ $ONLY == *xfs* ]]; }; then
+	if [ "$(id -u)" = 0 ] && [ -e /dev/loop-control ]; then
+		command -v mkfs.xfs >/dev/null || apt-get install -y -qq xfsprogs >/dev/null
+		truncate -s 16G "$work/xfs.img"
+		mkfs.xfs -q -f -m reflink=1 "$work/xfs.img"
+		mkdir "$work/xfs"
+		mount -o loop "$work/xfs.img" "$work/xfs"
+		xfs=$work/xfs
+		for f in "$src" "$src_vdi" "$src_vpc" "$src_qcow2" "$src_vmdk" "$src_vhdx" "$src_qed" "$src_par"; do
+			cp --sparse=always "$f" "$xfs/"
+		done
+		sync
+	else
+		echo "bench/convert.sh: no XFS pairs (they need root and loop devices)" >&2
+	fi
+fi
+
 # Encrypted targets: the passphrase comes from a file; both tools spend the
 # same iter-time (ms) on PBKDF2 so that key derivation does not dominate.
 printf 'bench passphrase' >"$work/secret"
@@ -102,6 +131,24 @@ PAIRS=(
 	"raw->luks|$src|raw|luks|$enc_obj -o key-secret=sec0,iter-time=$enc_iter"
 	"raw->qcow2+luks|$src|raw|qcow2|$enc_obj -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=$enc_iter"
 )
+if [ -n "$xfs" ]; then
+	PAIRS+=(
+		"raw->raw@xfs|$xfs/src.raw|raw|raw|"
+		"raw->raw@xfs/-C|$xfs/src.raw|raw|raw||raw|-C"
+		"vdi->raw@xfs|$xfs/src.vdi|vdi|raw|"
+		"vpc->raw@xfs|$xfs/src.vhd|vpc|raw|"
+		"qcow2->raw@xfs|$xfs/src.qcow2|qcow2|raw|"
+		"qcow2->raw@xfs/-C|$xfs/src.qcow2|qcow2|raw||raw|-C"
+		"vmdk->raw@xfs|$xfs/src.vmdk|vmdk|raw|"
+		"vhdx->raw@xfs|$xfs/src.vhdx|vhdx|raw|"
+		"qed->raw@xfs|$xfs/src.qed|qed|raw|"
+		"parallels->raw@xfs|$xfs/src.parallels|parallels|raw|"
+		"raw->vpc@xfs|$xfs/src.raw|raw|vpc|"
+		"raw->vhdx@xfs|$xfs/src.raw|raw|vhdx|"
+		"raw->qed@xfs|$xfs/src.raw|raw|qed|"
+		"raw->parallels@xfs|$xfs/src.raw|raw|parallels|"
+	)
+fi
 
 
 # run OUT TOOL... -> prints "seconds maxrss_kib cpu_seconds" (cpu = user+sys).
@@ -123,7 +170,7 @@ run() {
 	exit 1
 }
 
-# check TOOL (v or q): compares $work/out, the last output of TOOL in the
+# check TOOL (v or q): compares $out, the last output of TOOL in the
 # current pair, with the source and records its allocated KiB in
 # $work/du.TOOL. Encrypted outputs are opened with the secret.
 check() {
@@ -132,14 +179,14 @@ check() {
 	if [[ $extra == *key-secret=sec0* ]]; then
 		local key=key-secret
 		if [ "$df" = qcow2 ]; then key=encrypt.key-secret; fi
-		qemu-img compare -q $enc_obj --image-opts "driver=$f,file.filename=$work/out,$key=sec0" "driver=$sf,file.filename=$s" ||
+		qemu-img compare -q $enc_obj --image-opts "driver=$f,file.filename=$out,$key=sec0" "driver=$sf,file.filename=$s" ||
 			{ echo "$name: the $1 output differs from the source" >&2; exit 1; }
 	else
 		# (qemu's dmg driver notes its missing bz2/lzfse modules on stderr.)
-		qemu-img compare -q -f "$f" -F "$sf" "$work/out" "$s" 2> >(grep -v 'module block-block-dmg' >&2) ||
+		qemu-img compare -q -f "$f" -F "$sf" "$out" "$s" 2> >(grep -v 'module block-block-dmg' >&2) ||
 			{ echo "$name: the $1 output differs from the source" >&2; exit 1; }
 	fi
-	du -k "$work/out" | cut -f1 >"$work/du.$1"
+	du -k "$out" | cut -f1 >"$work/du.$1"
 }
 
 printf '%-18s %10s %10s %10s %10s %8s %8s %8s\n' pair vdisk_s qemu_s vdisk_MiB qemu_MiB ratio rss_ratio cpu_ratio
@@ -149,6 +196,10 @@ for pair in "${PAIRS[@]}"; do
 	# ONLY=regex runs the matching pairs only (e.g. ONLY=vmdk).
 	if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then continue; fi
 	: >"$work/v" ; : >"$work/q"
+	# Both tools write the output next to the source: on XFS for the
+	# @xfs pairs (a clone stays within one file system).
+	out=$work/out
+	if [[ $name == *@xfs* ]]; then out=$xfs/out; fi
 	# The two tools alternate, and which goes first alternates too: the
 	# page cache and writeback state left by one run weigh on the next.
 	# Both write the same file, removed before every run, so that each
@@ -163,9 +214,9 @@ for pair in "${PAIRS[@]}"; do
 		if ((r % 2 == 0)); then order="v q"; else order="q v"; fi
 		for t in $order; do
 			if [ "$t" = v ]; then
-				run "$work/out" "$VDISK" convert -f "$sf" -O "$df" $extra "$s" "$work/out" >>"$work/v"
+				run "$out" "$VDISK" convert -f "$sf" -O "$df" $extra "$s" "$out" >>"$work/v"
 			else
-				run "$work/out" qemu-img convert -f "$sf" -O "$qdf" $qextra "$s" "$work/out" >>"$work/q"
+				run "$out" qemu-img convert -f "$sf" -O "$qdf" $qextra "$s" "$out" >>"$work/q"
 			fi
 			# The last output of each tool is checked against the
 			# source (the timed runs are unaffected) and left for the
@@ -181,6 +232,6 @@ for pair in "${PAIRS[@]}"; do
 		printf "%-18s %10.3f %10.3f %10.1f %10.1f %7.2fx %7.2fx %7.2fx\n", n, vt, qt, vm/1024, qm/1024, (qt > 0 ? vt/qt : 0), (qm > 0 ? vm/qm : 0), (qc > 0 ? vc/qc : 0) }'
 	printf '%-18s allocated: vdisk %s KiB, qemu %s KiB\n' "" "$(cat "$work/du.v")" "$(cat "$work/du.q")"
 	# No output stays in the page cache for the next pair.
-	rm -f "$work/out"
+	rm -f "$out"
 	sync
 done

@@ -82,12 +82,15 @@ if [ "${XFS:-1}" = 1 ] && { [ -z "${ONLY:-}" ] || [[ $ONLY == *xfs* ]]; }; then
 		truncate -s 16G "$work/xfs.img"
 		mkfs.xfs -q -f -m reflink=1 "$work/xfs.img"
 		mkdir "$work/xfs"
-		mount -o loop "$work/xfs.img" "$work/xfs"
-		xfs=$work/xfs
-		for f in "$src" "$src_vdi" "$src_vpc" "$src_qcow2" "$src_vmdk" "$src_vhdx" "$src_qed" "$src_par"; do
-			cp --sparse=always "$f" "$xfs/"
-		done
-		sync
+		if mount -o loop "$work/xfs.img" "$work/xfs"; then
+			xfs=$work/xfs
+			for f in "$src" "$src_vdi" "$src_vpc" "$src_qcow2" "$src_vmdk" "$src_vhdx" "$src_qed" "$src_par"; do
+				cp --sparse=always "$f" "$xfs/"
+			done
+			sync
+		else
+			echo "bench/convert.sh: no XFS pairs (the loop mount failed)" >&2
+		fi
 	else
 		echo "bench/convert.sh: no XFS pairs (they need root and loop devices)" >&2
 	fi

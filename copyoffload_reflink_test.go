@@ -8,8 +8,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/internal/xfstest"
@@ -27,19 +25,6 @@ func fileSum(t *testing.T, name string) []byte {
 		t.Fatal(err)
 	}
 	return h.Sum(nil)
-}
-
-// usedBytes is what the file system holding dir has allocated, from the
-// kernel's own count (statfs): a clone of a range costs it nothing, a copy
-// the range's size.
-func usedBytes(t *testing.T, dir string) int64 {
-	t.Helper()
-	unix.Sync()
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatal(err)
-	}
-	return int64(st.Blocks-st.Bfree) * st.Bsize
 }
 
 // TestConvertReflinkXFS runs convert's copy offload on a file system that
@@ -86,10 +71,10 @@ func TestConvertReflinkXFS(t *testing.T) {
 					t.Fatal(err)
 				}
 				out := filepath.Join(dir, c.name+"-out.raw")
-				before := usedBytes(t, dir)
+				before := xfstest.Used(t, dir)
 				st := convertToRaw(t, src, out, vdisk.ConvertOptions{Workers: 4, ChunkSize: 1 << 20})
 				src.Close()
-				grew := usedBytes(t, dir) - before
+				grew := xfstest.Used(t, dir) - before
 				t.Logf("stats %+v; file system use grew by %d bytes", st, grew)
 				if st.Offloaded < data || st.Read != 0 || st.Written != 0 {
 					t.Fatalf("stats %+v; want at least %d offloaded and nothing read or written", st, data)

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Size is the size of the file system (its image file is sparse: a few
@@ -82,4 +84,17 @@ func run(t testing.TB, name string, args ...string) {
 	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
+}
+
+// Used is what the file system holding dir has allocated, by the kernel's
+// own count (statfs, after a sync): a clone of a range costs it next to
+// nothing, a copy the range's size.
+func Used(t testing.TB, dir string) int64 {
+	t.Helper()
+	unix.Sync()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks-st.Bfree) * st.Bsize
 }

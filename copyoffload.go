@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -334,8 +335,16 @@ type dataRuns struct {
 	runs map[driver.File][2]int64 // [start, end) of data
 }
 
+// keyable reports whether f can be a map key: a File of a storage from
+// outside may be a struct value that Go cannot compare (it is then not
+// remembered, rather than panic).
+func keyable(f driver.File) bool { return reflect.TypeOf(f).Comparable() }
+
 // dataAt returns the end of the remembered data run holding off.
 func (d *dataRuns) dataAt(f driver.File, off int64) (int64, bool) {
+	if !keyable(f) {
+		return 0, false
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	r, ok := d.runs[f]
@@ -348,6 +357,9 @@ func (d *dataRuns) dataAt(f driver.File, off int64) (int64, bool) {
 // learn records that f holds data in [start, end), joined to the run known
 // before where the two meet.
 func (d *dataRuns) learn(f driver.File, start, end int64) {
+	if !keyable(f) {
+		return
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.runs == nil {

@@ -11,6 +11,7 @@ import (
 	"github.com/vdisk/vdisk"
 	"github.com/vdisk/vdisk/internal/qemutest"
 	"github.com/vdisk/vdisk/internal/xfstest"
+	"github.com/vdisk/vdisk/storage/osfs"
 )
 
 func fileSum(t *testing.T, name string) []byte {
@@ -36,7 +37,8 @@ func fileSum(t *testing.T, name string) []byte {
 // write to the output afterwards leaves the source as it was (the file
 // system unshares the block). Formats whose data area is not block-aligned
 // in their file (qemu-img's VDI and VHD) are copied by copy_file_range
-// instead, still without passing through vdisk. The other direction, raw
+// under -C (this package's tests run under CopyRangeAlways), still without
+// passing through vdisk, and read and written by default. The other direction, raw
 // into the formats that take file ranges (VHDX, QED, Parallels, VHD), is
 // offloaded the same way and passes qemu-img check.
 func TestConvertReflinkXFS(t *testing.T) {
@@ -111,6 +113,27 @@ func TestConvertReflinkXFS(t *testing.T) {
 				}
 				if err := os.Remove(out); err != nil {
 					t.Fatal(err)
+				}
+				if c.aligned {
+					return
+				}
+				// By default (this package's tests run under
+				// CopyRangeAlways, convert -C) what cannot be cloned is
+				// read and written: XFS's copy_file_range would splice it
+				// through the page cache.
+				defer osfs.SetCopyRangePolicy(osfs.SetCopyRangePolicy(osfs.CopyRangeAuto))
+				src, err = vdisk.Open(ctx, name, &vdisk.OpenOptions{Format: c.format, ReadOnly: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				st = convertToRaw(t, src, out, vdisk.ConvertOptions{Workers: 4, ChunkSize: 1 << 20})
+				src.Close()
+				t.Logf("default policy: stats %+v", st)
+				if st.Offloaded != st.Reflinked || st.Written == 0 {
+					t.Fatalf("default policy: stats %+v; want only clones offloaded, the rest written", st)
+				}
+				if !qemutest.Compare(t, "raw", rawName, "raw", out) {
+					t.Fatal("default policy: qemu-img compare: the output differs from the source")
 				}
 			})
 		}

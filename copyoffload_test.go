@@ -430,3 +430,52 @@ func TestConvertOffloadSeeksOnce(t *testing.T) {
 		t.Fatal("qemu-img compare: the output differs from the source")
 	}
 }
+
+// TestConvertOffloadRefusedVHD: a VHD target reserves a new block before
+// the kernel copies into it. When the copy is refused (here on the first
+// attempt, as ext4 refuses it by default), the convert reads and writes
+// instead and the reserved block is given back: the output is exactly as
+// large as one made without offload (it was a block larger, a gap holding
+// a stale footer) and identical in content.
+func TestConvertOffloadRefusedVHD(t *testing.T) {
+	qemutest.Require(t)
+	dir := t.TempDir()
+	srcName, _ := offloadSource(t, dir)
+	sizes := map[bool]int64{}
+	for _, refuse := range []bool{true, false} {
+		out := filepath.Join(dir, fmt.Sprintf("out-%v.vhd", refuse))
+		var fs driver.Storage = osfs.New()
+		if refuse {
+			fs = &refusingFS{Storage: osfs.New(), errno: syscall.EOPNOTSUPP}
+		}
+		src := openRO(t, srcName)
+		dst, err := vdisk.Create(ctx, out, &vdisk.CreateOptions{Format: "vpc", Size: src.Size(), Storage: fs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st vdisk.ConvertStats
+		// Sequential: the first copy refused is the first block's.
+		err = vdisk.Convert(ctx, dst, src, &vdisk.ConvertOptions{Sequential: true, Workers: 4, ChunkSize: 1 << 20, NoOffload: !refuse, Stats: &st})
+		if cerr := dst.Close(); err == nil {
+			err = cerr
+		}
+		src.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Offloaded != 0 || st.Written == 0 {
+			t.Fatalf("refuse=%v: stats %+v; want everything written", refuse, st)
+		}
+		fi, err := os.Stat(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sizes[refuse] = fi.Size()
+		if !qemutest.Compare(t, "raw", srcName, "vpc", out) {
+			t.Fatalf("refuse=%v: qemu-img compare: the output differs from the source", refuse)
+		}
+	}
+	if sizes[true] != sizes[false] {
+		t.Fatalf("the VHD written after a refused copy is %d bytes, without offload %d", sizes[true], sizes[false])
+	}
+}

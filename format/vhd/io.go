@@ -415,6 +415,9 @@ func (im *image) allocBlockWith(b int64, bm []byte, fill func(dataPos int64) (in
 	if err != nil {
 		im.mu.Lock()
 		im.inflight--
+		if got == 0 {
+			im.unreserveLocked(pos)
+		}
 		im.mu.Unlock()
 		return got, err
 	}
@@ -455,6 +458,23 @@ func (im *image) reserveLocked() (int64, error) {
 		return 0, driver.Errorf(driver.ErrUnsupported, im.name, pos, "the VHD file cannot grow past 2 TiB (its block table holds 32-bit sector numbers)")
 	}
 	return im.appendLocked(rs)
+}
+
+// unreserveLocked gives back the block reserved at pos when nothing was
+// written into it (a kernel copy refused before copying: copy offload then
+// reads and writes) and no block was reserved after it: the footer at pos
+// is still whole (the block's bitmap would have replaced it), so the file
+// ends there again. Otherwise the space stays unused until the next
+// allocation's clean-up cannot reach it either: a gap, not an error.
+func (im *image) unreserveLocked(pos int64) {
+	if im.end != pos+im.bmSize+im.bs {
+		return
+	}
+	if err := im.f.Truncate(pos + footerSize); err != nil {
+		return // the file keeps the new footer; the gap stays
+	}
+	im.end = pos
+	im.fileSize = pos + footerSize
 }
 
 // appendLocked takes n bytes at the end of the data and moves the footer

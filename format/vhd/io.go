@@ -464,8 +464,8 @@ func (im *image) reserveLocked() (int64, error) {
 // written into it (a kernel copy refused before copying: copy offload then
 // reads and writes) and no block was reserved after it: the footer at pos
 // is still whole (the block's bitmap would have replaced it), so the file
-// ends there again. Otherwise the space stays unused until the next
-// allocation's clean-up cannot reach it either: a gap, not an error.
+// ends there again. Otherwise the space stays unused: a gap in the file
+// that nothing points at, not an error.
 func (im *image) unreserveLocked(pos int64) {
 	if im.end != pos+im.bmSize+im.bs {
 		return

@@ -70,7 +70,12 @@ func unpackSparse(data []byte, f driver.File) {
 // differencing image), each a few MiB (VHDX's smallest file is 4 MiB).
 func FuzzOpen(f *testing.F) {
 	qemutest.Require(f)
-	dir := f.TempDir()
+	// Not f.TempDir: every fuzz worker runs this too, and the fuzzer kills
+	// its workers when the time is up, before their cleanups run.
+	dir, err := os.MkdirTemp("", "vdisk-vhdx-seeds-")
+	if err != nil {
+		f.Fatal(err)
+	}
 	for i, c := range []struct{ size, opts, cmd string }{
 		{"3M", "block_size=1M", "write -P 0x41 1M 5000"},
 		{"2M", "subformat=fixed,block_size=1M", "write -P 0x42 4096 4096"},
@@ -85,6 +90,7 @@ func FuzzOpen(f *testing.F) {
 		f.Add(packSparse(b))
 		_ = i
 	}
+	os.RemoveAll(dir)
 	b := smallImage(f)
 	f.Add(packSparse(b))
 	g := newGUID()

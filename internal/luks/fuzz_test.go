@@ -68,24 +68,37 @@ func FuzzLUKSHeader(f *testing.F) {
 	for _, b := range ourHeaders(f) {
 		f.Add(b)
 	}
-	// Real headers: qemu's LUKS1 and cryptsetup's LUKS2.
+	// Real headers: qemu's LUKS1 and cryptsetup's LUKS2. They are made in
+	// a directory removed before fuzzing starts, not in f.TempDir: every
+	// fuzz worker runs this too, and the fuzzer kills its workers when the
+	// time is up, before their cleanups run.
 	qemutest.Require(f)
-	dir := f.TempDir()
-	q := filepath.Join(dir, "q.luks")
-	QemuCreate(f, q, "64k", "fuzz", "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv")
-	if b, err := os.ReadFile(q); err == nil {
-		f.Add(b[:v1HeaderSize])
+	dir, err := os.MkdirTemp("", "vdisk-luks-seeds-")
+	if err != nil {
+		f.Fatal(err)
 	}
-	if _, err := os.Stat("/usr/sbin/cryptsetup"); err == nil || os.Getenv("CI") != "" {
-		c := filepath.Join(dir, "c.img")
-		os.WriteFile(c, make([]byte, 17<<20), 0o600)
-		if _, code := cryptsetup(f, "luksFormat", "--type", "luks2", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-			"--key-file", keyFile(f, "fuzz"), c); code == 0 {
-			if b, err := os.ReadFile(c); err == nil {
-				f.Add(b[:32<<10])
+	seeds := func() {
+		q := filepath.Join(dir, "q.luks")
+		QemuCreate(f, q, "64k", "fuzz", "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv")
+		if b, err := os.ReadFile(q); err == nil {
+			f.Add(b[:v1HeaderSize])
+		}
+		if _, err := os.Stat("/usr/sbin/cryptsetup"); err == nil || os.Getenv("CI") != "" {
+			c, key := filepath.Join(dir, "c.img"), filepath.Join(dir, "key")
+			os.WriteFile(c, make([]byte, 17<<20), 0o600)
+			if err := os.WriteFile(key, []byte("fuzz"), 0o600); err != nil {
+				f.Fatal(err)
+			}
+			if _, code := cryptsetup(f, "luksFormat", "--type", "luks2", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+				"--key-file", key, c); code == 0 {
+				if b, err := os.ReadFile(c); err == nil {
+					f.Add(b[:32<<10])
+				}
 			}
 		}
 	}
+	seeds()
+	os.RemoveAll(dir)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) > 8<<20 {
 			return

@@ -70,16 +70,21 @@ func unpackSparse(data []byte, f driver.File) {
 // differencing image), each a few MiB (VHDX's smallest file is 4 MiB).
 func FuzzOpen(f *testing.F) {
 	qemutest.Require(f)
-	// Not f.TempDir: every fuzz worker runs this too, and the fuzzer kills
-	// its workers when the time is up, before their cleanups run.
+	// Not f.TempDir, and not in the fuzzer's workers (which fuzz what the
+	// coordinator sends them): the fuzzer kills its workers when the time
+	// is up, before their cleanups run.
 	dir, err := os.MkdirTemp("", "vdisk-vhdx-seeds-")
 	if err != nil {
 		f.Fatal(err)
 	}
-	for i, c := range []struct{ size, opts, cmd string }{
+	qemuSeeds := []struct{ size, opts, cmd string }{
 		{"3M", "block_size=1M", "write -P 0x41 1M 5000"},
 		{"2M", "subformat=fixed,block_size=1M", "write -P 0x42 4096 4096"},
-	} {
+	}
+	if qemutest.FuzzWorker() {
+		qemuSeeds = nil
+	}
+	for i, c := range qemuSeeds {
 		p := filepath.Join(dir, "q.vhdx")
 		qemutest.Create(f, "vhdx", p, c.size, c.opts)
 		qemutest.IO(f, "vhdx", p, c.cmd)

@@ -1,6 +1,7 @@
 package qemutest
 
 import (
+	"flag"
 	"os"
 	"path/filepath"
 	"testing"
@@ -93,4 +94,15 @@ func CorpusEntry(b []byte) string {
 		}
 	}
 	return string(append(out, "\")\n"...))
+}
+
+// FuzzWorker reports whether this process is one of the fuzzer's workers
+// (go test -fuzz starts them with -test.fuzzworker). A worker fuzzes the
+// inputs the coordinator sends it, so the seeds its target adds are not
+// used there: a target can skip making them (slow qemu-img or cryptsetup
+// runs, and temporary files the fuzzer may kill the worker in the middle
+// of, when the fuzz time is short).
+func FuzzWorker() bool {
+	fl := flag.Lookup("test.fuzzworker")
+	return fl != nil && fl.Value.String() == "true"
 }

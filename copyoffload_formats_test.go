@@ -16,7 +16,15 @@ import (
 // the stats.
 func convertToRaw(t *testing.T, src *vdisk.Disk, out string, o vdisk.ConvertOptions) vdisk.ConvertStats {
 	t.Helper()
-	dst, err := vdisk.Create(ctx, out, &vdisk.CreateOptions{Format: "raw", Size: src.Size()})
+	return convertInto(t, src, out, vdisk.CreateOptions{Format: "raw"}, o)
+}
+
+// convertInto converts the disk src into a new image out, created with co
+// (its size src's), and returns the stats, checked to add up.
+func convertInto(t *testing.T, src *vdisk.Disk, out string, co vdisk.CreateOptions, o vdisk.ConvertOptions) vdisk.ConvertStats {
+	t.Helper()
+	co.Size = src.Size()
+	dst, err := vdisk.Create(ctx, out, &co)
 	if err != nil {
 		t.Fatal(err)
 	}

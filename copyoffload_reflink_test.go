@@ -152,19 +152,8 @@ func TestConvertReflinkXFS(t *testing.T) {
 			t.Run(c.format, func(t *testing.T) {
 				src := openRO(t, rawName)
 				out := filepath.Join(dir, "out."+c.format)
-				dst, err := vdisk.Create(ctx, out, &vdisk.CreateOptions{Format: c.format, Size: src.Size()})
-				if err != nil {
-					t.Fatal(err)
-				}
-				var st vdisk.ConvertStats
-				err = vdisk.Convert(ctx, dst, src, &vdisk.ConvertOptions{Workers: 4, ChunkSize: 1 << 20, Stats: &st})
-				if cerr := dst.Close(); err == nil {
-					err = cerr
-				}
+				st := convertInto(t, src, out, vdisk.CreateOptions{Format: c.format}, vdisk.ConvertOptions{Workers: 4, ChunkSize: 1 << 20})
 				src.Close()
-				if err != nil {
-					t.Fatal(err)
-				}
 				t.Logf("stats %+v", st)
 				if st.Offloaded < data || st.Read != 0 || st.Written != 0 || (c.aligned && st.Reflinked != st.Offloaded) {
 					t.Fatalf("stats %+v: want at least %d bytes offloaded, nothing read or written, all cloned: %v", st, data, c.aligned)

@@ -449,20 +449,10 @@ func TestConvertOffloadRefusedVHD(t *testing.T) {
 			fs = &refusingFS{Storage: osfs.New(), errno: syscall.EOPNOTSUPP}
 		}
 		src := openRO(t, srcName)
-		dst, err := vdisk.Create(ctx, out, &vdisk.CreateOptions{Format: "vpc", Size: src.Size(), Storage: fs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		var st vdisk.ConvertStats
 		// Sequential: the first copy refused is the first block's.
-		err = vdisk.Convert(ctx, dst, src, &vdisk.ConvertOptions{Sequential: true, Workers: 4, ChunkSize: 1 << 20, NoOffload: !refuse, Stats: &st})
-		if cerr := dst.Close(); err == nil {
-			err = cerr
-		}
+		st := convertInto(t, src, out, vdisk.CreateOptions{Format: "vpc", Storage: fs},
+			vdisk.ConvertOptions{Sequential: true, Workers: 4, ChunkSize: 1 << 20, NoOffload: !refuse})
 		src.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
 		if st.Offloaded != 0 || st.Written == 0 {
 			t.Fatalf("refuse=%v: stats %+v; want everything written", refuse, st)
 		}

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vdisk/vdisk/internal/qemutest"
 )
 
 // Size is the size of the file system (its image file is sparse: a few
@@ -50,7 +52,7 @@ func Dir(t testing.TB) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	run(t, "mkfs.xfs", "-q", "-f", "-m", "reflink=1", img)
+	qemutest.Run(t, "mkfs.xfs", "-q", "-f", "-m", "reflink=1", img)
 	mnt := t.TempDir()
 	out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput()
 	if err != nil {
@@ -77,13 +79,6 @@ func Dir(t testing.TB) string {
 		t.Errorf("umount %s: %v\n%s", mnt, err, out)
 	})
 	return mnt
-}
-
-func run(t testing.TB, name string, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
 }
 
 // Used is what the file system holding dir has allocated, by the kernel's

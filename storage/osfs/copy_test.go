@@ -3,7 +3,6 @@ package osfs
 import (
 	"bytes"
 	"errors"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
@@ -21,13 +20,7 @@ import (
 func TestCopyFrom(t *testing.T) {
 	defer SetCopyRangePolicy(SetCopyRangePolicy(CopyRangeAlways))
 	dir := t.TempDir()
-	want := make([]byte, 3*mib+777)
-	rand.NewChaCha8([32]byte{1}).Read(want)
-	srcName := filepath.Join(dir, "src")
-	if err := os.WriteFile(srcName, want, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	src := mustOpen(t, srcName, driver.ReadOnly)
+	want, src := randomFile(t, filepath.Join(dir, "src"), 3*mib+777, 1)
 	defer src.Close()
 	dst := mustOpen(t, filepath.Join(dir, "dst"), driver.ReadWrite|driver.Create)
 	defer dst.Close()
@@ -121,13 +114,7 @@ func TestCopyRangePolicy(t *testing.T) {
 		if !copies {
 			splicing++
 		}
-		want := make([]byte, 3*4096)
-		rand.NewChaCha8([32]byte{2}).Read(want)
-		srcName := filepath.Join(dir, "src")
-		if err := os.WriteFile(srcName, want, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		src := mustOpen(t, srcName, driver.ReadOnly)
+		want, src := randomFile(t, filepath.Join(dir, "src"), 3*4096, 2)
 		dst := mustOpen(t, filepath.Join(dir, "dst"), driver.ReadWrite|driver.Create)
 		for _, p := range []CopyRangePolicy{CopyRangeAuto, CopyRangeAlways} {
 			old := SetCopyRangePolicy(p)
@@ -169,13 +156,7 @@ func TestCopyFromXFS(t *testing.T) {
 	if copies, err := FileSystemCopies(dir); err != nil || copies {
 		t.Fatalf("FileSystemCopies(XFS) = %v, %v; want false (it shares blocks, it does not copy on a server)", copies, err)
 	}
-	want := make([]byte, 4*mib)
-	rand.NewChaCha8([32]byte{3}).Read(want)
-	srcName := filepath.Join(dir, "src")
-	if err := os.WriteFile(srcName, want, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	src := mustOpen(t, srcName, driver.ReadOnly)
+	want, src := randomFile(t, filepath.Join(dir, "src"), 4*mib, 3)
 	defer src.Close()
 	dst := mustOpen(t, filepath.Join(dir, "dst"), driver.ReadWrite|driver.Create)
 	defer dst.Close()

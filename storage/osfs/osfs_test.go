@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -32,6 +33,18 @@ func mustOpen(t *testing.T, name string, flag driver.OpenFlag) *File {
 	}
 	t.Cleanup(func() { f.Close() })
 	return f.(*File)
+}
+
+// randomFile writes n bytes of seed's random stream to name and opens it
+// read-only; it returns the bytes and the file.
+func randomFile(t *testing.T, name string, n int, seed byte) ([]byte, *File) {
+	t.Helper()
+	b := make([]byte, n)
+	rand.NewChaCha8([32]byte{seed}).Read(b)
+	if err := os.WriteFile(name, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return b, mustOpen(t, name, driver.ReadOnly)
 }
 
 func mustWrite(t *testing.T, f driver.File, p []byte, off int64) {

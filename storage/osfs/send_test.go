@@ -3,13 +3,10 @@ package osfs
 import (
 	"bytes"
 	"io"
-	"math/rand/v2"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/vdisk/vdisk/driver"
 	"github.com/vdisk/vdisk/internal/sockpair"
 )
 
@@ -19,13 +16,7 @@ import (
 // connection whose reader is gone quiet; a closed file is an error.
 func TestSendTo(t *testing.T) {
 	dir := t.TempDir()
-	want := make([]byte, 5*mib+333)
-	rand.NewChaCha8([32]byte{2}).Read(want)
-	name := filepath.Join(dir, "f")
-	if err := os.WriteFile(name, want, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f := mustOpen(t, name, driver.ReadOnly)
+	want, f := randomFile(t, filepath.Join(dir, "f"), 5*mib+333, 2)
 	defer f.Close()
 	a, b := sockpair.Unix(t)
 	rc, err := a.SyscallConn()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -39,6 +40,27 @@ func offloadSource(t *testing.T, dir string) (name string, data int64) {
 		t.Fatal(err)
 	}
 	return name, data
+}
+
+// dataExtents lists the extents of an image that hold data.
+func dataExtents(t *testing.T, name, format string) []vdisk.Extent {
+	t.Helper()
+	d, err := vdisk.Open(ctx, name, &vdisk.OpenOptions{Format: format, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	var ext []vdisk.Extent
+	if err := d.Map(ctx, 0, d.Size(), func(e vdisk.Extent) error {
+		if e.IsData() {
+			e.File = "" // the outputs' names differ
+			ext = append(ext, e)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return ext
 }
 
 func openRO(t *testing.T, name string) *vdisk.Disk {
@@ -431,41 +453,67 @@ func TestConvertOffloadSeeksOnce(t *testing.T) {
 	}
 }
 
-// TestConvertOffloadRefusedVHD: a VHD target reserves a new block before
-// the kernel copies into it. When the copy is refused (here on the first
-// attempt, as ext4 refuses it by default), the convert reads and writes
-// instead and the reserved block is given back: the output is exactly as
-// large as one made without offload (it was a block larger, a gap holding
-// a stale footer) and identical in content.
-func TestConvertOffloadRefusedVHD(t *testing.T) {
+// TestConvertOffloadRefused: a target that allocates a block for a kernel
+// copy must give it back when the copy is refused (here on the first
+// attempt, as ext4 refuses it by default) and the convert reads and
+// writes instead. The source's first data piece reads zeros, which the
+// read/write path skips, so nothing else ever fills that block. The
+// output must equal one made without offload: size and qemu-img's map
+// and vdisk's (a VHD kept a block-sized gap holding a stale footer; a VHDX
+// kept block 0 allocated and present, reading zeros: qemu does not map
+// VHDX).
+func TestConvertOffloadRefused(t *testing.T) {
 	qemutest.Require(t)
 	dir := t.TempDir()
-	srcName, _ := offloadSource(t, dir)
-	sizes := map[bool]int64{}
-	for _, refuse := range []bool{true, false} {
-		out := filepath.Join(dir, fmt.Sprintf("out-%v.vhd", refuse))
-		var fs driver.Storage = osfs.New()
-		if refuse {
-			fs = &refusingFS{Storage: osfs.New(), errno: syscall.EOPNOTSUPP}
-		}
-		src := openRO(t, srcName)
-		// Sequential: the first copy refused is the first block's.
-		st := convertInto(t, src, out, vdisk.CreateOptions{Format: "vpc", Storage: fs},
-			vdisk.ConvertOptions{Sequential: true, Workers: 4, ChunkSize: 1 << 20, NoOffload: !refuse})
-		src.Close()
-		if st.Offloaded != 0 || st.Written == 0 {
-			t.Fatalf("refuse=%v: stats %+v; want everything written", refuse, st)
-		}
-		fi, err := os.Stat(out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sizes[refuse] = fi.Size()
-		if !qemutest.Compare(t, "raw", srcName, "vpc", out) {
-			t.Fatalf("refuse=%v: qemu-img compare: the output differs from the source", refuse)
-		}
-	}
-	if sizes[true] != sizes[false] {
-		t.Fatalf("the VHD written after a refused copy is %d bytes, without offload %d", sizes[true], sizes[false])
+	srcName := filepath.Join(dir, "src.raw")
+	qemutest.Create(t, "raw", srcName, "64M")
+	qemutest.IO(t, "raw", srcName,
+		"write -P 0 0 1M", // data that reads zeros, alone in its block
+		"write -P 0x55 9M 64k",
+		"write -P 0x22 20M 5M",
+		"write -P 0x33 63M 1M")
+	for _, format := range []string{"vpc", "vhdx", "qed", "parallels"} {
+		t.Run(format, func(t *testing.T) {
+			sizes := map[bool]int64{}
+			maps := map[bool][]qemutest.MapEntry{}
+			extents := map[bool][]vdisk.Extent{}
+			for _, refuse := range []bool{true, false} {
+				out := filepath.Join(dir, fmt.Sprintf("out-%v.%s", refuse, format))
+				fs := &refusingFS{Storage: osfs.New(), errno: syscall.EOPNOTSUPP}
+				src := openRO(t, srcName)
+				// Sequential: the first copy refused is the first block's.
+				st := convertInto(t, src, out, vdisk.CreateOptions{Format: format, Storage: fs},
+					vdisk.ConvertOptions{Sequential: true, Workers: 4, ChunkSize: 1 << 20, NoOffload: !refuse})
+				src.Close()
+				if st.Offloaded != 0 || st.Written == 0 {
+					t.Fatalf("refuse=%v: stats %+v; want everything written", refuse, st)
+				}
+				if refuse && fs.calls.Load() == 0 {
+					t.Fatal("no copy was offered to the storage")
+				}
+				fi, err := os.Stat(out)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sizes[refuse] = fi.Size()
+				maps[refuse] = qemutest.Map(t, format, out)
+				extents[refuse] = dataExtents(t, out, format)
+				if !qemutest.Compare(t, "raw", srcName, format, out) {
+					t.Fatalf("refuse=%v: qemu-img compare: the output differs from the source", refuse)
+				}
+				if format != "vpc" {
+					qemutest.Check(t, format, out)
+				}
+			}
+			if sizes[true] != sizes[false] {
+				t.Errorf("the %s written after a refused copy is %d bytes, without offload %d", format, sizes[true], sizes[false])
+			}
+			if !reflect.DeepEqual(extents[true], extents[false]) {
+				t.Errorf("vdisk's map after a refused copy:\n%+v\nwithout offload:\n%+v", extents[true], extents[false])
+			}
+			if !reflect.DeepEqual(maps[true], maps[false]) {
+				t.Errorf("qemu-img map after a refused copy:\n%+v\nwithout offload:\n%+v", maps[true], maps[false])
+			}
+		})
 	}
 }

@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"encoding/binary"
+	"errors"
 	"io"
 	"sort"
 
@@ -353,12 +354,11 @@ func (im *image) writeBlock(p []byte, zn, b, in int64) error {
 // stop short where its source ends); a nil put stores zeros. It returns
 // the bytes stored.
 //
-// A new block is allocated and its BAT entry set under mu, so a
-// concurrent write into another part of the block finds it; the bytes go
-// in outside mu. In a differencing image the sector bitmap bits of the
-// stored sectors are set only once the bytes are in place: a store that
-// fails (or a copy refused) leaves those sectors showing the parent, as
-// they did.
+// The bytes go in outside mu. A new block's BAT entry is set once they
+// are (storeNew), so a copy the storage refuses leaves no block behind.
+// In a differencing image the sector bitmap bits of the stored sectors
+// are set only once the bytes are in place: a store that fails leaves
+// those sectors showing the parent, as they did.
 func (im *image) storeBlock(b, in, n int64, put func(foff int64) (int64, error)) (int64, error) {
 	zeros := put == nil
 	lss := im.p.logicalSector
@@ -398,23 +398,24 @@ func (im *image) storeBlock(b, in, n int64, put func(foff int64) (int64, error))
 			return 0, err
 		}
 		fresh = true
-		if st == stZero || !im.p.hasParent || whole {
-			im.setEntryLocked(i, stFull, foff)
-		} else {
-			// The rest of the block shows the parent: only the stored
-			// sectors are present (set below, once they are).
-			bstart := b * bs / lss
-			if err := im.markBitsLocked(bstart, bstart+im.spb, false); err != nil {
-				im.mu.Unlock()
-				return 0, err
-			}
-			im.setEntryLocked(i, stPartial, foff)
-			setBits = true
+		full := st == stZero || !im.p.hasParent || whole
+		if !zeros {
+			// The entry is set once the bytes are in: a copy the storage
+			// refuses before copying gives the space back, and the block
+			// reads as before. The container's range lock (the block is
+			// its unit) keeps other writes to this block out meanwhile.
+			im.mu.Unlock()
+			return im.storeNew(b, in, n, foff, full, put)
 		}
-		if zeros && !setBits {
+		if err := im.publishLocked(b, foff, full); err != nil {
+			im.mu.Unlock()
+			return 0, err
+		}
+		if full {
 			im.mu.Unlock()
 			return n, nil // fresh space reads zeros
 		}
+		setBits = true
 	}
 	im.mu.Unlock()
 	var got int64
@@ -434,6 +435,51 @@ func (im *image) storeBlock(b, in, n int64, put func(foff int64) (int64, error))
 		berr := im.markBitsLocked(s0, (diskPos+got+lss-1)/lss, true)
 		im.mu.Unlock()
 		if err == nil {
+			err = berr
+		}
+	}
+	return got, err
+}
+
+// publishLocked points block b's entry at the new block at foff: fully
+// present (full), or partly, its sector bits cleared so that the rest
+// shows the parent (the caller sets the bits of what it stored).
+func (im *image) publishLocked(b, foff int64, full bool) error {
+	i := im.payloadIndex(b)
+	if full {
+		im.setEntryLocked(i, stFull, foff)
+		return nil
+	}
+	bstart := b * im.p.blockSize / im.p.logicalSector
+	if err := im.markBitsLocked(bstart, bstart+im.spb, false); err != nil {
+		return err
+	}
+	im.setEntryLocked(i, stPartial, foff)
+	return nil
+}
+
+// storeNew stores n bytes at byte in of the new block b at foff, which
+// nothing points at yet, then points the entry at it. Where put stores
+// nothing (a kernel copy refused before copying), the space is given
+// back and the block reads as it did.
+func (im *image) storeNew(b, in, n, foff int64, full bool, put func(foff int64) (int64, error)) (int64, error) {
+	got, err := put(foff + in)
+	got = max(0, min(got, n))
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if got == 0 {
+		// A refusal wrote nothing; after another error the space may
+		// hold part of a write and is zeroed when it is used again.
+		im.unallocLocked(foff, im.p.blockSize, err == nil || errors.Is(err, driver.ErrUnsupported))
+		return 0, err
+	}
+	if perr := im.publishLocked(b, foff, full); perr != nil {
+		return 0, perr
+	}
+	if !full {
+		lss := im.p.logicalSector
+		diskPos := b*im.p.blockSize + in
+		if berr := im.markBitsLocked(diskPos/lss, (diskPos+got+lss-1)/lss, true); berr != nil && err == nil {
 			err = berr
 		}
 	}

@@ -129,3 +129,14 @@ func (im *image) allocLocked(n int64) (int64, error) {
 	im.fileEnd += n
 	return off, nil
 }
+
+// unallocLocked gives back n bytes that allocLocked handed out: the file
+// end moves back when they are its last bytes and still read zeros
+// (clean), else they are free space again.
+func (im *image) unallocLocked(off, n int64, clean bool) {
+	if clean && off+n == im.fileEnd {
+		im.fileEnd = off
+		return
+	}
+	im.addFreeLocked(span{off, off + n}, clean)
+}

@@ -36,7 +36,7 @@ func fileSum(t *testing.T, name string) []byte {
 // qemu-img compare-identical with holes where the source has them, and a
 // write to the output afterwards leaves the source as it was (the file
 // system unshares the block). Formats whose data area is not block-aligned
-// in their file (qemu-img's VDI and VHD) are copied by copy_file_range
+// in their file (qemu-img's VDI and VHD; vdisk aligns VHD data) are copied by copy_file_range
 // under -C (this package's tests run under CopyRangeAlways), still without
 // passing through vdisk, and read and written by default. The other direction, raw
 // into the formats that take file ranges (VHDX, QED, Parallels, VHD), is
@@ -52,19 +52,27 @@ func TestConvertReflinkXFS(t *testing.T) {
 			name, format string
 			opts         []string
 			aligned      bool // every data run is block-aligned in the file: cloned
+			vdiskMade    bool // the source is vdisk's convert of the raw file
 		}{
-			{"raw", "raw", nil, true},
-			{"qcow2", "qcow2", nil, true},
-			{"vhdx", "vhdx", nil, true},
-			{"qed", "qed", nil, true},
-			{"parallels", "parallels", nil, true},
-			{"vmdk", "vmdk", nil, true},
-			{"vdi", "vdi", nil, false},
-			{"vpc", "vpc", nil, false},
+			{"raw", "raw", nil, true, false},
+			{"qcow2", "qcow2", nil, true, false},
+			{"vhdx", "vhdx", nil, true, false},
+			{"qed", "qed", nil, true, false},
+			{"parallels", "parallels", nil, true, false},
+			{"vmdk", "vmdk", nil, true, false},
+			{"vdi", "vdi", nil, false, false},
+			{"vpc", "vpc", nil, false, false},
+			// vdisk aligns each VHD block's data to 4 KiB.
+			{"vpc-vdisk", "vpc", nil, true, true},
 		} {
 			t.Run(c.name, func(t *testing.T) {
 				name := rawName
-				if c.format != "raw" {
+				if c.vdiskMade {
+					name = filepath.Join(dir, "src-vdisk."+c.format)
+					src := openRO(t, rawName)
+					convertInto(t, src, name, vdisk.CreateOptions{Format: c.format}, vdisk.ConvertOptions{NoOffload: true})
+					src.Close()
+				} else if c.format != "raw" {
 					name = filepath.Join(dir, "src."+c.format)
 					convertSource(t, rawName, c.format, name, c.opts...)
 				}
@@ -147,7 +155,7 @@ func TestConvertReflinkXFS(t *testing.T) {
 			{"vhdx", true},
 			{"qed", true},
 			{"parallels", true},
-			{"vpc", false},
+			{"vpc", true}, // (vdisk aligns VHD data to 4 KiB)
 		} {
 			t.Run(c.format, func(t *testing.T) {
 				src := openRO(t, rawName)

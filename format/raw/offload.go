@@ -30,7 +30,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	}
 	done, err := c.CopyFrom(src, srcOff, off, n)
 	if done > 0 {
-		im.changed(off, done, true)
+		im.cache.Changed(off, done, true)
 		im.mu.Lock()
 		im.fileSize = max(im.fileSize, off+done)
 		im.mu.Unlock()

@@ -12,7 +12,7 @@
 // has those reported Unallocated rather than Zero; they read zeros alike.
 //
 // Status asks the file (SEEK_DATA/SEEK_HOLE) once per run and caches the
-// runs per open image (cache.go), so the reads that follow a status walk
+// runs per open image (internal/holecache), so the reads that follow a status walk
 // cost no extra syscall; the image's own writes, discards, zeroes and
 // resizes keep the cache coherent. A raw image maps its content to its
 // file one to one (FileExtent) and takes data straight from another file
@@ -27,6 +27,7 @@ import (
 	"sync"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/holecache"
 	"github.com/vdisk/vdisk/internal/prealloc"
 )
 
@@ -59,7 +60,7 @@ type image struct {
 	mu       sync.RWMutex // guards size
 	size     int64        // virtual size (multiple of 512)
 	fileSize int64
-	cache    extentCache // the file's data and hole runs, as lseek said
+	cache    holecache.Cache // the file's data and hole runs, as lseek said
 }
 
 func roundUp(n int64) int64 { return (n + 511) &^ 511 }
@@ -160,17 +161,14 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 	if !ok {
 		return driver.Extent{State: driver.Data, Length: n, Offset: off}, nil
 	}
-	r, ok := im.cache.lookup(off)
-	if !ok {
-		var err error
-		if r, err = im.seekRun(hs, off, fsize); err != nil {
-			return driver.Extent{}, err
-		}
+	r, err := im.cache.Find(hs, off, fsize)
+	if err != nil {
+		return driver.Extent{}, err
 	}
-	if r.data {
-		return driver.Extent{State: driver.Data, Length: min(n, r.end-off), Offset: off}, nil
+	if r.Data {
+		return driver.Extent{State: driver.Data, Length: min(n, r.End-off), Offset: off}, nil
 	}
-	n = min(n, r.end-off)
+	n = min(n, r.End-off)
 	if ar, ok := im.f.(driver.AllocationReporter); ok {
 		// A zero run the storage does not hold at all (an NBD export
 		// with qemu:allocation-depth) is unallocated; data stays data.
@@ -186,58 +184,6 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 		}
 	}
 	return driver.Extent{State: driver.Zero, Length: n, Offset: off}, nil
-}
-
-// seekRun asks the file for the run holding off (below fsize) and caches
-// the answer.
-func (im *image) seekRun(hs driver.HoleSeeker, off, fsize int64) (run, error) {
-	gen := im.cache.generation()
-	data, err := hs.SeekData(off)
-	if errors.Is(err, io.EOF) {
-		data = fsize
-	} else if err != nil {
-		return run{}, err
-	}
-	if data > off {
-		r := run{start: off, end: data}
-		im.cache.store(r, gen)
-		// A walk asks next about the data run starting here: learning
-		// its end now makes that a cache hit, so a walk costs one lseek
-		// per run boundary instead of three per data run.
-		if data < fsize {
-			if hole, err := hs.SeekHole(data); err == nil && hole > data {
-				im.cache.store(run{start: data, end: hole, data: true}, gen)
-			}
-		}
-		return r, nil
-	}
-	hole, err := hs.SeekHole(off)
-	if errors.Is(err, io.EOF) {
-		hole = fsize
-	} else if err != nil {
-		return run{}, err
-	}
-	if hole <= off { // should not happen; be safe
-		return run{start: off, end: fsize, data: true}, nil
-	}
-	r := run{start: off, end: hole, data: true}
-	im.cache.store(r, gen)
-	return r, nil
-}
-
-// fsBlock is the widest file system block a write or punch may touch
-// beyond its bytes (btrfs and XFS go up to 64 KiB): the runs around a
-// change are forgotten up to it, since the file system tracks holes by
-// whole blocks.
-const fsBlock = 64 << 10
-
-// changed updates the cache after [off, off+n) of the file changed.
-// A write inside a known data run changes nothing the cache says.
-func (im *image) changed(off, n int64, write bool) {
-	if write && im.cache.covered(off, off+n) {
-		return
-	}
-	im.cache.invalidate(off&^(fsBlock-1), (off+n+fsBlock-1)&^(fsBlock-1))
 }
 
 func (im *image) ReadAt(p []byte, off int64) (int, error) {
@@ -256,7 +202,7 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	n, err := im.f.WriteAt(p, off)
 	if n > 0 {
-		im.changed(off, int64(n), true)
+		im.cache.Changed(off, int64(n), true)
 	}
 	if end := off + int64(n); err == nil {
 		im.mu.Lock()
@@ -295,13 +241,13 @@ func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 		return nil // the tail past the file reads zeros already
 	}
 	n = min(n, fsize-off)
-	if r, ok := im.cache.lookup(off); unmap && ok && !r.data && r.end >= off+n {
+	if r, ok := im.cache.Lookup(off); unmap && ok && !r.Data && r.End >= off+n {
 		// Known to be a hole already (a convert zeroing an existing target
 		// where it was never written): nothing to punch.
 		return nil
 	}
 	// Forget the range even when the call fails: it may have got halfway.
-	defer im.changed(off, n, false)
+	defer im.cache.Changed(off, n, false)
 	if unmap {
 		return im.f.PunchHole(off, n)
 	}
@@ -321,6 +267,6 @@ func (im *image) Resize(ctx context.Context, size int64, prealloc string) error 
 	}
 	im.mu.Lock()
 	defer im.mu.Unlock()
-	defer im.cache.invalidate(0, -1)
+	defer im.cache.Invalidate(0, -1)
 	return im.setSize(ctx, im.fileSize, size, prealloc)
 }

@@ -51,8 +51,15 @@
 // gets the bits of the sectors written. Bits set by writes to existing
 // blocks are cached and written back on Flush (after the data they
 // cover); BAT entries are written one by one as blocks are allocated. A
-// new block goes where the footer was; the footer is first written again
-// behind the block, so the file always ends with a valid footer.
+// new block goes where the footer was, moved on so that its data (after
+// its one-sector bitmap) starts on a 4 KiB boundary: up to 3.5 KiB of
+// zeros go in front of it (0.17% of a 2 MiB block). Data on the file
+// system's block grid can be cloned (a convert to raw on XFS or btrfs
+// shares the blocks) and a page-sized read touches one page; qemu and
+// VirtualBox put the blocks back to back, 512 bytes off the grid, and
+// read vdisk's images as any other (the table holds sector numbers).
+// Compact keeps the alignment. The footer is first written again behind
+// the new block, so the file always ends with a valid footer.
 //
 // Chains (driver contract v2). The driver holds no chain logic and never
 // reads its parent; whether an image has one is its own footer's disk

@@ -65,6 +65,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	}
 	if im.kind == diskFixed {
 		got, err := cp.CopyFrom(src, srcOff, off, n)
+		im.holes.Changed(off, got, true)
 		return got, driver.WithFile(err, "copy", im.name)
 	}
 	if off%sectorSize != 0 || n%sectorSize != 0 {

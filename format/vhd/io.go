@@ -1,9 +1,6 @@
 package vhd
 
 import (
-	"errors"
-	"io"
-
 	"github.com/vdisk/vdisk/driver"
 )
 
@@ -231,29 +228,26 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 	return driver.Extent{State: driver.Unallocated, Length: l, Offset: -1}, nil
 }
 
+// fixedStatus is a fixed image's status: its data area is a raw file, its
+// holes read zeros. The runs are cached (writes, zeroes and resizes keep
+// the cache coherent).
 func (im *image) fixedStatus(off, n int64) (driver.Extent, error) {
 	hs, ok := im.f.(driver.HoleSeeker)
 	if !ok {
 		return driver.Extent{State: driver.Data, Length: n, Offset: off}, nil
 	}
-	data, err := hs.SeekData(off)
-	if errors.Is(err, io.EOF) || err == nil && data >= off+n {
-		return driver.Extent{State: driver.Zero, Length: n, Offset: off}, nil
-	}
+	im.mu.Lock()
+	size := im.size
+	im.mu.Unlock()
+	r, err := im.holes.Find(hs, off, max(size, off+n))
 	if err != nil {
 		return driver.Extent{}, err
 	}
-	if data > off {
-		return driver.Extent{State: driver.Zero, Length: data - off, Offset: off}, nil
+	st := driver.Zero
+	if r.Data {
+		st = driver.Data
 	}
-	hole, err := hs.SeekHole(off)
-	if err != nil {
-		return driver.Extent{}, err
-	}
-	if hole <= off {
-		hole = off + n
-	}
-	return driver.Extent{State: driver.Data, Length: min(n, hole-off), Offset: off}, nil
+	return driver.Extent{State: st, Length: min(n, r.End-off), Offset: off}, nil
 }
 
 func (im *image) WriteAt(p []byte, off int64) (int, error) {
@@ -264,7 +258,9 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	if im.kind == diskFixed {
-		return im.f.WriteAt(p, off)
+		n, err := im.f.WriteAt(p, off)
+		im.holes.Changed(off, int64(n), true)
+		return n, err
 	}
 	// Decided before anything is written: a fill request must leave the
 	// image unchanged.
@@ -403,7 +399,7 @@ func (im *image) allocBlock(b int64, bm, data []byte, dataOff int64) error {
 // fails, nothing points at the block: the image reads as before.
 func (im *image) allocBlockWith(b int64, bm []byte, fill func(dataPos int64) (int64, error)) (int64, error) {
 	im.mu.Lock()
-	pos, err := im.reserveLocked()
+	pos, from, err := im.reserveLocked()
 	if err == nil {
 		im.inflight++
 	}
@@ -416,14 +412,14 @@ func (im *image) allocBlockWith(b int64, bm []byte, fill func(dataPos int64) (in
 		im.mu.Lock()
 		im.inflight--
 		if got == 0 {
-			im.unreserveLocked(pos)
+			im.unreserveLocked(pos, from)
 		}
 		im.mu.Unlock()
 		return got, err
 	}
 	// The bitmap goes after the data: nothing points at the block yet, so
 	// a crash before the entry is written leaves the image as it was.
-	if _, werr := im.f.WriteAt(bm, pos); werr != nil {
+	if _, werr := im.f.WriteAt(blockHead(bm, pos, from), from); werr != nil {
 		im.mu.Lock()
 		im.inflight--
 		im.mu.Unlock()
@@ -447,34 +443,68 @@ func (im *image) allocBlockWith(b int64, bm []byte, fill func(dataPos int64) (in
 	return got, nil
 }
 
+// dataAlign is the alignment of a new block's data area: the bitmap goes
+// right before it, the space in front of the bitmap stays unused. Data on
+// the file system's block grid can be shared by reflinks (a convert of
+// the image to raw clones it) and a page-sized read touches one page.
+const dataAlign = 4096
+
 // reserveLocked takes the space for one more block at the end of the data
 // and moves the footer behind it (the new footer is written first, so the
-// file always ends with a valid footer; the caller then overwrites the old
-// one with the block's bitmap).
-func (im *image) reserveLocked() (int64, error) {
+// file always ends with a valid footer). It returns where the block
+// starts and where the space taken starts (from: the old footer's
+// place), which is before the block when the block is aligned
+// (dataAlign). The caller overwrites the old footer, with the block's
+// bitmap or with the zeros in front of it.
+func (im *image) reserveLocked() (pos, from int64, err error) {
 	rs := im.bmSize + im.bs
-	pos := im.end
-	if pos/sectorSize > batUnused-1 {
-		return 0, driver.Errorf(driver.ErrUnsupported, im.name, pos, "the VHD file cannot grow past 2 TiB (its block table holds 32-bit sector numbers)")
+	from = im.end
+	pad := im.alignBlock(from) - from
+	if (from+pad)/sectorSize > batUnused-1 {
+		return 0, 0, driver.Errorf(driver.ErrUnsupported, im.name, from, "the VHD file cannot grow past 2 TiB (its block table holds 32-bit sector numbers)")
 	}
-	return im.appendLocked(rs)
+	if _, err := im.appendLocked(pad + rs); err != nil {
+		return 0, 0, err
+	}
+	return from + pad, from, nil
 }
 
-// unreserveLocked gives back the block reserved at pos when nothing was
-// written into it (a kernel copy refused before copying: copy offload then
-// reads and writes) and no block was reserved after it: the footer at pos
-// is still whole (the block's bitmap would have replaced it), so the file
-// ends there again. Otherwise the space stays unused: a gap in the file
-// that nothing points at, not an error.
-func (im *image) unreserveLocked(pos int64) {
+// alignBlock is the first place at or after off for a block whose data
+// is aligned (dataAlign).
+func (im *image) alignBlock(off int64) int64 {
+	return roundUp(off+im.bmSize, dataAlign) - im.bmSize
+}
+
+// blockHead is what allocBlockWith writes in front of a new block's data:
+// zeros over the old footer's place in front of the block (from), then
+// bitmap bm.
+func blockHead(bm []byte, pos, from int64) []byte {
+	if from >= pos {
+		return bm
+	}
+	head := make([]byte, pos-from+int64(len(bm)))
+	copy(head[pos-from:], bm)
+	return head
+}
+
+// unreserveLocked gives back the block reserved at pos (its space taken
+// from from) when nothing was written into it (a kernel copy refused
+// before copying: copy offload then reads and writes) and no block was
+// reserved after it: the footer is written at from again and the file
+// ends there. Otherwise the space stays unused: a gap in the file that
+// nothing points at, not an error.
+func (im *image) unreserveLocked(pos, from int64) {
 	if im.end != pos+im.bmSize+im.bs {
 		return
 	}
-	if err := im.f.Truncate(pos + footerSize); err != nil {
+	if _, err := im.f.WriteAt(im.ftRaw, from); err != nil {
+		return
+	}
+	if err := im.f.Truncate(from + footerSize); err != nil {
 		return // the file keeps the new footer; the gap stays
 	}
-	im.end = pos
-	im.fileSize = pos + footerSize
+	im.end = from
+	im.fileSize = from + footerSize
 }
 
 // appendLocked takes n bytes at the end of the data and moves the footer
@@ -597,6 +627,7 @@ func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 		return err
 	}
 	if im.kind == diskFixed {
+		defer im.holes.Changed(off, n, false) // (even on failure: it may have got halfway)
 		if unmap {
 			return im.f.PunchHole(off, n)
 		}
@@ -688,6 +719,7 @@ func (im *image) Discard(off, n int64) error {
 		return err
 	}
 	if im.kind == diskFixed {
+		defer im.holes.Changed(off, n, false)
 		return im.f.PunchHole(off, n)
 	}
 	end := off + n

@@ -121,7 +121,7 @@ func TestTrimWaitsForAllocations(t *testing.T) {
 		t.Fatalf("discard of the last block: %v, tailFreed %v", err, im.tailFreed)
 	}
 	im.mu.Lock()
-	pos, err := im.reserveLocked()
+	pos, _, err := im.reserveLocked()
 	im.inflight++
 	if err == nil {
 		err = im.trimTailLocked()

@@ -215,6 +215,7 @@ func (im *image) Check(ctx context.Context, mode driver.RepairMode) (*driver.Che
 func (im *image) reloadLocked() error {
 	keep := im.state
 	im.bms = bmCache{}
+	im.holes.Invalidate(0, -1)
 	if err := im.load(im.sizeCalc); err != nil {
 		im.state = keep // keep the state the image was opened with
 		return err
@@ -256,7 +257,7 @@ func (im *image) scanLocked() *driver.CheckResult {
 		}
 		res.AllocatedClusters++
 		pos := int64(e) * sectorSize
-		if prev >= 0 && pos != prev+rs {
+		if prev >= 0 && (pos < prev+rs || pos >= prev+rs+dataAlign) { // (not the alignment's gap)
 			res.FragmentedClusters++
 		}
 		prev = pos
@@ -305,8 +306,11 @@ func (im *image) repairLocked(mode driver.RepairMode) (fixedC, fixedL int, err e
 					return fixedC, fixedL, err
 				}
 			} else {
-				np, err := im.reserveLocked()
+				np, from, err := im.reserveLocked()
 				if err != nil {
+					return fixedC, fixedL, err
+				}
+				if _, err := im.f.WriteAt(make([]byte, np-from), from); err != nil {
 					return fixedC, fixedL, err
 				}
 				if err := im.copyRegionLocked(pos, np, rs); err != nil {
@@ -481,7 +485,7 @@ func (im *image) packLocked(ctx context.Context, progress func(int64)) error {
 			if hole.off >= bl.pos {
 				break
 			}
-			if hole.end-hole.off >= rs {
+			if a := im.alignBlock(hole.off); a < bl.pos && hole.end-a >= rs {
 				h = i
 				break
 			}
@@ -489,7 +493,7 @@ func (im *image) packLocked(ctx context.Context, progress func(int64)) error {
 		if h < 0 {
 			continue
 		}
-		dst := holes[h].off
+		dst := im.alignBlock(holes[h].off)
 		if err := im.copyRegionLocked(bl.pos, dst, rs); err != nil {
 			return err
 		}
@@ -502,7 +506,7 @@ func (im *image) packLocked(ctx context.Context, progress func(int64)) error {
 		if err := im.f.Sync(); err != nil {
 			return err
 		}
-		holes[h].off += rs
+		holes[h].off = dst + rs
 		blocks[k].pos = dst
 	}
 	// The new end: the last used byte.
@@ -597,6 +601,7 @@ func (im *image) Resize(ctx context.Context, size int64, mode string) error {
 }
 
 func (im *image) resizeFixedLocked(ctx context.Context, g driver.CHS, newSize int64, mode string) error {
+	defer im.holes.Invalidate(0, -1)
 	dataEnd := im.fileSize - footerSize // the old footer's place
 	im.ft.curSize = uint64(newSize)
 	im.ft.setCHS(g)

@@ -131,7 +131,9 @@ func TestCompact(t *testing.T) {
 		t.Error("no progress reported")
 	}
 	after := disktest.FileSize(t, st, f)
-	if want := int64(1536+512+512) + 9*(bs+512); after != want {
+	// Header, table, then 9 blocks, each one's data 4 KiB aligned (its
+	// bitmap right before it, the footer after the last).
+	if want := int64(4096) + 8*(bs+4096) + bs + 512; after != want {
 		t.Errorf("file %d bytes after compact (was %d), want %d", after, before, want)
 	}
 	(&model.Harness{Seed: -1}).Verify(t, d, m)
@@ -459,4 +461,11 @@ func TestInfoAndOptions(t *testing.T) {
 		t.Errorf("preallocation=full allocated %d", a.Allocated)
 	}
 	d.Close()
+}
+
+// TestFixedStatusCache: a fixed image's data area is a raw file, and its
+// status is cached as a raw image's is (one lseek per run boundary on a
+// walk, none on the reads after it, its own changes seen at once).
+func TestFixedStatusCache(t *testing.T) {
+	disktest.StatusCache(t, "vpc", "subformat=fixed", "force_size=on")
 }

@@ -273,9 +273,10 @@ func TestSetParentReusesSpace(t *testing.T) {
 			}
 		}
 	}
-	// Each round adds one 64 KiB block (and its bitmap); the locators are
-	// appended once, then alternate between the two places.
-	rs := int64(64<<10 + 512)
+	// Each round adds one 64 KiB block (and its bitmap, right before its
+	// 4 KiB aligned data); the locators are appended once, then alternate
+	// between the two places.
+	rs := int64(64<<10 + 4096)
 	for i := 1; i < len(sizes); i++ {
 		if sizes[i]-sizes[i-1] != rs {
 			t.Fatalf("file sizes %v: round %d grew by %d, want %d", sizes, i, sizes[i]-sizes[i-1], rs)

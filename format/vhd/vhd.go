@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/holecache"
 	"github.com/vdisk/vdisk/internal/prealloc"
 )
 
@@ -72,7 +73,8 @@ func probe(r io.ReaderAt, size int64) int {
 // image is one open VHD.
 type image struct {
 	f        driver.File
-	st       driver.Storage // where the parent is looked up (SetParent)
+	holes    holecache.Cache // a fixed image's data and hole runs, as lseek said
+	st       driver.Storage  // where the parent is looked up (SetParent)
 	name     string
 	ro       bool
 	log      *slog.Logger

@@ -21,7 +21,10 @@
 # random 4 KiB reads and writes and >= 1.0x on sequential reads. fio runs
 # on the same machine, so on a small or busy machine the client's CPU use
 # weighs on every server alike; the CPU columns (microseconds of server
-# CPU per request, from /proc/PID/stat) do not depend on that.
+# CPU per request, from /proc/PID/stat) do not depend on that. The fio
+# columns are the client's CPU use (user+sys, % of one core, fio's own
+# count) against vdisk and against nbdkit: fio runs one thread, so near
+# 100% the client, not the server, sets the IOPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-10}
@@ -92,8 +95,8 @@ job() {
 	esac
 }
 
-# measure JOB -> "iops bw_KiB/s cpu_us_per_request" of the server
-# currently running
+# measure JOB -> "iops bw_KiB/s cpu_us_per_request fio_cpu_percent" of
+# the server currently running
 measure() {
 	local t0 t1
 	t0=$(cputicks)
@@ -108,14 +111,14 @@ measure() {
 	[ "$1" = randwrite ] && rw=write
 	# fio prints "fio: connected to NBD server" before the JSON.
 	sed -n '/^{/,$p' "$work/fio.json" | jq -r --argjson ticks $((t1 - t0)) --argjson hz "$TICK" \
-		".jobs[0].$rw | \"\(.iops) \(.bw) \(if .total_ios > 0 then \$ticks / \$hz * 1e6 / .total_ios else 0 end)\""
+		".jobs[0] | .$rw as \$r | \"\(\$r.iops) \(\$r.bw) \(if \$r.total_ios > 0 then \$ticks / \$hz * 1e6 / \$r.total_ios else 0 end) \(.usr_cpu + .sys_cpu)\""
 }
 
 
 echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); runtime ${RUNTIME}s per job, image $SIZE, $RUNS run(s)"
 echo "IOPS and MiB/s: medians; cpu: server user+sys microseconds per request (median); v/q = vdisk/qemu-nbd, v/k = vdisk/nbdkit"
-printf '%-6s %-9s %9s %9s %9s %8s %8s %8s %6s %6s %6s %6s %6s\n' \
-	format job vdisk qemu nbdkit vMiB/s qMiB/s kMiB/s v/q v/k cpu_v cpu_q cpu_k
+printf '%-6s %-9s %9s %9s %9s %8s %8s %8s %6s %6s %6s %6s %6s %5s %5s\n' \
+	format job vdisk qemu nbdkit vMiB/s qMiB/s kMiB/s v/q v/k cpu_v cpu_q cpu_k fio_v fio_k
 for fmt in $FORMATS; do
 	img=$work/img.$fmt
 	head -c "$(numfmt --from=iec "$SIZE")" /dev/urandom >"$work/src.raw"
@@ -128,20 +131,21 @@ for fmt in $FORMATS; do
 	servers="vdisk qemu"
 	[ "$fmt" = raw ] && [ "$NBDKIT" = 1 ] && servers="vdisk qemu nbdkit"
 	for j in randread randwrite seqread; do
-		for s in vdisk qemu nbdkit; do : >"$work/$s.iops"; : >"$work/$s.bw"; : >"$work/$s.cpu"; done
+		for s in vdisk qemu nbdkit; do : >"$work/$s.iops"; : >"$work/$s.bw"; : >"$work/$s.cpu"; : >"$work/$s.fio"; done
 		for ((r = 0; r < RUNS; r++)); do
 			for server in $servers; do
 				start "$server" "$img" "$fmt"
 				measure "$j" >"$work/m"
-				read -r iops bw cpu <"$work/m"
+				read -r iops bw cpu fiocpu <"$work/m"
 				stop
 				echo "$iops" >>"$work/$server.iops"
 				echo "$bw" >>"$work/$server.bw"
 				echo "$cpu" >>"$work/$server.cpu"
+				echo "$fiocpu" >>"$work/$server.fio"
 			done
 		done
 		row=()
-		for kind in iops bw cpu; do
+		for kind in iops bw cpu fio; do
 			for s in vdisk qemu nbdkit; do
 				if [ -s "$work/$s.$kind" ]; then row+=("$(median <"$work/$s.$kind")"); else row+=(-); fi
 			done
@@ -158,7 +162,9 @@ for fmt in $FORMATS; do
 			if (qi > 0) printf rat " ", vi / qi; else printf "%6s ", "-"
 			if (ki != "-" && ki > 0) printf rat " ", vi / ki; else printf "%6s ", "-"
 			printf cpu " " cpu " ", a[7], a[8]
-			if (a[9] == "-") printf "%6s\n", "-"; else printf cpu "\n", a[9]
+			if (a[9] == "-") printf "%6s ", "-"; else printf cpu " ", a[9]
+			printf "%4.0f%% ", a[10]
+			if (a[12] == "-") printf "%5s\n", "-"; else printf "%4.0f%%\n", a[12]
 		}'
 	done
 	rm -f "$img"

@@ -474,6 +474,7 @@ func (im *image) storeNew(b, in, n, foff int64, full bool, put func(foff int64) 
 		return 0, err
 	}
 	if perr := im.publishLocked(b, foff, full); perr != nil {
+		im.unallocLocked(foff, im.p.blockSize, false) // holds the bytes: zeroed before reuse
 		return 0, perr
 	}
 	if !full {

@@ -16,7 +16,7 @@ import "github.com/vdisk/vdisk/driver"
 // disk locked; the range lock the caller holds keeps writes out of the
 // run, so the answer stays valid while the caller copies.
 func (im *image) FileExtent(off, n int64) (f driver.File, fileOff, length int64, holes bool, err error) {
-	if err := im.checkAccess(off, n); err != nil {
+	if _, err := im.checkAccess(off, n); err != nil {
 		return nil, 0, 0, false, err
 	}
 	if n == 0 {
@@ -60,7 +60,7 @@ func (im *image) CopyFrom(src driver.File, srcOff, off, n int64) (int64, error) 
 	if err != nil {
 		return 0, err
 	}
-	if err := im.checkAccess(off, n); err != nil {
+	if _, err := im.checkAccess(off, n); err != nil {
 		return 0, err
 	}
 	if im.kind == diskFixed {

@@ -4,11 +4,13 @@ import (
 	"github.com/vdisk/vdisk/driver"
 )
 
-func (im *image) checkAccess(off, n int64) error {
+// checkAccess checks [off, off+n) against the disk's size, which it
+// returns.
+func (im *image) checkAccess(off, n int64) (int64, error) {
 	im.mu.Lock()
 	size := im.size
 	im.mu.Unlock()
-	return driver.CheckRange(im.name, off, n, size)
+	return size, driver.CheckRange(im.name, off, n, size)
 }
 
 func (im *image) readOnlyErr(off int64) error {
@@ -141,7 +143,7 @@ func (im *image) needFill(off, n int64) error {
 }
 
 func (im *image) ReadAt(p []byte, off int64) (int, error) {
-	if err := im.checkAccess(off, int64(len(p))); err != nil {
+	if _, err := im.checkAccess(off, int64(len(p))); err != nil {
 		return 0, err
 	}
 	if im.kind == diskFixed {
@@ -196,11 +198,12 @@ func (im *image) readBlock(p []byte, b, in int64) error {
 }
 
 func (im *image) Status(off, n int64) (driver.Extent, error) {
-	if err := im.checkAccess(off, n); err != nil {
+	size, err := im.checkAccess(off, n)
+	if err != nil {
 		return driver.Extent{}, err
 	}
 	if im.kind == diskFixed {
-		return im.fixedStatus(off, n)
+		return im.fixedStatus(off, n, size)
 	}
 	b, in := off/im.bs, off%im.bs
 	c := min(n, im.bs-in)
@@ -228,18 +231,15 @@ func (im *image) Status(off, n int64) (driver.Extent, error) {
 	return driver.Extent{State: driver.Unallocated, Length: l, Offset: -1}, nil
 }
 
-// fixedStatus is a fixed image's status: its data area is a raw file, its
-// holes read zeros. The runs are cached (writes, zeroes and resizes keep
-// the cache coherent).
-func (im *image) fixedStatus(off, n int64) (driver.Extent, error) {
+// fixedStatus is a fixed image's status for [off, off+n) inside its size:
+// its data area is a raw file, its holes read zeros. The runs are cached
+// (writes, zeroes and resizes keep the cache coherent).
+func (im *image) fixedStatus(off, n, size int64) (driver.Extent, error) {
 	hs, ok := im.f.(driver.HoleSeeker)
 	if !ok {
 		return driver.Extent{State: driver.Data, Length: n, Offset: off}, nil
 	}
-	im.mu.Lock()
-	size := im.size
-	im.mu.Unlock()
-	r, err := im.holes.Find(hs, off, max(size, off+n))
+	r, err := im.holes.Find(hs, off, size)
 	if err != nil {
 		return driver.Extent{}, err
 	}
@@ -254,7 +254,7 @@ func (im *image) WriteAt(p []byte, off int64) (int, error) {
 	if im.ro {
 		return 0, im.readOnlyErr(off)
 	}
-	if err := im.checkAccess(off, int64(len(p))); err != nil {
+	if _, err := im.checkAccess(off, int64(len(p))); err != nil {
 		return 0, err
 	}
 	if im.kind == diskFixed {
@@ -623,7 +623,7 @@ func (im *image) WriteZeroes(off, n int64, unmap bool) error {
 	if im.ro {
 		return im.readOnlyErr(off)
 	}
-	if err := im.checkAccess(off, n); err != nil {
+	if _, err := im.checkAccess(off, n); err != nil {
 		return err
 	}
 	if im.kind == diskFixed {
@@ -715,7 +715,7 @@ func (im *image) Discard(off, n int64) error {
 	if im.ro {
 		return im.readOnlyErr(off)
 	}
-	if err := im.checkAccess(off, n); err != nil {
+	if _, err := im.checkAccess(off, n); err != nil {
 		return err
 	}
 	if im.kind == diskFixed {

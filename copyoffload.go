@@ -326,9 +326,9 @@ func (c *converter) offloadPiece(off, n int64, turn bool) (pieceKind, int64, err
 // preallocation, and read once) the kernel answers SEEK_HOLE by walking
 // the cached pages up to the next real hole, up to the file's end: asked
 // again for every piece, that is quadratic (a 2 GiB VHD made by qemu-img on
-// XFS took 5.8 s to convert, 2.8 ms per lseek). Only data is remembered: should the file change meanwhile, a run
-// remembered as data that became a hole is copied as the zeros it reads,
-// never skipped.
+// XFS took 5.8 s to convert, 2.8 ms per lseek). Only data is remembered:
+// should the file change meanwhile, a run remembered as data that became a
+// hole is copied as the zeros it reads, never skipped.
 type dataRuns struct {
 	mu   sync.Mutex
 	runs map[driver.File][2]int64 // [start, end) of data

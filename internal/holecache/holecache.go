@@ -182,11 +182,11 @@ func (c *Cache) Find(hs driver.HoleSeeker, off, size int64) (Run, error) {
 	return r, nil
 }
 
-// FSBlock is the widest file system block a write or punch may touch
+// fsBlock is the widest file system block a write or punch may touch
 // beyond its bytes (btrfs and XFS go up to 64 KiB): the runs around a
 // change are forgotten up to it, since the file system tracks holes by
 // whole blocks.
-const FSBlock = 64 << 10
+const fsBlock = 64 << 10
 
 // Changed updates the cache after [off, off+n) of the file changed (write:
 // by a write, else by a punch or zeroing). A write inside a known data run
@@ -195,5 +195,5 @@ func (c *Cache) Changed(off, n int64, write bool) {
 	if write && c.covered(off, off+n) {
 		return
 	}
-	c.Invalidate(off&^(FSBlock-1), (off+n+FSBlock-1)&^(FSBlock-1))
+	c.Invalidate(off&^(fsBlock-1), (off+n+fsBlock-1)&^(fsBlock-1))
 }

@@ -14,7 +14,8 @@ type ConvertOptions struct {
 	// default 8.
 	Workers int
 	// ChunkSize is the largest single read/write; default 2 MiB (1 MiB
-	// with Compress).
+	// with Compress, 256 KiB when the target borrows the read buffers:
+	// driver.CompressedLender).
 	ChunkSize int64
 	// ZeroDetect is qemu-img's -S: runs of at least this many zero bytes
 	// (aligned to it) in data are not written. 0 means the default (4 KiB);
@@ -103,6 +104,8 @@ type converter struct {
 	zd       int64 // zero detection granule; < 0: none
 	size     int64
 	cw       driver.CompressedWriter // compressed path, or nil
+	lender   driver.CompressedLender // cw, when it takes lent buffers
+	slabs    chan *slab              // lent read buffers for reuse
 	unit     int64                   // cw's unit
 
 	progMu sync.Mutex
@@ -156,17 +159,27 @@ func newConverter(dst, src *Disk, o *ConvertOptions) (*converter, error) {
 			return nil, driver.Errorf(ErrUnsupported, dst.name(), -1, "compressed output needs a new target without a backing file")
 		}
 		c.cw, c.unit = cw, cw.CompressedUnit()
+		c.lender, _ = cw.(driver.CompressedLender)
 		if oc.ChunkSize <= 0 {
 			// The target's compressor holds its own clusters in flight:
 			// the workers' chunks only read ahead of it, and half the
-			// default keeps a convert -c within 64 MiB of memory.
+			// default keeps a convert -c within 64 MiB of memory. A
+			// target that borrows the chunks keeps a few of them pinned
+			// besides: smaller ones touch less memory (each first touch
+			// of a page is a fault) and pin less.
 			c.chunk = 1 << 20
+			if c.lender != nil {
+				c.chunk = 256 << 10
+			}
 		}
 		if c.unit <= 0 || c.chunk%c.unit != 0 && c.unit < c.chunk {
 			c.chunk = max(c.unit, c.chunk/c.unit*c.unit)
 		}
 		c.chunk = max(c.chunk, c.unit)
 		oc.Sequential = true
+		if c.lender != nil {
+			c.slabs = make(chan *slab, c.workers+8)
+		}
 	}
 	if dst.Size() < c.size {
 		return nil, driver.Errorf(ErrInvalidOption, dst.name(), -1, "target is smaller (%d bytes) than the source (%d bytes)", dst.Size(), c.size)
@@ -191,7 +204,10 @@ func (c *converter) report(n int64) {
 
 // work runs jobs until the channel closes; the first error cancels ctx.
 func (c *converter) work(ctx context.Context, cancel context.CancelCauseFunc, jobs <-chan convJob) {
-	buf := make([]byte, c.chunk)
+	var buf []byte
+	if c.lender == nil {
+		buf = make([]byte, c.chunk) // lent clusters are read into slabs
+	}
 	for j := range jobs {
 		if ctx.Err() != nil {
 			continue
@@ -199,7 +215,7 @@ func (c *converter) work(ctx context.Context, cancel context.CancelCauseFunc, jo
 		var err error
 		switch {
 		case c.cw != nil:
-			err = compressJob(ctx, c.src, c.cw, c.unit, j, buf[:j.n], c.seq.wait, &c.stats)
+			err = c.compressJob(ctx, j, buf[:min(j.n, int64(len(buf)))])
 		case c.pieces && j.data:
 			err = c.offloadJob(ctx, j, buf[:j.n])
 		default:
@@ -316,27 +332,81 @@ func (t *turns) finish() {
 }
 
 // compressJob reads whole clusters and hands the non-zero ones to the
-// target's compressed writer, in offset order.
-func compressJob(ctx context.Context, src *Disk, cw driver.CompressedWriter, unit int64, j convJob, buf []byte, waitTurn func(int64) bool, st *convStats) error {
-	if _, err := src.ReadAt(buf, j.off); err != nil {
+// target's compressed writer, in offset order. A target that borrows
+// clusters (driver.CompressedLender) gets them in a slab, without a copy:
+// buf is then unused.
+func (c *converter) compressJob(ctx context.Context, j convJob, buf []byte) error {
+	var s *slab
+	if c.lender != nil {
+		s = c.getSlab()
+		defer s.release()
+		buf = s.buf[:j.n]
+	}
+	if _, err := c.src.ReadAt(buf, j.off); err != nil {
 		return err
 	}
-	st.read.Add(j.n)
-	if !waitTurn(j.seq) {
+	c.stats.read.Add(j.n)
+	if !c.seq.wait(j.seq) {
 		return ctx.Err()
 	}
-	for p := int64(0); p < j.n; p += unit {
-		q := min(j.n, p+unit)
+	for p := int64(0); p < j.n; p += c.unit {
+		q := min(j.n, p+c.unit)
 		if driver.IsZero(buf[p:q]) {
-			st.zero.Add(q - p)
+			c.stats.zero.Add(q - p)
 			continue
 		}
-		if err := cw.WriteCompressed(buf[p:q], j.off+p); err != nil {
+		var err error
+		if s != nil {
+			s.refs.Add(1)
+			if err = c.lender.WriteCompressedLent(buf[p:q], j.off+p, s.release); err != nil {
+				s.refs.Add(-1)
+			}
+		} else {
+			err = c.cw.WriteCompressed(buf[p:q], j.off+p)
+		}
+		if err != nil {
 			return err
 		}
-		st.written.Add(q - p)
+		c.stats.written.Add(q - p)
 	}
 	return nil
+}
+
+// slab is a chunk-sized read buffer whose clusters are lent to the target
+// (driver.CompressedLender). The reading worker holds one reference and
+// each lent cluster one more; the last release puts it back on the free
+// list. The pipeline holds consecutive clusters, so besides the workers'
+// slabs only a few are pinned by it at a time.
+type slab struct {
+	buf     []byte
+	refs    atomic.Int32
+	free    chan *slab
+	release func()
+}
+
+// getSlab returns a free slab with the worker's reference taken.
+func (c *converter) getSlab() *slab {
+	var s *slab
+	select {
+	case s = <-c.slabs:
+	default:
+		s = &slab{buf: make([]byte, c.chunk), free: c.slabs}
+		s.release = s.put
+	}
+	s.refs.Store(1)
+	return s
+}
+
+// put drops one reference; the last returns the slab to the free list
+// (or to the garbage collector when the list is full).
+func (s *slab) put() {
+	if s.refs.Add(-1) != 0 {
+		return
+	}
+	select {
+	case s.free <- s:
+	default:
+	}
 }
 
 func convertJob(ctx context.Context, dst, src *Disk, j convJob, buf []byte, zd int64, o *ConvertOptions, waitTurn func(int64) bool, st *convStats) error {

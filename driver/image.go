@@ -317,6 +317,20 @@ type CompressedWriter interface {
 	WriteCompressed(p []byte, off int64) error
 }
 
+// CompressedLender is implemented by CompressedWriters that can work on
+// the caller's buffer instead of a copy of it (a compressed convert then
+// reads each cluster once, into the buffer the compressor reads).
+//
+// WriteCompressedLent is WriteCompressed, except that the image may keep
+// using p after the call returns: it calls release exactly once, from any
+// goroutine, when it no longer reads p, and the caller must not change p
+// before that. When the call returns an error, release is not called and
+// p is the caller's again.
+type CompressedLender interface {
+	CompressedWriter
+	WriteCompressedLent(p []byte, off int64, release func()) error
+}
+
 // StreamOnly is implemented by images that can only be filled once, front
 // to back (VMDK streamOptimized). When StreamOnly reports true, Convert
 // writes such a target through its CompressedWriter in increasing offset

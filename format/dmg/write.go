@@ -118,10 +118,12 @@ type wjob struct {
 	seq  int64
 	off  int64
 	data []byte
-	buf  *[]byte // pooled backing of data
-	cbuf *[]byte // pooled backing of the compressed piece, or nil
-	crc  uint32
-	out  []piece
+	buf  *[]byte // pooled backing of data, or nil when lent
+	// release gives lent data back once stored.
+	release func()
+	cbuf    *[]byte // pooled backing of the compressed piece, or nil
+	crc     uint32
+	out     []piece
 }
 
 // piece is one chunk of a unit: zero-fill (no bytes), raw or compressed.
@@ -161,9 +163,23 @@ func (im *image) CompressedUnit() int64 {
 	return unitSize
 }
 
+var _ driver.CompressedLender = (*image)(nil)
+
 // WriteCompressed stores one unit; units arrive in increasing order and
 // the ranges between them become zero-fill chunks.
 func (im *image) WriteCompressed(p []byte, off int64) error {
+	return im.writeCompressed(p, off, nil)
+}
+
+// WriteCompressedLent is WriteCompressed without the copy of p: the
+// pipeline works on p itself and calls release once the unit is stored
+// (or its store failed). See driver.CompressedLender.
+func (im *image) WriteCompressedLent(p []byte, off int64, release func()) error {
+	return im.writeCompressed(p, off, release)
+}
+
+// writeCompressed queues p, copied when release is nil, else lent.
+func (im *image) writeCompressed(p []byte, off int64, release func()) error {
 	w := im.w
 	if w == nil {
 		return driver.Errorf(driver.ErrReadOnly, im.name, off, "DMG images are read-only once written")
@@ -183,7 +199,7 @@ func (im *image) WriteCompressed(p []byte, off int64) error {
 		}
 	}
 	w.curU = -1
-	return w.submitLocked(off, p)
+	return w.submitLocked(off, p, release)
 }
 
 func (w *writer) order(off int64) error {
@@ -192,8 +208,9 @@ func (w *writer) order(off int64) error {
 }
 
 // submitLocked queues the unit at off. Called with mu held; drops it while
-// waiting for a free slot.
-func (w *writer) submitLocked(off int64, p []byte) error {
+// waiting for a free slot. p is copied, or kept when lent (release not
+// nil).
+func (w *writer) submitLocked(off int64, p []byte, release func()) error {
 	if w.err != nil {
 		return w.err
 	}
@@ -206,12 +223,15 @@ func (w *writer) submitLocked(off int64, p []byte) error {
 	w.lastEnd = off + int64(len(p))
 	seq := w.next
 	w.next++
-	bp := w.bufs.get()
-	data := (*bp)[:len(p)]
-	copy(data, p)
+	j := &wjob{seq: seq, off: off, data: p, release: release}
+	if release == nil {
+		j.buf = w.bufs.get()
+		j.data = (*j.buf)[:len(p)]
+		copy(j.data, p)
+	}
 	w.mu.Unlock()
 	w.slots <- struct{}{}
-	w.jobs <- &wjob{seq: seq, off: off, data: data, buf: bp}
+	w.jobs <- j
 	w.mu.Lock()
 	return nil
 }
@@ -227,7 +247,7 @@ func (w *writer) flushCurLocked() error {
 	if driver.IsZero(w.cur[:n]) {
 		return nil
 	}
-	return w.submitLocked(u*w.unit, w.cur[:n])
+	return w.submitLocked(u*w.unit, w.cur[:n], nil)
 }
 
 // writeAt accepts plain writes in increasing order, buffering the current
@@ -380,7 +400,11 @@ func (w *writer) store() {
 		if !failed {
 			err = w.storeJob(j)
 		}
-		w.bufs.put(j.buf)
+		if j.release != nil {
+			j.release()
+		} else {
+			w.bufs.put(j.buf)
+		}
 		if j.cbuf != nil {
 			w.outs.put(j.cbuf)
 		}

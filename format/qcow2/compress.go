@@ -28,14 +28,19 @@ type CompressedWriter interface {
 	WriteCompressed(p []byte, off int64) error
 }
 
-var _ CompressedWriter = (*image)(nil)
+var (
+	_ CompressedWriter        = (*image)(nil)
+	_ driver.CompressedLender = (*image)(nil)
+)
 
 // cjob is one cluster on its way through the pipeline.
 type cjob struct {
 	seq  int64
-	off  int64 // guest offset
-	data []byte
+	off  int64  // guest offset
+	data []byte // the cluster: a pipeline buffer, or lent (release set)
 	out  []byte // compressed bytes; nil when the cluster does not shrink
+	// release gives data back to the caller of WriteCompressedLent.
+	release func()
 }
 
 // compWriter is the compressed write pipeline: WriteCompressed submits
@@ -54,8 +59,8 @@ type compWriter struct {
 	err      error
 	stopped  bool
 	wg       sync.WaitGroup
-	bufs     sync.Pool
-	wbuf     []byte // the writer's scratch for joining contiguous clusters
+	free     chan []byte // cluster buffers for reuse (a sync.Pool loses them at every GC)
+	wbuf     []byte      // the writer's scratch for joining contiguous clusters
 }
 
 // CompressedUnit is the unit of WriteCompressed: one cluster.
@@ -64,6 +69,21 @@ func (im *image) CompressedUnit() int64 { return im.cs }
 // WriteCompressed queues p (one cluster at a cluster-aligned offset) to be
 // stored compressed. See CompressedWriter.
 func (im *image) WriteCompressed(p []byte, off int64) error {
+	return im.writeCompressed(p, off, nil)
+}
+
+// WriteCompressedLent is WriteCompressed without the copy of p: the
+// pipeline works on p itself and calls release once the cluster is
+// stored (or its store failed). See driver.CompressedLender.
+func (im *image) WriteCompressedLent(p []byte, off int64, release func()) error {
+	return im.writeCompressed(p, off, release)
+}
+
+// writeCompressed queues p, copied into one of the pipeline's buffers
+// when release is nil, else lent until release is called. A cluster
+// shorter than cs (the disk's last) is always copied: it is compressed
+// zero-padded to a whole cluster.
+func (im *image) writeCompressed(p []byte, off int64, release func()) error {
 	if err := im.beginWrite(off); err != nil {
 		return err
 	}
@@ -92,10 +112,17 @@ func (im *image) WriteCompressed(p []byte, off int64) error {
 	cw.inflight.Add(1)
 	cw.mu.Unlock()
 	cw.slots <- struct{}{}
-	buf := cw.getBuf()
-	copy(buf, p)
-	clear(buf[len(p):])
-	cw.jobs <- &cjob{seq: seq, off: off, data: buf}
+	j := &cjob{seq: seq, off: off, data: p, release: release}
+	if release == nil || int64(len(p)) != im.cs {
+		j.data = cw.getBuf()
+		copy(j.data, p)
+		clear(j.data[len(p):])
+		j.release = nil
+		if release != nil {
+			release()
+		}
+	}
+	cw.jobs <- j
 	return nil
 }
 
@@ -113,8 +140,7 @@ func (im *image) compressor() *compWriter {
 	slots := min(max(int(2<<20/im.cs), 2*n+2), 4*n+16)
 	cw := &compWriter{im: im, jobs: make(chan *cjob, 2*n), slots: make(chan struct{}, slots), ready: map[int64]*cjob{}}
 	cw.cond = sync.NewCond(&cw.mu)
-	cs := int(im.cs)
-	cw.bufs.New = func() any { b := make([]byte, cs); return &b }
+	cw.free = make(chan []byte, 2*slots+n)
 	for i := 0; i < n; i++ {
 		cw.wg.Add(1)
 		go cw.worker()
@@ -125,8 +151,21 @@ func (im *image) compressor() *compWriter {
 	return cw
 }
 
-func (cw *compWriter) getBuf() []byte  { return *(cw.bufs.Get().(*[]byte)) }
-func (cw *compWriter) putBuf(b []byte) { cw.bufs.Put(&b) }
+func (cw *compWriter) getBuf() []byte {
+	select {
+	case b := <-cw.free:
+		return b
+	default:
+		return make([]byte, cw.im.cs)
+	}
+}
+
+func (cw *compWriter) putBuf(b []byte) {
+	select {
+	case cw.free <- b:
+	default:
+	}
+}
 
 // worker compresses jobs.
 func (cw *compWriter) worker() {
@@ -190,7 +229,11 @@ func (cw *compWriter) writer() {
 			err = cw.im.storeCompressed(batch, &cw.wbuf)
 		}
 		for _, j := range batch {
-			cw.putBuf(j.data)
+			if j.release != nil {
+				j.release()
+			} else {
+				cw.putBuf(j.data)
+			}
 			if j.out != nil && cap(j.out) >= int(cw.im.cs) {
 				cw.putBuf(j.out[:cw.im.cs])
 			}

@@ -15,11 +15,12 @@ import (
 // reports the recorded parentCID as the parent's modification UUID, so a
 // stale one (the parent was written since) is a warning, not ErrCorrupt.
 var (
-	_ driver.Identifier = (*image)(nil)
-	_ driver.Geometry   = (*image)(nil)
-	_ driver.Reparenter = (*image)(nil)
-	_ driver.Zeroer     = (*image)(nil)
-	_ driver.Discarder  = (*image)(nil)
+	_ driver.Identifier       = (*image)(nil)
+	_ driver.Geometry         = (*image)(nil)
+	_ driver.Reparenter       = (*image)(nil)
+	_ driver.Zeroer           = (*image)(nil)
+	_ driver.Discarder        = (*image)(nil)
+	_ driver.CompressedLender = (*image)(nil)
 )
 
 func (im *image) UUID() string {

@@ -46,10 +46,11 @@ type streamWriter struct {
 }
 
 type sjob struct {
-	seq, g int64
-	data   []byte
-	n      int
-	out    []byte
+	seq, g  int64
+	data    []byte // the grain: a copy, or lent (release set)
+	n       int
+	out     []byte
+	release func() // gives a lent data back once compressed
 }
 
 // createStream writes the header and descriptor of a new stream-optimized
@@ -120,6 +121,18 @@ func (im *image) CompressedUnit() int64 {
 // WriteCompressed stores one grain compressed. Only a stream-optimized
 // image being written accepts it, in increasing offset order.
 func (im *image) WriteCompressed(p []byte, off int64) error {
+	return im.writeCompressed(p, off, nil)
+}
+
+// WriteCompressedLent is WriteCompressed without the copy of p: the
+// compressing worker reads p itself and calls release once it has
+// compressed it. See driver.CompressedLender.
+func (im *image) WriteCompressedLent(p []byte, off int64, release func()) error {
+	return im.writeCompressed(p, off, release)
+}
+
+// writeCompressed queues p, copied when release is nil, else lent.
+func (im *image) writeCompressed(p []byte, off int64, release func()) error {
 	if im.stream == nil {
 		return driver.Errorf(driver.ErrUnsupported, im.name, off, "compressed grains can only be written to a new streamOptimized image")
 	}
@@ -139,7 +152,7 @@ func (im *image) WriteCompressed(p []byte, off int64) error {
 		}
 	}
 	sw.curG = -1
-	return sw.submitLocked(g, p)
+	return sw.submitLocked(g, p, release)
 }
 
 func (sw *streamWriter) order(off int64) error {
@@ -147,9 +160,10 @@ func (sw *streamWriter) order(off int64) error {
 		"a streamOptimized image is written front to back; this write goes back before offset %d", (sw.lastG+1)*sw.grain)
 }
 
-// submitLocked queues grain g. Called with mu held; drops it while
-// waiting for a free slot.
-func (sw *streamWriter) submitLocked(g int64, p []byte) error {
+// submitLocked queues grain g: a copy of p, or p itself when lent
+// (release not nil). Called with mu held; drops it while waiting for a
+// free slot.
+func (sw *streamWriter) submitLocked(g int64, p []byte, release func()) error {
 	if sw.err != nil {
 		return sw.err
 	}
@@ -162,11 +176,14 @@ func (sw *streamWriter) submitLocked(g int64, p []byte) error {
 	sw.lastG = g
 	seq := sw.next
 	sw.next++
-	buf := make([]byte, sw.grain)
-	n := copy(buf, p)
+	j := &sjob{seq: seq, g: g, data: p, n: len(p), release: release}
+	if release == nil {
+		j.data = make([]byte, sw.grain)
+		copy(j.data, p)
+	}
 	sw.mu.Unlock()
 	sw.slots <- struct{}{}
-	sw.jobs <- &sjob{seq: seq, g: g, data: buf, n: n}
+	sw.jobs <- j
 	sw.mu.Lock()
 	return nil
 }
@@ -182,7 +199,7 @@ func (sw *streamWriter) flushCurLocked() error {
 	if driver.IsZero(sw.cur[:n]) {
 		return nil
 	}
-	return sw.submitLocked(g, sw.cur[:n])
+	return sw.submitLocked(g, sw.cur[:n], nil)
 }
 
 // writeAt accepts plain writes in increasing grain order, buffering the
@@ -254,6 +271,9 @@ func (sw *streamWriter) worker() {
 		out := make([]byte, (len(b)+sectorSize-1)&^(sectorSize-1))
 		copy(out, b)
 		j.out, j.data = out, nil
+		if j.release != nil {
+			j.release()
+		}
 		sw.mu.Lock()
 		sw.ready[j.seq] = j
 		sw.cond.Broadcast()

@@ -124,3 +124,19 @@ func TestStreamWriteAt(t *testing.T) {
 		t.Fatal("qemu reads a different content")
 	}
 }
+
+// TestStreamLentGrains: grains lent to a stream image
+// (driver.CompressedLender) are stored as given although each buffer is
+// overwritten as soon as it is released, and each is released once.
+func TestStreamLentGrains(t *testing.T) {
+	qemutest.Require(t)
+	dir := t.TempDir()
+	const size = 7<<20 + 512 // a short last grain
+	data := streamSource(t, filepath.Join(dir, "src.raw"), size)
+	f := filepath.Join(dir, "l.vmdk")
+	disktest.Lend(t, createDisk(t, nil, f, size, "", "subformat=streamOptimized"), data)
+	qemutest.Check(t, "vmdk", f)
+	if got := qemuRaw(t, f); !bytes.Equal(got, data) {
+		t.Fatal("qemu reads a different content")
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vdisk/vdisk/driver"
+	"github.com/vdisk/vdisk/internal/hugebuf"
 )
 
 // ConvertOptions tunes Convert.
@@ -205,8 +206,12 @@ func (c *converter) report(n int64) {
 // work runs jobs until the channel closes; the first error cancels ctx.
 func (c *converter) work(ctx context.Context, cancel context.CancelCauseFunc, jobs <-chan convJob) {
 	var buf []byte
-	if c.lender == nil {
-		buf = make([]byte, c.chunk) // lent clusters are read into slabs
+	if c.lender == nil { // lent clusters are read into slabs
+		var free func()
+		buf, free = hugebuf.Alloc(int(c.chunk))
+		// Every use of buf is a synchronous call (io.WriterAt keeps
+		// nothing) that has returned once the jobs are done.
+		defer free()
 	}
 	for j := range jobs {
 		if ctx.Err() != nil {

@@ -56,20 +56,24 @@ func writeCompressed(t testing.TB, d *vdisk.Disk, data []byte) {
 	}
 }
 
+// compressedCases are the creation options the compressed-write tests
+// run with.
+var compressedCases = []struct {
+	name string
+	opts []string
+}{
+	{"zlib", nil},
+	{"zstd", []string{"compression_type=zstd"}},
+	{"v2", []string{"compat=0.10"}},
+	{"extl2", []string{"extended_l2=on", "compression_type=zstd"}},
+	{"4k", []string{"cluster_size=4k"}},
+	{"512", []string{"cluster_size=512"}},
+	{"2m", []string{"cluster_size=2M"}},
+}
+
 func TestCompressedWrites(t *testing.T) {
 	qemutest.Require(t)
-	for _, c := range []struct {
-		name string
-		opts []string
-	}{
-		{"zlib", nil},
-		{"zstd", []string{"compression_type=zstd"}},
-		{"v2", []string{"compat=0.10"}},
-		{"extl2", []string{"extended_l2=on", "compression_type=zstd"}},
-		{"4k", []string{"cluster_size=4k"}},
-		{"512", []string{"cluster_size=512"}},
-		{"2m", []string{"cluster_size=2M"}},
-	} {
+	for _, c := range compressedCases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			size := 6<<20 + 4096
@@ -122,15 +126,7 @@ func TestCompressedWrites(t *testing.T) {
 // overwritten as soon as it is released, and each is released once.
 func TestCompressedLent(t *testing.T) {
 	qemutest.Require(t)
-	for _, c := range []struct {
-		name string
-		opts []string
-	}{
-		{"zlib", nil},
-		{"zstd", []string{"compression_type=zstd"}},
-		{"512", []string{"cluster_size=512"}},
-		{"2m", []string{"cluster_size=2M"}},
-	} {
+	for _, c := range compressedCases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			data := compressibleData(5<<20 + 4096 + 512) // a short last cluster

@@ -30,6 +30,7 @@ type streamWriter struct {
 
 	jobs  chan *sjob
 	slots chan struct{}
+	outs  chan []byte // sector-padded grain buffers for reuse
 	wg    sync.WaitGroup
 
 	mu    sync.Mutex
@@ -96,6 +97,7 @@ func createStream(p *driver.CreateParams, f driver.File, size int64, desc []byte
 	slots := min(max(int(2<<20/sw.grain), 2*n+2), 4*n+16)
 	sw.jobs = make(chan *sjob, slots)
 	sw.slots = make(chan struct{}, slots)
+	sw.outs = make(chan []byte, slots+n)
 	for range n {
 		sw.wg.Add(1)
 		go sw.worker()
@@ -261,16 +263,16 @@ func (sw *streamWriter) writeZeroes(off, n int64) error {
 func (sw *streamWriter) worker() {
 	defer sw.wg.Done()
 	var zw deflate.Encoder
-	buf := make([]byte, 0, sw.grain+1024)
+	var marker [12]byte
 	for j := range sw.jobs {
-		// A 12-byte grain marker, then the zlib stream.
-		buf = zw.CompressZlib(append(buf[:0], make([]byte, 12)...), j.data[:j.n])
-		b := buf
+		// A 12-byte grain marker, then the zlib stream, padded to a
+		// whole sector.
+		b := zw.CompressZlib(append(sw.outBuf(), marker[:]...), j.data[:j.n])
 		binary.LittleEndian.PutUint64(b, uint64(j.g*sw.grain/sectorSize))
 		binary.LittleEndian.PutUint32(b[8:], uint32(len(b)-12))
-		out := make([]byte, (len(b)+sectorSize-1)&^(sectorSize-1))
-		copy(out, b)
-		j.out, j.data = out, nil
+		pad := (sectorSize - len(b)%sectorSize) % sectorSize
+		b = append(b, make([]byte, pad)...)
+		j.out, j.data = b, nil
 		if j.release != nil {
 			j.release()
 		}
@@ -278,6 +280,25 @@ func (sw *streamWriter) worker() {
 		sw.ready[j.seq] = j
 		sw.cond.Broadcast()
 		sw.mu.Unlock()
+	}
+}
+
+// outBuf returns an empty buffer for a compressed grain, reused when
+// one is free; its capacity holds a grain that does not shrink (which
+// comes out a little longer than the grain).
+func (sw *streamWriter) outBuf() []byte {
+	select {
+	case b := <-sw.outs:
+		return b[:0]
+	default:
+	}
+	return make([]byte, 0, int(sw.grain)+2*sectorSize)
+}
+
+func (sw *streamWriter) putOut(b []byte) {
+	select {
+	case sw.outs <- b:
+	default:
 	}
 }
 
@@ -313,6 +334,8 @@ func (sw *streamWriter) writer() {
 				sp.mu.Unlock()
 			}
 		}
+		sw.putOut(j.out)
+		j.out = nil
 		<-sw.slots
 		sw.mu.Lock()
 		if err != nil && sw.err == nil {

@@ -220,7 +220,7 @@ func (c *converter) work(ctx context.Context, cancel context.CancelCauseFunc, jo
 		var err error
 		switch {
 		case c.cw != nil:
-			err = c.compressJob(ctx, j, buf[:min(j.n, int64(len(buf)))])
+			err = c.compressJob(ctx, j, buf)
 		case c.pieces && j.data:
 			err = c.offloadJob(ctx, j, buf[:j.n])
 		default:
@@ -336,17 +336,18 @@ func (t *turns) finish() {
 	t.mu.Unlock()
 }
 
-// compressJob reads whole clusters and hands the non-zero ones to the
-// target's compressed writer, in offset order. A target that borrows
-// clusters (driver.CompressedLender) gets them in a slab, without a copy:
-// buf is then unused.
+// compressJob reads whole clusters into the worker's buffer and hands the
+// non-zero ones to the target's compressed writer, in offset order. A
+// target that borrows clusters (driver.CompressedLender) gets them in a
+// slab, without a copy: the worker has no buffer then.
 func (c *converter) compressJob(ctx context.Context, j convJob, buf []byte) error {
 	var s *slab
 	if c.lender != nil {
 		s = c.getSlab()
 		defer s.release()
-		buf = s.buf[:j.n]
+		buf = s.buf
 	}
+	buf = buf[:j.n]
 	if _, err := c.src.ReadAt(buf, j.off); err != nil {
 		return err
 	}

@@ -27,7 +27,11 @@
 //
 // A login that cannot connect (refused, reset, cut) is retried with
 // backoff for up to Config.Retry; redirections are followed, at most 4
-// per login and never back to an address already tried.
+// per login and never back to an address already tried. "Target not
+// found" (or removed) is retried too once the portal was down or busy
+// earlier in the same round, or when reconnecting a session that had the
+// target: a target service that restarts answers so until it has made
+// its targets again.
 //
 // The data-in of a read arrives as Data-In PDUs at a Buffer Offset; the
 // data-out of a write goes as immediate data (when ImmediateData=Yes), then

@@ -20,6 +20,10 @@ var ErrAuth = errors.New("iscsi: authentication failed")
 // ErrLogin is a login the target refused for another reason.
 var ErrLogin = errors.New("iscsi: login failed")
 
+// errTargetMissing marks a login refused because the target does not
+// exist (status 0x0203 or 0x0204).
+var errTargetMissing = errors.New("target missing")
+
 // errTargetBusy marks a login refused with status class 3 (target error,
 // service unavailable, out of resources), which may succeed later.
 var errTargetBusy = errors.New("transient")
@@ -476,10 +480,12 @@ func loginStatusError(class, detail byte, data []byte) error {
 		return fmt.Errorf("%w: the target refused the credentials (wrong user or secret)", ErrAuth)
 	case 0x0202:
 		return fmt.Errorf("%w: this initiator is not allowed to access the target", ErrAuth)
-	case 0x0203:
-		msg = "target not found"
-	case 0x0204:
-		msg = "target removed"
+	case 0x0203, 0x0204:
+		// Permanent in itself, but a target service that is restarting
+		// answers this until it has re-created its targets: connect
+		// retries it when the portal was down earlier in the same round.
+		msg = map[uint16]string{0x0203: "target not found", 0x0204: "target removed"}[code]
+		return fmt.Errorf("%w: %w: %s (status class %d detail %d)", ErrLogin, errTargetMissing, msg, class, detail)
 	case 0x0205:
 		msg = "unsupported iSCSI version"
 	case 0x0206:

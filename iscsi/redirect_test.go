@@ -3,6 +3,7 @@ package iscsi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -12,11 +13,13 @@ import (
 )
 
 // redirector answers every login with a redirection (status class 1) to
-// the address its to function gives (a fake of a target moved away).
+// the address its to function gives (a fake of a target moved away), or
+// with status (class<<8|detail) when that is set.
 type redirector struct {
 	l         net.Listener
 	permanent bool
 	to        func() string
+	status    uint16
 	logins    atomic.Int32
 }
 
@@ -49,7 +52,11 @@ func newRedirector(t *testing.T, permanent bool, to func() string) *redirector {
 				if r.permanent {
 					resp.BHS[37] = 2
 				}
-				resp.Data = EncodeText([]KV{{"TargetAddress", r.to()}})
+				if r.status != 0 {
+					resp.BHS[36], resp.BHS[37] = byte(r.status>>8), byte(r.status)
+				} else {
+					resp.Data = EncodeText([]KV{{"TargetAddress", r.to()}})
+				}
 				b, _ := resp.Marshal(Digests{})
 				nc.Write(b)
 				// The initiator closes: wait for it.
@@ -260,6 +267,63 @@ func TestLoginRetry(t *testing.T) {
 		err := loginStatusError(byte(tt.status>>8), byte(tt.status), nil)
 		if permanent(err) == tt.transient {
 			t.Errorf("status %#04x: permanent = %v", tt.status, permanent(err))
+		}
+	}
+}
+
+// TestLoginTargetMissing: "target not found" fails the open at once, but
+// is retried when the portal was down or busy earlier in the same round
+// (a target service restarting answers it until its targets exist again).
+func TestLoginTargetMissing(t *testing.T) {
+	ft := newFakeTarget(t, 64)
+	busy := newRedirector(t, false, nil)
+	busy.status = 0x0301
+	for _, status := range []uint16{0x0203, 0x0204} {
+		missing := newRedirector(t, false, nil)
+		missing.status = status
+		for _, tt := range []struct {
+			name    string
+			script  []string // what each dial meets; the target after that
+			wantErr bool
+		}{
+			{"alone", []string{"missing"}, true},
+			{"after refusals", []string{"refused", "refused", "missing", "missing"}, false},
+			{"after busy", []string{"busy", "missing"}, false},
+		} {
+			t.Run(fmt.Sprintf("%#04x/%s", status, tt.name), func(t *testing.T) {
+				var dials atomic.Int32
+				cfg := ft.config()
+				cfg.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+					n := int(dials.Add(1))
+					if n <= len(tt.script) {
+						switch tt.script[n-1] {
+						case "refused":
+							return nil, errors.New("connect: connection refused")
+						case "busy":
+							addr = busy.addr()
+						case "missing":
+							addr = missing.addr()
+						}
+					}
+					var d net.Dialer
+					return d.DialContext(ctx, network, addr)
+				}
+				s, err := Dial(context.Background(), cfg)
+				want := int32(len(tt.script) + 1)
+				if tt.wantErr {
+					want--
+					if err == nil || !errors.Is(err, ErrLogin) || !strings.Contains(err.Error(), "target ") {
+						t.Fatalf("err = %v, want a login error naming the target", err)
+					}
+				} else if err != nil {
+					t.Fatalf("after %d dials: %v", dials.Load(), err)
+				} else {
+					s.Close()
+				}
+				if dials.Load() != want {
+					t.Fatalf("%d dials, want %d", dials.Load(), want)
+				}
+			})
 		}
 	}
 }

@@ -209,7 +209,21 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 	notify := func(n int, err error, wait time.Duration) {
 		s.cfg.log().Info("iscsi: login failed, retrying", "portal", s.cfg.Portal, "target", s.cfg.Target, "attempt", n, "err", err, "backoff", wait)
 	}
-	err := backoff.Retry(ctx, s.retryPolicy(), permanent, notify, func(ctx context.Context, _ int) error {
+	// A target that is missing while its service restarts: once the
+	// portal was unreachable (or busy) in this round, or when the session
+	// had the target a moment ago, "target not found" is retried too.
+	restarting := !first
+	giveUp := func(err error) bool {
+		if errors.Is(err, errTargetMissing) {
+			return !restarting
+		}
+		if !permanent(err) {
+			restarting = true
+			return false
+		}
+		return true
+	}
+	err := backoff.Retry(ctx, s.retryPolicy(), giveUp, notify, func(ctx context.Context, _ int) error {
 		var err error
 		c, at, err = s.login(ctx, &st)
 		return err

@@ -65,7 +65,7 @@ func StartAt(t testing.TB, iqn, host string) *Target {
 		port := l.Addr().(*net.TCPAddr).Port
 		l.Close()
 		tg := &Target{t: t, Portal: net.JoinHostPort(host, strconv.Itoa(port)), IQN: iqn, Control: 1000 + rand.IntN(19000), Dir: dir}
-		if lastErr = tg.start(); lastErr == nil {
+		if lastErr = tg.start(tg.Portal); lastErr == nil {
 			t.Cleanup(tg.Kill)
 			tg.Adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
 			tg.Adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
@@ -76,13 +76,13 @@ func StartAt(t testing.TB, iqn, host string) *Target {
 	return nil
 }
 
-func (tg *Target) start() error {
-	host, port, _ := net.SplitHostPort(tg.Portal)
+// start starts tgtd listening on portal and waits until it answers there.
+func (tg *Target) start(portal string) error {
 	log, err := os.Create(filepath.Join(tg.Dir, "tgtd-"+strconv.Itoa(tg.Control)+".log"))
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("tgtd", "-f", "--iscsi", "portal="+net.JoinHostPort(host, port), "-C", strconv.Itoa(tg.Control))
+	cmd := exec.Command("tgtd", "-f", "--iscsi", "portal="+portal, "-C", strconv.Itoa(tg.Control))
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -101,7 +101,7 @@ func (tg *Target) start() error {
 		default:
 		}
 		if out, err := exec.Command("tgtadm", "-C", strconv.Itoa(tg.Control), "--op", "show", "--mode", "sys").CombinedOutput(); err == nil && len(out) > 0 {
-			if c, err := net.DialTimeout("tcp", tg.Portal, time.Second); err == nil {
+			if c, err := net.DialTimeout("tcp", portal, time.Second); err == nil {
 				c.Close()
 				tg.cmd = cmd
 				// Reap in the background; Kill waits through the channel.
@@ -112,7 +112,7 @@ func (tg *Target) start() error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-	return fmt.Errorf("tgtd on %s did not become ready", tg.Portal)
+	return fmt.Errorf("tgtd on %s did not become ready", portal)
 }
 
 // Kill stops tgtd (its whole process group) at once.
@@ -130,17 +130,26 @@ func (tg *Target) Kill() {
 	tg.cmd = nil
 }
 
-// Restart starts tgtd again on the same portal with the same target and
-// LUNs re-created from their backing files (the caller re-adds accounts).
+// Restart starts tgtd again with the same target and LUNs re-created from
+// their backing files (the caller re-adds accounts). tgtd starts on a
+// scratch portal and takes the old one only once the target and its LUNs
+// exist, so an initiator retrying meanwhile never logs in to a half-made
+// target.
 func (tg *Target) Restart(luns map[int]string, thin bool) {
 	tg.t.Helper()
 	tg.Kill()
+	host, _, _ := net.SplitHostPort(tg.Portal)
 	var err error
-	for i := 0; i < 50; i++ {
-		if err = tg.start(); err == nil {
+	for i := 0; i < 5; i++ {
+		var l net.Listener
+		if l, err = net.Listen("tcp", net.JoinHostPort(host, "0")); err != nil {
+			tg.t.Fatal(err)
+		}
+		scratch := l.Addr().String()
+		l.Close()
+		if err = tg.start(scratch); err == nil {
 			break
 		}
-		time.Sleep(100 * time.Millisecond)
 	}
 	if err != nil {
 		tg.t.Fatalf("restart tgtd: %v", err)
@@ -149,6 +158,26 @@ func (tg *Target) Restart(luns map[int]string, thin bool) {
 	tg.Adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
 	for lun, file := range luns {
 		tg.addLUN(lun, file, thin)
+	}
+	show := tg.Adm("--op", "show", "--mode", "portal")
+	// The old portal's port may still be held a moment by the killed
+	// tgtd's sockets.
+	full := []string{"-C", strconv.Itoa(tg.Control), "--lld", "iscsi", "--op", "new", "--mode", "portal", "--param", "portal=" + tg.Portal}
+	var out []byte
+	for i := 0; i < 50; i++ {
+		if out, err = exec.Command("tgtadm", full...).CombinedOutput(); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		tg.t.Fatalf("tgtadm %s: %v\n%s", strings.Join(full, " "), err, out)
+	}
+	for _, line := range strings.Split(show, "\n") {
+		if p, ok := strings.CutPrefix(strings.TrimSpace(line), "Portal: "); ok {
+			p, _, _ = strings.Cut(p, ",")
+			tg.Adm("--op", "delete", "--mode", "portal", "--param", "portal="+p)
+		}
 	}
 }
 

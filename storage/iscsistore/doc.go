@@ -12,7 +12,9 @@
 // login that cannot connect, e.g. to a target restarting, is retried with
 // backoff, at open and at a reconnect: default 10, 0 for one attempt;
 // refused credentials, unknown targets and protocol errors are not
-// retried).
+// retried, except a target not found right after the portal was down or
+// at a reconnect: a restarting target service answers so until its
+// targets exist again).
 //
 // A login the target redirects (status class 1, TargetAddress) follows
 // up to 4 redirections through the same dialer, never back to an address

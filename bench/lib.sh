@@ -3,12 +3,12 @@
 
 # build_vdisk sets VDISK: the build in VDISK_BIN when given (e.g. the
 # previous commit's, to compare two versions against the same peer), else
-# this tree's, built into $work.
+# this tree's, built into $work as quickstart.sh builds it (static).
 build_vdisk() {
 	if [ -n "${VDISK_BIN:-}" ]; then
 		VDISK=$VDISK_BIN
 	else
-		go build -o "$work/vdisk" ./cmd/vdisk
+		CGO_ENABLED=0 go build -o "$work/vdisk" ./cmd/vdisk
 		VDISK=$work/vdisk
 	fi
 }

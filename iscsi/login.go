@@ -20,9 +20,12 @@ var ErrAuth = errors.New("iscsi: authentication failed")
 // ErrLogin is a login the target refused for another reason.
 var ErrLogin = errors.New("iscsi: login failed")
 
-// errTargetMissing marks a login refused because the target does not
-// exist (status 0x0203 or 0x0204).
-var errTargetMissing = errors.New("target missing")
+// targetMissingError is a login refused because the target does not
+// exist (status 0x0203 or 0x0204); it reads as the error it wraps.
+type targetMissingError struct{ err error }
+
+func (e *targetMissingError) Error() string { return e.err.Error() }
+func (e *targetMissingError) Unwrap() error { return e.err }
 
 // errTargetBusy marks a login refused with status class 3 (target error,
 // service unavailable, out of resources), which may succeed later.
@@ -485,7 +488,7 @@ func loginStatusError(class, detail byte, data []byte) error {
 		// answers this until it has re-created its targets: connect
 		// retries it when the portal was down earlier in the same round.
 		msg = map[uint16]string{0x0203: "target not found", 0x0204: "target removed"}[code]
-		return fmt.Errorf("%w: %w: %s (status class %d detail %d)", ErrLogin, errTargetMissing, msg, class, detail)
+		return &targetMissingError{fmt.Errorf("%w: %s (status class %d detail %d)", ErrLogin, msg, class, detail)}
 	case 0x0205:
 		msg = "unsupported iSCSI version"
 	case 0x0206:

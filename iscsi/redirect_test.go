@@ -327,3 +327,51 @@ func TestLoginTargetMissing(t *testing.T) {
 		}
 	}
 }
+
+// TestReconnectTargetMissing: at a reconnect the target existed a moment
+// ago, so "target not found" from the portal is retried at once.
+func TestReconnectTargetMissing(t *testing.T) {
+	ft := newFakeTarget(t, 64)
+	missing := newRedirector(t, false, nil)
+	missing.status = 0x0203
+	var dials, missingFrom atomic.Int32
+	var mu sync.Mutex
+	var last net.Conn
+	cfg := ft.config()
+	cfg.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		n := dials.Add(1)
+		if m := missingFrom.Load(); m > 0 && n >= m && n < m+2 {
+			addr = missing.addr()
+		}
+		var d net.Dialer
+		nc, err := d.DialContext(ctx, network, addr)
+		if err == nil {
+			mu.Lock()
+			last = nc
+			mu.Unlock()
+		}
+		return nc, err
+	}
+	ctx := context.Background()
+	s, err := Dial(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	d, err := OpenDisk(ctx, s, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The next two dials meet a target service that has no target yet.
+	missingFrom.Store(dials.Load() + 1)
+	mu.Lock()
+	last.Close()
+	mu.Unlock()
+	buf := make([]byte, 512)
+	if err := d.Read(ctx, 3, buf); err != nil {
+		t.Fatalf("read after the reconnect: %v", err)
+	}
+	if got := dials.Load() - missingFrom.Load() + 1; got != 3 || s.Reconnects() != 1 {
+		t.Fatalf("%d dials for the reconnect (want 3), %d reconnects", got, s.Reconnects())
+	}
+}

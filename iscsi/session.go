@@ -214,7 +214,8 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 	// had the target a moment ago, "target not found" is retried too.
 	restarting := !first
 	giveUp := func(err error) bool {
-		if errors.Is(err, errTargetMissing) {
+		var missing *targetMissingError
+		if errors.As(err, &missing) {
 			return !restarting
 		}
 		if !permanent(err) {

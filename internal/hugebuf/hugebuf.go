@@ -7,6 +7,8 @@
 // spent in those faults). An anonymous mapping marked MADV_HUGEPAGE takes
 // one fault per 2 MiB instead, where the kernel has transparent huge pages
 // enabled ("always" or "madvise"); elsewhere it behaves as ordinary memory.
+// An Arena cuts one such buffer into pieces for buffers smaller than a
+// huge page that are reused many times (a compressed convert's slabs).
 package hugebuf
 
 import (
@@ -48,4 +50,80 @@ func Alloc(n int) (buf []byte, free func()) {
 func alignOffset(m []byte) int {
 	p := uintptr(unsafe.Pointer(unsafe.SliceData(m)))
 	return int((Size - p%Size) % Size)
+}
+
+// Arena is one buffer from Alloc cut into pieces of equal size, for
+// buffers that a job reuses many times and whose last use may end on
+// another goroutine after the job itself (a read buffer lent to a write
+// pipeline). The memory is freed once the arena is closed and no piece is
+// in use; until then it stays mapped.
+//
+// Piece hands out each piece once; the caller keeps and reuses it, and
+// brackets every use with Acquire and Release.
+type Arena struct {
+	mu     sync.Mutex
+	mem    []byte
+	free   func()
+	piece  int
+	next   int // offset of the first piece not handed out
+	inUse  int
+	closed bool
+}
+
+// NewArena maps n pieces of size bytes each.
+func NewArena(size, n int) *Arena {
+	mem, free := Alloc(size * n)
+	return &Arena{mem: mem, free: free, piece: size}
+}
+
+// Piece returns a piece not handed out before, or nil when none is left
+// (or the arena is closed).
+func (a *Arena) Piece() []byte {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed || a.piece <= 0 || a.next+a.piece > len(a.mem) {
+		return nil
+	}
+	p := a.mem[a.next : a.next+a.piece : a.next+a.piece]
+	a.next += a.piece
+	return p
+}
+
+// Acquire marks one use of a piece as begun.
+func (a *Arena) Acquire() {
+	a.mu.Lock()
+	a.inUse++
+	a.mu.Unlock()
+}
+
+// Release ends one use begun by Acquire; the last one after Close frees
+// the memory.
+func (a *Arena) Release() {
+	a.mu.Lock()
+	a.inUse--
+	last := a.closed && a.inUse == 0
+	a.mu.Unlock()
+	if last {
+		a.free()
+	}
+}
+
+// Close frees the memory now if no piece is in use, else at the last
+// Release. No piece may be acquired after Close.
+func (a *Arena) Close() {
+	a.mu.Lock()
+	was := a.closed
+	a.closed = true
+	last := !was && a.inUse == 0
+	a.mu.Unlock()
+	if last {
+		a.free()
+	}
+}
+
+// Freed reports whether the memory has been freed (for tests).
+func (a *Arena) Freed() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.closed && a.inUse == 0
 }

@@ -36,3 +36,60 @@ func TestAlloc(t *testing.T) {
 		free()
 	}
 }
+
+// TestArena: pieces are disjoint, of the size asked for, and run out; the
+// memory stays usable while a piece is in use after Close and is freed at
+// the last Release (or at Close when none is in use), exactly once.
+func TestArena(t *testing.T) {
+	const size, n = 256 << 10, 9
+	for _, inUse := range []int{0, 1, 3} {
+		a := NewArena(size, n)
+		freed := 0
+		free := a.free
+		a.free = func() { freed++; free() }
+		var pieces [][]byte
+		for {
+			p := a.Piece()
+			if p == nil {
+				break
+			}
+			if len(p) != size || cap(p) != size {
+				t.Fatalf("piece %d: len %d cap %d", len(pieces), len(p), cap(p))
+			}
+			for i := range p {
+				p[i] = byte(len(pieces))
+			}
+			pieces = append(pieces, p)
+		}
+		if len(pieces) != n {
+			t.Fatalf("%d pieces, want %d", len(pieces), n)
+		}
+		for k, p := range pieces {
+			for i := 0; i < size; i += 4093 {
+				if p[i] != byte(k) {
+					t.Fatalf("piece %d byte %d reads %d: pieces overlap", k, i, p[i])
+				}
+			}
+		}
+		for range inUse {
+			a.Acquire()
+		}
+		a.Acquire() // a use that ends before Close
+		a.Release()
+		a.Close()
+		a.Close()
+		if a.Piece() != nil {
+			t.Fatal("Piece after Close returned a piece")
+		}
+		for k := range inUse {
+			if freed != 0 {
+				t.Fatalf("in use %d: freed while a piece is in use", inUse)
+			}
+			pieces[k][0] = 1 // still mapped
+			a.Release()
+		}
+		if freed != 1 {
+			t.Fatalf("in use %d: freed %d times, want 1", inUse, freed)
+		}
+	}
+}

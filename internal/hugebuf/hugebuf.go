@@ -28,22 +28,30 @@ const Size = 2 << 20
 // buffer when the mapping fails, come from the Go heap and free does
 // nothing.
 func Alloc(n int) (buf []byte, free func()) {
-	if n < Size {
-		return make([]byte, n), func() {}
+	if n >= Size {
+		if buf, free, ok := mapHuge(n); ok {
+			return buf, free
+		}
 	}
+	return make([]byte, n), func() {}
+}
+
+// mapHuge maps n bytes (n >= Size) starting on a huge page boundary; ok
+// is false when the mapping fails.
+func mapHuge(n int) (buf []byte, free func(), ok bool) {
 	// Round up to whole huge pages and map one more, so that the buffer
 	// can start on a huge page boundary.
 	want := (n + Size - 1) / Size * Size
 	m, err := unix.Mmap(-1, 0, want+Size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
-		return make([]byte, n), func() {}
+		return nil, nil, false
 	}
 	start := alignOffset(m)
 	buf = m[start : start+want : start+want]
 	// A hint: where the kernel refuses it the buffer is ordinary memory.
 	_ = unix.Madvise(buf, unix.MADV_HUGEPAGE)
 	var once sync.Once
-	return buf[:n:n], func() { once.Do(func() { _ = unix.Munmap(m) }) }
+	return buf[:n:n], func() { once.Do(func() { _ = unix.Munmap(m) }) }, true
 }
 
 // alignOffset is the offset of the first huge page boundary in m.
@@ -70,10 +78,27 @@ type Arena struct {
 	closed bool
 }
 
-// NewArena maps n pieces of size bytes each.
+// MaxArena bounds the memory of one arena.
+const MaxArena = 64 << 20
+
+// NewArena maps n pieces of size bytes each, or as many as MaxArena
+// holds. Where that is less than one huge page, or the mapping fails, the
+// arena has no pieces: the caller's buffers then come from the heap as
+// they would without it (a failed mapping is not retried as one large
+// heap allocation).
 func NewArena(size, n int) *Arena {
-	mem, free := Alloc(size * n)
-	return &Arena{mem: mem, free: free, piece: size}
+	a := &Arena{piece: size, free: func() {}}
+	if size <= 0 || n <= 0 {
+		return a
+	}
+	n = min(n, MaxArena/size)
+	if size*n < Size {
+		return a
+	}
+	if mem, free, ok := mapHuge(size * n); ok {
+		a.mem, a.free = mem, free
+	}
+	return a
 }
 
 // Piece returns a piece not handed out before, or nil when none is left

@@ -93,3 +93,29 @@ func TestArena(t *testing.T) {
 		}
 	}
 }
+
+// TestArenaBounds: an arena holds at most MaxArena bytes of pieces, and
+// none where they would not fill a huge page (the heap serves those).
+func TestArenaBounds(t *testing.T) {
+	for _, c := range []struct{ size, n, want int }{
+		{256 << 10, 24, 24},
+		{64 << 20, 24, 1},
+		{100 << 20, 2, 0},
+		{64 << 10, 8, 0}, // 512 KiB: less than a huge page
+		{0, 8, 0},
+		{4096, 0, 0},
+	} {
+		a := NewArena(c.size, c.n)
+		got := 0
+		for a.Piece() != nil {
+			got++
+		}
+		if got != c.want {
+			t.Errorf("NewArena(%d, %d): %d pieces, want %d", c.size, c.n, got, c.want)
+		}
+		a.Close()
+		if !a.Freed() {
+			t.Errorf("NewArena(%d, %d): not freed after Close", c.size, c.n)
+		}
+	}
+}

@@ -60,14 +60,17 @@ func TestConvertCompressedArena(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if c.arena == nil || c.lender == nil {
-			t.Fatal("a compressed convert to qcow2 did not lend arena slabs")
+		if c.lender == nil {
+			t.Fatal("a compressed convert to qcow2 did not lend its slabs")
 		}
 		if fail {
 			fs.FailWriteAfter(fs.Writes()+10, nil)
 		}
 		runErr := c.run(ctx, o)
 		closeErr := dst.Close()
+		if c.arena == nil || c.arena.Piece() != nil {
+			t.Fatalf("fail=%v: no arena, or one still handing out pieces after Convert", fail)
+		}
 		if !c.arena.Freed() {
 			t.Fatalf("fail=%v: the arena was not freed after the target closed", fail)
 		}

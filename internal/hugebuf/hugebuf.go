@@ -60,7 +60,7 @@ func alignOffset(m []byte) int {
 	return int((Size - p%Size) % Size)
 }
 
-// Arena is one buffer from Alloc cut into pieces of equal size, for
+// Arena is one huge-page mapping cut into pieces of equal size, for
 // buffers that a job reuses many times and whose last use may end on
 // another goroutine after the job itself (a read buffer lent to a write
 // pipeline). The memory is freed once the arena is closed and no piece is
